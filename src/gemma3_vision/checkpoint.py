@@ -1,0 +1,50 @@
+"""What every format reader returns: configs plus lazily readable tensors under the canonical names.
+
+Canonical names are the Hugging Face SigLIP / Gemma 3 names under two roots, ``vision_tower.`` (e.g.
+``vision_tower.encoder.layers.3.mlp.fc1.weight``) and ``multi_modal_projector.`` (``mm_input_projection_weight``,
+``mm_soft_emb_norm.weight``). Each format maps onto them through one table; nothing is read until ``read()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import ProjectorConfig, VisionConfig
+from .preprocess import PreprocessConfig
+
+TOWER = "vision_tower."
+PROJECTOR = "multi_modal_projector."
+
+
+@dataclass
+class TensorSource:
+    """One tensor of a checkpoint, not yet read."""
+
+    name: str  # canonical name
+    shape: tuple[int, ...]  # canonical (torch) shape, after any layout fix
+    stored_dtype: str  # as the file stores it: "BF16", "F32", "Q8_0", ...
+    source_name: str  # the name in the file
+    read: Callable[[], torch.Tensor]  # returns the canonical tensor, layout and conventions already undone
+
+
+@dataclass
+class Checkpoint:
+    """A model source resolved to configs and tensors, before anything large is read."""
+
+    format: str  # "hf-safetensors", "siglip-safetensors", "mlx-safetensors", "gguf-mmproj", "random", ...
+    files: list[Path]
+    vision: VisionConfig
+    projector: ProjectorConfig | None
+    preprocess: PreprocessConfig
+    tensors: dict[str, TensorSource]
+    conventions: list[str] = field(default_factory=list)  # conventions undone while mapping, for `info`
+    unexpected: list[str] = field(default_factory=list)  # file names that map to nothing: a strict-load error
+    description: str = ""  # what the user named, for messages
+
+    @property
+    def is_random(self) -> bool:
+        return self.format == "random"

@@ -1,0 +1,27 @@
+"""The typed errors gemma3-vision raises. Every message says what was expected and what was found."""
+
+from __future__ import annotations
+
+
+class Gemma3VisionError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class ConfigError(Gemma3VisionError, ValueError):
+    """A configuration value is missing, out of range or inconsistent."""
+
+
+class WeightsError(Gemma3VisionError):
+    """A checkpoint's tensors are missing, unexpected, wrongly shaped or not finite."""
+
+
+class FormatError(WeightsError):
+    """A weight file's bytes do not follow its format (bad header, lying sizes, unknown type)."""
+
+
+class ModelNotFoundError(Gemma3VisionError):
+    """A model argument names nothing that can be found (path, Ollama store, Hugging Face hub)."""
+
+
+class ImageError(Gemma3VisionError):
+    """An image input cannot be decoded safely or is not an image at all."""

@@ -1,0 +1,264 @@
+"""Hugging Face safetensors checkpoints: Gemma 3 (every key layout), standalone SigLIP and mlx-community folders.
+
+Headers are validated here before the safetensors library memory-maps anything, shard names in an index are checked
+before any path is joined, and only the shards that hold vision or projector tensors are opened.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .checkpoint import PROJECTOR, TOWER, Checkpoint, TensorSource
+from .config import VisionConfig, configs_from_hf_dict
+from .errors import ConfigError, FormatError, ModelNotFoundError, WeightsError
+from .preprocess import PreprocessConfig
+
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+_OTHER_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4,
+                 "I64": 8, "U64": 8}
+_DTYPE_BYTES = {**FLOAT_DTYPES, **_OTHER_DTYPES}
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+# File key prefix → canonical root, per layout. Longest prefixes first: the first match wins.
+GEMMA3_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("model.vision_tower.vision_model.", TOWER),  # saved by transformers >= 4.52 (4.x)
+    ("vision_tower.vision_model.", TOWER),  # released on the Hub; mlx-community
+    ("vision_model.vision_model.", TOWER),  # pre-release
+    ("vision_tower.", TOWER),  # saved by transformers 5.x
+    ("model.multi_modal_projector.", PROJECTOR),
+    ("multi_modal_projector.", PROJECTOR),
+    ("multimodal_projector.", PROJECTOR),  # pre-release
+)
+GEMMA3_IGNORED = ("language_model.", "model.language_model.", "lm_head.")
+SIGLIP_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("vision_model.", TOWER),  # SiglipModel / SiglipVisionModel (4.x)
+    ("", TOWER),  # SiglipVisionModel saved by 5.x: bare embeddings.*, encoder.*, post_layernorm.*
+)
+SIGLIP_IGNORED = ("vision_model.head.", "head.", "text_model.", "logit_scale", "logit_bias")
+
+Header = dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]
+
+
+def read_header(path: Path) -> Header:
+    """Parse and validate a safetensors header without trusting any of its numbers.
+
+    Returns ``{name: (dtype, shape, (begin, end))}``.
+
+    Raises:
+        FormatError: anything the safetensors format forbids (lying lengths, overlaps, overflow, bad dtypes).
+    """
+    size = os.fstat(fd := os.open(path, os.O_RDONLY)).st_size
+    try:
+        if size < 8:
+            raise FormatError(f"{path}: safetensors file must be at least 8 bytes, found {size}")
+        (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        if n > MAX_HEADER_BYTES:
+            raise FormatError(f"{path}: header length {n:,} exceeds the {MAX_HEADER_BYTES:,}-byte limit")
+        if 8 + n > size:
+            raise FormatError(f"{path}: header claims {n:,} bytes but the file holds {size - 8:,} after the length")
+        raw = os.pread(fd, n, 8)
+    finally:
+        os.close(fd)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: header is not UTF-8 JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: header must be a JSON object, found {type(header).__name__}")
+    buffer_len = size - 8 - n
+    out: Header = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        out[name] = _check_entry(path, name, info)
+    cursor = 0
+    for name, (_, _, (begin, end)) in sorted(out.items(), key=lambda kv: kv[1][2]):
+        if begin != cursor:
+            raise FormatError(f"{path}: tensor {name} starts at byte {begin}, expected {cursor} "
+                              "(data must be contiguous, without gaps or overlaps)")
+        cursor = end
+    if cursor != buffer_len:
+        raise FormatError(f"{path}: tensors cover {cursor:,} bytes but the data section holds {buffer_len:,} "
+                          "(truncated or padded file)")
+    return out
+
+
+def _check_entry(path: Path, name: str, info: Any) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+    if not isinstance(info, dict):
+        raise FormatError(f"{path}: entry {name} must be an object, found {type(info).__name__}")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in _DTYPE_BYTES:
+        raise FormatError(f"{path}: tensor {name} has unknown dtype {dtype!r}")
+    if not (isinstance(shape, list) and len(shape) <= 8
+            and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**63 for d in shape)):
+        raise FormatError(f"{path}: tensor {name} has invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise FormatError(f"{path}: tensor {name} has invalid data_offsets {offsets!r}")
+    nbytes = math.prod(shape) * _DTYPE_BYTES[dtype]  # Python ints: no overflow
+    if offsets[1] - offsets[0] != nbytes:
+        raise FormatError(f"{path}: tensor {name} {dtype}{tuple(shape)} needs {nbytes:,} bytes, "
+                          f"its offsets span {offsets[1] - offsets[0]:,}")
+    return dtype, tuple(shape), (offsets[0], offsets[1])
+
+
+def _regular_file(folder: Path, name: str, what: str) -> Path:
+    """``folder/name`` after checking the *string* is a plain file name (links are followed: the HF cache's
+    snapshot entries are symlinks into ``blobs/``), then that it is a regular file."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or os.path.isabs(name) or "\0" in name):
+        raise FormatError(f"{folder / INDEX_NAME}: {what} must be a plain file name inside the checkpoint "
+                          f"folder, found {name!r}")
+    path = folder / name
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        raise WeightsError(f"{folder}: {what} {name} is listed but missing") from None
+    if not stat.S_ISREG(mode):
+        raise FormatError(f"{folder}: {what} {name} is not a regular file")
+    return path
+
+
+def list_shards(folder: Path) -> dict[str, Path]:
+    """Every tensor name → the shard file holding it, from the index or the single file."""
+    index = folder / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise FormatError(f"{index}: not a safetensors index with a weight_map ({e})") from None
+        if not isinstance(weight_map, dict):
+            raise FormatError(f"{index}: weight_map must be an object, found {type(weight_map).__name__}")
+        shards: dict[str, Path] = {}
+        by_name: dict[str, Path] = {}
+        for tensor, shard in weight_map.items():
+            if not (isinstance(shard, str) and shard.endswith(".safetensors")):
+                raise FormatError(f"{index}: shard for {tensor} must be a .safetensors file name, found {shard!r}")
+            if shard not in by_name:
+                by_name[shard] = _regular_file(folder, shard, "shard")
+            shards[tensor] = by_name[shard]
+        return shards
+    single = folder / SINGLE_NAME
+    if single.exists():
+        path = _regular_file(folder, SINGLE_NAME, "weights file")
+        return dict.fromkeys(read_header(path), path)
+    pickles = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise WeightsError(f"{folder}: only pickle weights found ({', '.join(pickles)}); gemma3-vision never "
+                           "unpickles. Convert them to safetensors first")
+    raise ModelNotFoundError(f"{folder}: no {SINGLE_NAME} or {INDEX_NAME} found")
+
+
+def _map_key(key: str, prefixes: tuple[tuple[str, str], ...], ignored: tuple[str, ...]) -> str | None | bool:
+    """Canonical name for a file key; None when ignored on purpose; False when unknown."""
+    if key.startswith(ignored):
+        return None
+    for prefix, root in prefixes:
+        if key.startswith(prefix):
+            return root + key[len(prefix):]
+    return False
+
+
+def load_hf_folder(folder: Path) -> Checkpoint:
+    """A Hugging Face-layout folder: config.json, optional preprocessor_config.json, safetensors."""
+    config_path = folder / "config.json"
+    try:
+        config_dict = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"{folder}: no config.json (not a Hugging Face checkpoint folder)") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{config_path}: not valid JSON ({e})") from None
+    vision, projector = configs_from_hf_dict(config_dict)
+    preprocess = _preprocess_config(folder, vision)
+    is_siglip = projector is None
+    prefixes, ignored = (SIGLIP_PREFIXES, SIGLIP_IGNORED) if is_siglip else (GEMMA3_PREFIXES, GEMMA3_IGNORED)
+
+    shard_of = list_shards(folder)
+    wanted: dict[str, str] = {}  # canonical → file key
+    unexpected: list[str] = []
+    for key in shard_of:
+        name = _map_key(key, prefixes, ignored)
+        if name is False:
+            unexpected.append(key)
+        elif isinstance(name, str):
+            wanted[name] = key
+
+    headers: dict[Path, Header] = {}
+    for path in sorted({shard_of[key] for key in wanted.values()}):
+        headers[path] = read_header(path)
+
+    handles: dict[Path, Any] = {}
+
+    def reader(path: Path, key: str, fix: Callable[[torch.Tensor], torch.Tensor] | None) -> Callable[[], torch.Tensor]:
+        def read() -> torch.Tensor:
+            if path not in handles:
+                handles[path] = safe_open(str(path), framework="pt")
+            t = handles[path].get_tensor(key)
+            return fix(t) if fix else t
+        return read
+
+    tensors: dict[str, TensorSource] = {}
+    conventions: list[str] = []
+    fmt = "siglip-safetensors" if is_siglip else "hf-safetensors"
+    for name, key in sorted(wanted.items()):
+        path = shard_of[key]
+        if key not in headers[path]:
+            raise WeightsError(f"{folder / INDEX_NAME}: {key} is indexed in {path.name} but that file lacks it")
+        dtype, shape, _ = headers[path][key]
+        if dtype not in FLOAT_DTYPES:
+            raise WeightsError(f"{path}: {key} must be a float tensor (F32, F16, BF16), found {dtype}")
+        fix = None
+        if name == "vision_tower.embeddings.patch_embedding.weight":
+            shape, fix = _patch_conv_layout(path, key, shape, vision)
+            if fix is not None:
+                fmt = "mlx-safetensors"
+                conventions.append("patch conv stored OHWI (MLX): permuted to OIHW")
+        tensors[name] = TensorSource(name, shape, dtype, key, reader(path, key, fix))
+
+    return Checkpoint(
+        format=fmt, files=[config_path, *sorted(headers)], vision=vision, projector=projector,
+        preprocess=preprocess, tensors=tensors, conventions=conventions, unexpected=unexpected,
+        description=str(folder),
+    )
+
+
+def _patch_conv_layout(path: Path, key: str, shape: tuple[int, ...], vision: VisionConfig
+                       ) -> tuple[tuple[int, ...], Callable[[torch.Tensor], torch.Tensor] | None]:
+    """Torch stores the patch conv (O, C, P, P); MLX stores it (O, P, P, C). Decide by shape."""
+    D, C, P = vision.hidden_size, vision.num_channels, vision.patch_size
+    torch_shape, mlx_shape = (D, C, P, P), (D, P, P, C)
+    if torch_shape == mlx_shape and C != 1:
+        raise WeightsError(f"{path}: {key} has shape {shape}, which is ambiguous between OIHW and OHWI "
+                           f"(channels = patch size = {C}); cannot tell the layout")
+    if shape == mlx_shape and shape != torch_shape:
+        return torch_shape, lambda t: t.permute(0, 3, 1, 2).contiguous()
+    return shape, None  # a wrong shape is reported by the strict load, with every other problem
+
+
+def _preprocess_config(folder: Path, vision: VisionConfig) -> PreprocessConfig:
+    path = folder / "preprocessor_config.json"
+    if not path.exists():
+        return PreprocessConfig(image_size=vision.image_size)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    mean = tuple(float(x) for x in d.get("image_mean", (0.5, 0.5, 0.5)))
+    std = tuple(float(x) for x in d.get("image_std", (0.5, 0.5, 0.5)))
+    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+        raise ConfigError(f"{path}: image_mean and image_std must be 3 numbers (std > 0), got {mean} and {std}")
+    return PreprocessConfig(image_size=vision.image_size, image_mean=mean, image_std=std)  # type: ignore[arg-type]
+

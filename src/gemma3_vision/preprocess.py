@@ -1,0 +1,206 @@
+"""Image decoding and preprocessing, equal to transformers' ``Gemma3ImageProcessor`` (PIL backend).
+
+Pipeline: decode (allow-listed formats, bomb-checked, first frame) → EXIF orientation (files only, see the policy
+below) → RGB (alpha composited onto white, 16-bit scaled) → stretch-resize to ``image_size²`` with Pillow's
+antialiasing bilinear filter → ``x/255`` → ``(x - mean) / std`` → float32 NHWC.
+
+EXIF policy: an image given as a *file path* is rotated by its EXIF orientation tag (as transformers'
+``load_image(path)`` does); an image given as a PIL image or an array is taken as already oriented (as transformers
+takes it). ``exif_transpose=False`` turns the rotation off for files.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .errors import ImageError
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+# Only these decoders run on untrusted bytes: Pillow's bomb checks live per plugin and keep failing in exotic ones.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own warning threshold; 896² needs a tiny fraction of it
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """What turns an RGB image into model input. Gemma 3: 896 px, mean = std = 0.5 (from preprocessor_config)."""
+
+    image_size: int = 896
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+
+def open_image(path: str | os.PathLike, *, exif_transpose: bool = True,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode the first frame of an image file, safely.
+
+    Raises:
+        ImageError: not a regular file, not an allowed format, over ``max_pixels``, truncated or corrupt.
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
+    # A FIFO blocks forever and /dev/zero never ends: never open anything but a regular file.
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"{path}: expected a regular file, found {_file_kind(st.st_mode)}")
+    if st.st_size == 0:
+        raise ImageError(f"{path}: empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path, formats=ALLOWED_FORMATS)
+            # Image.open read only the header: check the claimed size before any pixel is allocated.
+            check_pixel_count(img.size, max_pixels, str(path))
+            img.seek(0)
+            img.load()
+    except ImageError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise ImageError(
+            f"{path}: not an image in an allowed format (expected one of {', '.join(ALLOWED_FORMATS)})"
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{path}: decompression bomb refused by Pillow: {e}") from None
+    except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, struct.error... on corrupt data
+        raise ImageError(f"{path}: corrupt or truncated image ({type(e).__name__}: {_one_line(e)})") from None
+    if exif_transpose:
+        try:
+            img = ImageOps.exif_transpose(img)
+        except Exception as e:  # a malformed EXIF block must not lose the image silently
+            raise ImageError(f"{path}: malformed EXIF orientation ({_one_line(e)})") from None
+    return img
+
+
+def check_pixel_count(size: tuple[int, int], max_pixels: int | None, name: str) -> None:
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise ImageError(f"{name}: zero-size image ({w}x{h})")
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageError(
+            f"{name}: image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} "
+            "(raise it with max_pixels / --max-pixels if this image is trusted)"
+        )
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB with any transparency composited onto white, as transformers 5.x ``convert_to_rgb`` does.
+
+    16-bit greyscale is scaled to 8 bits (65535 → 255); Pillow's own ``convert`` clamps it (1000 → 255), which turns
+    a 16-bit ramp almost white. This is a deliberate difference from the reference.
+    """
+    if img.mode in _SIXTEEN_BIT_MODES:
+        a = np.asarray(img).astype(np.float64)  # (H, W)
+        img = Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), mode="L")
+    has_alpha = "A" in img.getbands() or img.info.get("transparency") is not None
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def as_pil(image: ImageInput, *, exif_transpose: bool = True,
+           max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A path, a PIL image or a uint8 array (HW, HWC with 1/3/4 channels) as a PIL image."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray):
+        return _array_to_pil(image)
+    if isinstance(image, (str, os.PathLike)):
+        return open_image(image, exif_transpose=exif_transpose, max_pixels=max_pixels)
+    raise ImageError(f"expected a path, a PIL image or a uint8 array, got {type(image).__name__}")
+
+
+def _array_to_pil(a: np.ndarray) -> Image.Image:
+    if a.dtype != np.uint8:
+        raise ImageError(f"image arrays must be uint8 HWC, got dtype {a.dtype}")
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim == 2:
+        return Image.fromarray(a, mode="L")
+    if a.ndim == 3 and a.shape[-1] in (3, 4):
+        return Image.fromarray(np.ascontiguousarray(a), mode="RGB" if a.shape[-1] == 3 else "RGBA")
+    raise ImageError(f"image arrays must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {a.shape}")
+
+
+def resize(img: Image.Image, size: int) -> Image.Image:
+    """Stretch to size×size with Pillow's bilinear filter (antialiased on downscale), aspect not kept."""
+    return img.resize((size, size), Image.Resampling.BILINEAR)
+
+
+def _normalize_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """``(256, 3)`` float32 lookup table: uint8 value → normalized value, per channel.
+
+    Computed in transformers' order and precision (rescale in float64 then cast, normalize in float32), so a
+    lookup equals its arithmetic bit for bit.
+    """
+    rescaled = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)[:, None]  # (256, 1)
+    return (rescaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)  # (256, 3)
+
+
+_TABLES: dict[tuple[tuple[float, ...], tuple[float, ...]], np.ndarray] = {}
+
+
+def normalize(rgb: np.ndarray, mean: Sequence[float] = (0.5, 0.5, 0.5),
+              std: Sequence[float] = (0.5, 0.5, 0.5)) -> np.ndarray:
+    """uint8 ``(H, W, 3)`` → float32 ``(H, W, 3)``: ``(x/255 - mean) / std``."""
+    key = (tuple(mean), tuple(std))
+    table = _TABLES.get(key)
+    if table is None:
+        table = _TABLES[key] = _normalize_table(mean, std)
+    return table[rgb, np.arange(3)]  # (H, W, 3) float32
+
+
+def preprocess_one(image: ImageInput, config: PreprocessConfig = PreprocessConfig(), *,
+                   exif_transpose: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """One image → float32 ``(S, S, 3)`` model input."""
+    img = as_pil(image, exif_transpose=exif_transpose, max_pixels=max_pixels)
+    return pil_to_input(img, config)
+
+
+def pil_to_input(img: Image.Image, config: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
+    """A decoded PIL image → float32 ``(S, S, 3)``: RGB, resize, normalize."""
+    try:
+        rgb = np.asarray(resize(to_rgb(img), config.image_size))  # (S, S, 3) uint8
+    except ImageError:
+        raise
+    except Exception as e:
+        raise ImageError(f"cannot convert {img.mode} image to RGB ({_one_line(e)})") from None
+    return normalize(rgb, config.image_mean, config.image_std)
+
+
+def preprocess(images: ImageInput | Sequence[ImageInput], config: PreprocessConfig = PreprocessConfig(), *,
+               exif_transpose: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Images → float32 NHWC ``(B, S, S, 3)`` in [-1, 1], the tower's input."""
+    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+        images = [images]
+    arrays = [preprocess_one(im, config, exif_transpose=exif_transpose, max_pixels=max_pixels) for im in images]
+    if not arrays:
+        raise ImageError("no images given")
+    return torch.from_numpy(np.stack(arrays))  # (B, S, S, 3)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__

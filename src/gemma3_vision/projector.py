@@ -1,0 +1,55 @@
+"""The Gemma 3 multimodal projector: tower output → soft tokens in the text model's space.
+
+``(B, 4096, 1152) → 4×4 avg-pool → (B, 256, 1152) → RMSNorm(1 + w) → @ W → (B, 256, D)``, as transformers'
+``Gemma3MultiModalProjector``. There is no sqrt(D) scaling: Gemma's embedding scale applies to token embeddings only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ProjectorConfig, VisionConfig
+from .errors import ConfigError
+
+
+class GemmaRMSNorm(nn.Module):
+    """``x * rsqrt(mean(x²) + eps) * (1 + w)``, computed in fp32 and cast back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # Multiply by (1 + w) before casting back, as Gemma does (not Llama's cast-then-scale).
+        return (y * (1.0 + self.weight.float())).type_as(x)
+
+
+class MultiModalProjector(nn.Module):
+    def __init__(self, vision: VisionConfig, config: ProjectorConfig):
+        super().__init__()
+        self.config = config
+        self.kernel_size = config.pool_kernel(vision)
+        # A raw (in, out) parameter used as x @ W, exactly as the checkpoints store it; not an nn.Linear.
+        self.mm_input_projection_weight = nn.Parameter(torch.zeros(vision.hidden_size, config.text_hidden_size))
+        self.mm_soft_emb_norm = GemmaRMSNorm(vision.hidden_size, eps=vision.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        side = math.isqrt(N)
+        if side * side != N or side % self.kernel_size:
+            raise ConfigError(
+                f"projector needs a square patch grid divisible by its {self.kernel_size}x{self.kernel_size} "
+                f"pool, got {N} patches"
+            )
+        grid = x.transpose(1, 2).reshape(B, D, side, side)  # (B, D, side, side)
+        pooled = F.avg_pool2d(grid, self.kernel_size)  # (B, D, side/k, side/k)
+        tokens = pooled.flatten(2).transpose(1, 2)  # (B, T, D), row-major over the token grid
+        tokens = self.mm_soft_emb_norm(tokens)
+        return (tokens @ self.mm_input_projection_weight).type_as(x)  # (B, T, text_hidden)

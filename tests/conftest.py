@@ -1,0 +1,98 @@
+"""Shared fixtures: seeded random models, the transformers reference built from the same weights, test images."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import gemma3_vision as g3
+from gemma3_vision.config import PRESETS, ProjectorConfig, VisionConfig
+
+# Tolerances per dtype, in one place. fp32 reorders sums (fused kernels, patchify-as-matmul), nothing more;
+# bf16 keeps 8 mantissa bits, so it is judged by cosine against the fp32 reference.
+TOL = {
+    "fp32_max_abs": 1e-4,
+    "bf16_cosine": 0.9999,
+}
+
+TINY_VISION, TINY_PROJECTOR = PRESETS["tiny"]
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    return (a @ b / (a.norm() * b.norm())).item()
+
+
+def hf_gemma3_config(vision: VisionConfig, projector: ProjectorConfig):
+    transformers = pytest.importorskip("transformers")
+    return transformers.Gemma3Config(
+        vision_config={
+            "model_type": "siglip_vision_model", "hidden_size": vision.hidden_size,
+            "image_size": vision.image_size, "intermediate_size": vision.intermediate_size,
+            "num_attention_heads": vision.num_attention_heads, "num_hidden_layers": vision.num_hidden_layers,
+            "patch_size": vision.patch_size, "layer_norm_eps": vision.layer_norm_eps,
+            "num_channels": vision.num_channels, "vision_use_head": False,
+        },
+        text_config={"hidden_size": projector.text_hidden_size, "num_hidden_layers": 1,
+                     "intermediate_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1,
+                     "head_dim": 16, "vocab_size": 300000, "vision_use_head": False},
+        mm_tokens_per_image=projector.mm_tokens_per_image,
+    )
+
+
+class Reference:
+    """transformers' SiglipVisionModel + Gemma3MultiModalProjector holding given canonical weights."""
+
+    def __init__(self, vision: VisionConfig, projector: ProjectorConfig, state: dict[str, torch.Tensor],
+                 attn: str = "sdpa"):
+        transformers = pytest.importorskip("transformers")
+        from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
+
+        config = hf_gemma3_config(vision, projector)
+        config.vision_config._attn_implementation = attn
+        self.tower = transformers.SiglipVisionModel(config.vision_config).eval()
+        self.projector = Gemma3MultiModalProjector(config).eval()
+        tower_sd = {k[len("vision_tower."):]: v for k, v in state.items()
+                    if k.startswith("vision_tower.")}
+        proj_sd = {k[len("multi_modal_projector."):]: v for k, v in state.items()
+                   if k.startswith("multi_modal_projector.")}
+        self.tower.load_state_dict(tower_sd, strict=True)
+        self.projector.load_state_dict(proj_sd, strict=True)
+
+    @torch.inference_mode()
+    def __call__(self, pixels_nhwc: torch.Tensor, **kwargs):
+        out = self.tower(pixel_values=pixels_nhwc.permute(0, 3, 1, 2), **kwargs)
+        return out, self.projector(out.last_hidden_state)
+
+
+def random_state(preset: str) -> dict[str, torch.Tensor]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", g3.RandomWeightsWarning)
+        return {k: v.float() for k, v in g3.load(f"random:{preset}", dtype="float32").model.state_dict().items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_state() -> dict[str, torch.Tensor]:
+    return random_state("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", g3.RandomWeightsWarning)
+        return g3.load("random:tiny", dtype="float32", device="cpu")
+
+
+def make_rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth image with detail: gradients plus seeded noise, uint8 (h, w, 3)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / max(w - 1, 1), yy * 255 / max(h - 1, 1), (xx + yy) % 256], -1)
+    return np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
