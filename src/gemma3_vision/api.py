@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from .checkpoint import Checkpoint
 from .errors import ConfigError
-from .preprocess import DEFAULT_MAX_PIXELS, ImageInput, preprocess
+from .pan_and_scan import Box, PanAndScanConfig, pan_and_scan_inputs
+from .preprocess import DEFAULT_MAX_PIXELS, ImageInput, PreprocessConfig, as_pil, pil_to_input, preprocess
 from .resolve import resolve
 from .weights import VisionModel, load_model
 
@@ -56,14 +59,79 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+POOLS = ("mean",)
+
+
+@dataclass
+class ViewEncoding:
+    """What ``encode`` computed for one view of an image: the image itself, or one Pan & Scan crop."""
+
+    box: Box  # (left, top, right, bottom) of this view in the original image's pixels; the whole image for it
+    embeddings: torch.Tensor  # (T, text_hidden) projected, T = (grid / 4)²; or (N, hidden) with project=False
+    layers: dict[int, torch.Tensor] = field(default_factory=dict)  # {i: (N, hidden)}: 0 embeddings, i after layer i
+    pooled: torch.Tensor | None = None  # (text_hidden,) or (hidden,) float32: mean over rows of `embeddings`
+
+
+@dataclass
+class ImageEncoding:
+    """``encode``'s result per image when an option asks for more than one tensor.
+
+    ``views[0]`` is the image itself; Pan & Scan crops follow in row-major order. The shortcuts ``embeddings``,
+    ``layers`` and ``pooled`` read the image's own view; ``arrays()`` names every tensor for saving.
+    """
+
+    size: tuple[int, int]  # (width, height) of the original image, after EXIF orientation
+    views: list[ViewEncoding]
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        return self.views[0].embeddings
+
+    @property
+    def layers(self) -> dict[int, torch.Tensor]:
+        return self.views[0].layers
+
+    @property
+    def pooled(self) -> torch.Tensor | None:
+        return self.views[0].pooled
+
+    @property
+    def crops(self) -> list[ViewEncoding]:
+        return self.views[1:]
+
+    @property
+    def crop_boxes(self) -> list[Box]:
+        return [view.box for view in self.crops]
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """Every tensor by name: ``""`` the main embeddings, ``layer13``, ``pooled``, ``crop1``, ``crop1.layer13``,
+        ``crop1.pooled``... (crops numbered from 1)."""
+        named: dict[str, torch.Tensor] = {}
+        for i, view in enumerate(self.views):
+            prefix = f"crop{i}" if i else ""
+            named[prefix] = view.embeddings
+            for layer, hidden in view.layers.items():
+                named[_join(prefix, f"layer{layer}")] = hidden
+            if view.pooled is not None:
+                named[_join(prefix, "pooled")] = view.pooled
+        return named
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
 class Gemma3Vision:
     """A loaded tower (and projector). Use ``encode`` for images, ``encode_pixels`` for preprocessed input."""
 
-    def __init__(self, model: VisionModel, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device):
+    def __init__(self, model: VisionModel, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device,
+                 image_size: int | None = None):
         self.model = model
         self.checkpoint = checkpoint
         self.dtype = dtype
         self.device = device
+        self.image_size = image_size if image_size is not None else checkpoint.preprocess.image_size
+        self.check_image_size(self.image_size, project=False)
 
     @property
     def vision_config(self):  # noqa: ANN201 - VisionConfig
@@ -74,12 +142,38 @@ class Gemma3Vision:
         return self.checkpoint.projector
 
     @property
-    def preprocess_config(self):  # noqa: ANN201 - PreprocessConfig
-        return self.checkpoint.preprocess
+    def preprocess_config(self) -> PreprocessConfig:
+        """The checkpoint's preprocessing at this encoder's ``image_size``."""
+        return replace(self.checkpoint.preprocess, image_size=self.image_size)
 
     @property
     def has_projector(self) -> bool:
         return self.model.multi_modal_projector is not None
+
+    def check_image_size(self, image_size: int, *, project: bool) -> None:
+        """Refuse an input size the tower (or, projecting, the projector's fixed k×k merge) cannot take.
+
+        Raises:
+            ConfigError: under one patch, or a patch grid the projector's pool does not divide.
+        """
+        P = self.vision_config.patch_size
+        check_input_size(image_size, P)
+        if project and self.model.multi_modal_projector is not None:
+            k = self.model.multi_modal_projector.kernel_size
+            grid = image_size // P
+            if grid % k:
+                raise ConfigError(
+                    f"image_size {image_size} gives a {grid}x{grid} patch grid, which the projector's {k}x{k} "
+                    f"merge does not divide: use a multiple of {P * k} (e.g. {max(1, grid // k) * P * k}), "
+                    "or project=False"
+                )
+
+    def tokens_per_image(self, image_size: int | None = None, *, project: bool = True) -> int:
+        """Rows of one image's output at ``image_size``: (grid / k)² soft tokens, or grid² patches unprojected."""
+        grid = (image_size or self.image_size) // self.vision_config.patch_size
+        if project and self.model.multi_modal_projector is not None:
+            return (grid // self.model.multi_modal_projector.kernel_size) ** 2
+        return grid * grid
 
     def preprocess(self, images: ImageInput | Sequence[ImageInput], *, exif_transpose: bool = True,
                    max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
@@ -99,29 +193,138 @@ class Gemma3Vision:
             x = self.model.multi_modal_projector(x)
         return x
 
-    def encode(self, images: ImageInput | Sequence[ImageInput], *, project: bool = True,
-               batch_size: int = 8) -> torch.Tensor:
-        """Images (paths, PIL images or uint8 HWC arrays) → ``(B, 256, text_hidden)``, or
-        ``(B, num_patches, hidden)`` with ``project=False``."""
+    def encode(
+        self, images: ImageInput | Sequence[ImageInput], *, project: bool = True, batch_size: int = 8,
+        image_size: int | None = None, pan_and_scan: bool = False, pan_and_scan_min_crop_size: int = 256,
+        pan_and_scan_max_num_crops: int = 4, pan_and_scan_min_ratio_to_activate: float = 1.2,
+        layers: Sequence[int] | None = None, pool: str | None = None, normalize: bool = False,
+        exif_transpose: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> torch.Tensor | list[ImageEncoding]:
+        """Encode images (paths, PIL images or uint8 HWC arrays).
+
+        Args:
+            images: one image or a sequence of them.
+            project: return the projector's soft tokens; ``False`` returns the tower output.
+            batch_size: views per forward pass.
+            image_size: input side in pixels for this call (default: the encoder's, 896 for Gemma 3). Position
+                embeddings are interpolated (bicubic, as transformers' ``interpolate_pos_encoding``); the projector
+                keeps its 4×4 merge, so there are ``(image_size // 14 // 4)²`` tokens: 64 at 448, 576 at 1344.
+            pan_and_scan: also encode Gemma 3 Pan & Scan crops of non-square images (see ``pan_and_scan.py``),
+                with the processor's three parameters below.
+            layers: hidden states to return, by index: 0 the embeddings, ``i`` after encoder layer ``i``
+                (before ``post_layernorm``), as transformers' ``output_hidden_states``.
+            pool: ``"mean"``: also return the mean over rows of the main output, one vector per view.
+            normalize: L2-normalise the pooled vectors.
+
+        Returns:
+            With none of ``pan_and_scan``, ``layers``, ``pool``: one tensor ``(B, T, text_hidden)`` projected, or
+            ``(B, N, hidden)`` with ``project=False``. Otherwise one ``ImageEncoding`` per image.
+        """
         if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
             images = [images]  # type: ignore[list-item]
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
-        outputs = [
-            self.encode_pixels(self.preprocess(images[i:i + batch_size]), project=project)
-            for i in range(0, len(images), batch_size)
-        ]
-        return torch.cat(outputs)
+        config = self.preprocess_config if image_size is None else replace(self.preprocess_config,
+                                                                           image_size=image_size)
+        self.check_image_size(config.image_size, project=project and self.has_projector)
+        wanted = self._check_layers(layers)
+        if pool is not None and pool not in POOLS:
+            raise ConfigError(f"pool must be one of {', '.join(POOLS)} or None, got {pool!r}")
+        if normalize and pool is None:
+            raise ConfigError("normalize applies to pooled vectors: set pool='mean' as well")
+        if not (pan_and_scan or layers is not None or pool is not None):
+            outputs = [
+                self.encode_pixels(preprocess(images[i:i + batch_size], config, exif_transpose=exif_transpose,
+                                              max_pixels=max_pixels), project=project)
+                for i in range(0, len(images), batch_size)
+            ]
+            return torch.cat(outputs)
+        pas = PanAndScanConfig(pan_and_scan_min_crop_size, pan_and_scan_max_num_crops,
+                               pan_and_scan_min_ratio_to_activate) if pan_and_scan else None
+        results: list[ImageEncoding] = []
+        for i in range(0, len(images), batch_size):
+            prepared = [self.prepare(im, config, pas, exif_transpose=exif_transpose, max_pixels=max_pixels)
+                        for im in images[i:i + batch_size]]
+            pixels = np.concatenate([p for _, p, _ in prepared])  # (views, S, S, 3)
+            views = self.encode_views(torch.from_numpy(pixels), project=project, layers=wanted, pool=pool,
+                                      normalize=normalize)
+            for size, p, boxes in prepared:
+                own, views = views[:len(p)], views[len(p):]
+                results.append(ImageEncoding(size, [replace(v, box=b) for v, b in zip(own, boxes, strict=True)]))
+        return results
 
+    @staticmethod
+    def prepare(image: ImageInput, config: PreprocessConfig, pan_and_scan: PanAndScanConfig | None = None, *,
+                exif_transpose: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                ) -> tuple[tuple[int, int], np.ndarray, list[Box]]:
+        """Decode one image into its views: ``(width, height)``, float32 ``(views, S, S, 3)`` and each view's box
+        (the whole image first, then any Pan & Scan crops)."""
+        img = as_pil(image, exif_transpose=exif_transpose, max_pixels=max_pixels)
+        if pan_and_scan is not None:
+            pixels, boxes = pan_and_scan_inputs(img, config, pan_and_scan)
+        else:
+            pixels, boxes = pil_to_input(img, config)[None], [(0, 0, img.width, img.height)]
+        return (img.width, img.height), pixels, boxes
+
+    @torch.inference_mode()
+    def encode_views(self, pixels: torch.Tensor, *, project: bool = True, layers: Sequence[int] = (),
+                     pool: str | None = None, normalize: bool = False) -> list[ViewEncoding]:
+        """NHWC pixels ``(V, S, S, 3)`` → one ``ViewEncoding`` per row (boxes left empty for the caller)."""
+        if project and not self.has_projector:
+            raise ConfigError(f"{self.checkpoint.description} has no multimodal projector (a standalone SigLIP "
+                              "tower): use project=False / --no-project")
+        x = pixels.to(self.device, non_blocking=True)
+        hidden: tuple[torch.Tensor, ...] = ()
+        if layers:
+            out = self.model.vision_tower(x, output_hidden_states=True)
+            x, hidden = out.last_hidden_state, out.hidden_states
+        else:
+            x = self.model.vision_tower(x)
+        if project:
+            assert self.model.multi_modal_projector is not None
+            x = self.model.multi_modal_projector(x)  # (V, T, text_hidden)
+        pooled = pool_rows(x, normalize=normalize) if pool is not None else None  # (V, D) float32
+        return [
+            ViewEncoding(box=(0, 0, 0, 0), embeddings=x[v], layers={i: hidden[i][v] for i in layers},
+                         pooled=pooled[v] if pooled is not None else None)
+            for v in range(x.shape[0])
+        ]
+
+    def _check_layers(self, layers: Sequence[int] | None) -> list[int]:
+        if layers is None:
+            return []
+        depth = self.vision_config.num_hidden_layers
+        if isinstance(layers, (int, str)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise ConfigError(f"layers must be a list of integers, got {layers!r}")
+        bad = [i for i in layers if not 0 <= i <= depth]
+        if bad:
+            raise ConfigError(f"layers must be in 0..{depth} (0 = the embeddings, {depth} = the last layer, "
+                              f"before post_layernorm), got {bad}")
+        return list(dict.fromkeys(layers))
+
+
+def check_input_size(image_size: int, patch_size: int) -> None:
+    """An input side must hold at least one patch (a remainder is cut, as a valid-padding conv does)."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < patch_size:
+        raise ConfigError(f"image_size must be an integer of at least the patch size {patch_size}, "
+                          f"got {image_size!r}")
+
+
+def pool_rows(x: torch.Tensor, *, normalize: bool = False) -> torch.Tensor:
+    """``(B, T, D)`` → ``(B, D)`` float32: the mean over rows, L2-normalised on request."""
+    pooled = x.float().mean(dim=1)  # (B, D)
+    return torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled
 
 def load(model: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
-         device: str | torch.device | None = None) -> Gemma3Vision:
+         device: str | torch.device | None = None, image_size: int | None = None) -> Gemma3Vision:
     """Load a Gemma 3 vision tower and projector.
 
     Args:
         model: a checkpoint folder, or ``random`` / ``random:tiny`` for seeded random weights.
         dtype: ``float32``, ``bfloat16`` or ``float16``; ``None`` picks bfloat16 where it is fast, else float32.
         device: ``cpu``, ``cuda``, ...; ``None`` picks CUDA when available.
+        image_size: input side in pixels, overriding the checkpoint's (e.g. 448 or 1344 for Gemma 3, whose
+            position table is 64×64: it is interpolated bicubically, as transformers does).
 
     Returns:
         A ``Gemma3Vision`` whose ``encode(images)`` returns embeddings.
@@ -129,8 +332,10 @@ def load(model: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
     device = torch.device(device) if device is not None else default_device()
     run_dtype = resolve_dtype(dtype, device)
     checkpoint = resolve(model)
+    if image_size is not None:
+        check_input_size(image_size, checkpoint.vision.patch_size)  # before the weights are read
     if checkpoint.is_random:
         warnings.warn(f"{checkpoint.description} has seeded RANDOM weights: its embeddings mean nothing",
                       RandomWeightsWarning, stacklevel=2)
     vision_model = load_model(checkpoint, dtype=run_dtype, device=device, check_finite=not checkpoint.is_random)
-    return Gemma3Vision(vision_model, checkpoint, run_dtype, device)
+    return Gemma3Vision(vision_model, checkpoint, run_dtype, device, image_size=image_size)
