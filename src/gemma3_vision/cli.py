@@ -3,8 +3,9 @@
 Library errors become one line on stderr and a non-zero exit code; ``--debug`` shows the traceback instead.
 Heavy imports (torch) happen inside commands, so ``--help`` is instant.
 
-Exit codes: 0 everything done; 1 the job could not run (bad model, unwritable output, bad option value);
-2 usage error; 3 the job ran but some inputs failed (each is recorded in index.jsonl).
+Exit codes: 0 everything done; 1 the job could not run (bad model, unwritable or locked output folder, a
+model failure mid-job); 2 usage error; 3 the job ran but some inputs failed (each is recorded in index.jsonl);
+130 interrupted (Ctrl-C; an encode job resumes when re-run).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ EXIT_OK = 0
 EXIT_CANNOT_RUN = 1
 EXIT_USAGE = 2
 EXIT_SOME_FAILED = 3
+EXIT_INTERRUPTED = 130
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -45,9 +47,17 @@ def reports_errors(fn: F) -> F:
         except (Gemma3VisionError, OSError) as e:
             if debug:
                 raise
-            message = " ".join(str(e).split()) if not isinstance(e, OSError) else f"{e.strerror or e}: {e.filename}"
+            if isinstance(e, OSError) and e.strerror:
+                message = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+            else:
+                message = " ".join(str(e).split()) or type(e).__name__
             click.echo(f"error: {message}", err=True)
             sys.exit(EXIT_CANNOT_RUN)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
 
     return wrapper  # type: ignore[return-value]
 
@@ -65,11 +75,18 @@ def main(debug: bool) -> None:
 
 
 @main.command()
-@click.argument("inputs", nargs=-1, required=True)
+@click.argument("inputs", nargs=-1)
 @click.option("-m", "--model", required=True,
               help="Checkpoint folder, or random / random:tiny for seeded random weights.")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder: one .npy per image plus index.jsonl.")
+@click.option("--from-file", "lists", multiple=True, metavar="LIST",
+              help="Read inputs from LIST, one path per line ('-' for standard input). Repeatable.")
+@click.option("--overwrite", is_flag=True,
+              help="Encode every input again, even those an earlier run finished (the old index is kept as "
+                   "index.jsonl.prev).")
+@click.option("--follow-symlinks", is_flag=True,
+              help="Follow links to folders and links leaving an input folder (cycles are still refused).")
 @click.option("--no-project", is_flag=True,
               help="Save the tower output (B, 4096, 1152) instead of the projected soft tokens (B, 256, D).")
 @click.option("-b", "--batch-size", default=1, show_default=True, type=click.IntRange(min=1),
@@ -79,48 +96,84 @@ def main(debug: bool) -> None:
 @click.option("--device", default=None, help="torch device, e.g. cpu or cuda:0. Default: cuda if available.")
 @click.option("--no-exif-transpose", is_flag=True, help="Do not rotate files by their EXIF orientation tag.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=None,
-              help="Refuse images above this many pixels (decompression-bomb guard). Default: 89,478,485.")
+              help="Refuse images above this many pixels, checked from the header (decompression-bomb guard). "
+                   "Default: 89,478,485.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1),
-              help="Threads decoding and preprocessing ahead of the model.")
+              help="Threads reading and preprocessing ahead of the model.")
 @reports_errors
-def encode(inputs: tuple[str, ...], model: str, out_dir: Path, no_project: bool, batch_size: int,
-           dtype: str | None, device: str | None, no_exif_transpose: bool, max_pixels: int | None,
-           workers: int) -> None:
-    """Encode images (files or folders, recursed) into .npy embeddings under OUT.
+def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str, ...], overwrite: bool,
+           follow_symlinks: bool, no_project: bool, batch_size: int, dtype: str | None, device: str | None,
+           no_exif_transpose: bool, max_pixels: int | None, workers: int) -> None:
+    """Encode images into .npy embeddings under OUT, resumably.
 
-    Writes OUT/<relative path>.npy per image and OUT/index.jsonl with one record per input.
+    INPUTS are files, folders (recursed in sorted order, image suffixes only), quoted glob patterns
+    ('photos/**/*.jpg') or '-' for a list on standard input. Writes OUT/<relative path>.npy per image and appends
+    one record per input to OUT/index.jsonl: status ok, error (with the reason) or skipped (FIFOs, devices,
+    links leaving a folder: never opened).
+
+    Re-running the same command skips inputs already encoded with the same bytes, model and options, and
+    inputs that failed unchanged; a killed job leaves no partial file. Exit codes: 0 all encoded, 3 some inputs
+    failed, 1 the job could not run, 2 usage error.
+
+    Example: gemma3-vision encode photos/ --model random:tiny --out embeddings/
     """
     import numpy as np
     import torch
+    from PIL import Image
 
     from .api import load
     from .errors import ConfigError
-    from .pipeline import discover, run_job
+    from .pipeline import checkpoint_identity, discover, fingerprint, read_list, run_job
     from .preprocess import DEFAULT_MAX_PIXELS
+
+    if not inputs and not lists:
+        raise click.UsageError("give at least one input (file, folder, pattern or '-') or --from-file LIST")
+    if (inputs.count("-") + lists.count("-")) > 1:
+        raise click.UsageError("standard input can be read only once ('-')")
+    # The header check below refuses these; Pillow's warning on the way would only be noise.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
     encoder = load(model, dtype=dtype, device=device)
     if not no_project and not encoder.has_projector:
         raise ConfigError(f"{model} has no multimodal projector (a standalone SigLIP tower): use --no-project")
+    exif = not no_exif_transpose
+    job_key = fingerprint(checkpoint_identity(encoder.checkpoint), str(encoder.dtype), not no_project, exif,
+                          encoder.preprocess_config)
 
     def encode_batch(pixels: np.ndarray) -> np.ndarray:
         out = encoder.encode_pixels(torch.from_numpy(pixels), project=not no_project)
         return out.float().cpu().numpy()
 
+    def arguments() -> Any:
+        for arg in inputs:
+            yield from (read_list("-") if arg == "-" else (arg,))
+        for source in lists:
+            yield from read_list(source)
+
     progress = _progress_bar()
+    say = progress.write if progress else functools.partial(click.echo, err=True)
+
+    def on_record(record: dict[str, Any]) -> None:
+        if record["status"] == "error":
+            reason = record["error"]
+            say(f"failed: {reason}" if reason.startswith(record["input"]) else f"failed: {record['input']}: {reason}")
+        elif record["status"] == "skipped":
+            say(f"skipped: {record['input']}: {record['reason']}")
+        if progress:
+            progress.update(1)
+
     try:
         summary = run_job(
-            discover(inputs), out_dir, encode_batch, encoder.preprocess_config, batch_size=batch_size,
-            exif_transpose=not no_exif_transpose,
-            max_pixels=max_pixels if max_pixels is not None else DEFAULT_MAX_PIXELS,
-            workers=workers, on_progress=progress.update if progress else None,
+            discover(arguments(), follow_symlinks=follow_symlinks), out_dir, encode_batch,
+            encoder.preprocess_config, job_key=job_key, batch_size=batch_size, exif_transpose=exif,
+            max_pixels=max_pixels if max_pixels is not None else DEFAULT_MAX_PIXELS, workers=workers,
+            overwrite=overwrite, on_record=on_record,
         )
     finally:
         if progress:
             progress.close()
-    for display, reason in summary.failures:
-        click.echo(f"failed: {reason}" if display in reason else f"failed: {display}: {reason}", err=True)
     click.echo(summary.line(), err=True)
-    sys.exit(EXIT_SOME_FAILED if summary.failed else EXIT_OK)
+    sys.exit(EXIT_SOME_FAILED if summary.any_failed else EXIT_OK)
 
 
 def _progress_bar() -> Any:
@@ -130,3 +183,43 @@ def _progress_bar() -> Any:
     from tqdm import tqdm
 
     return tqdm(unit="img", desc="encoding", file=sys.stderr, dynamic_ncols=True)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@reports_errors
+def info(model: str, as_json: bool) -> None:
+    """Show what MODEL is: format, files, configs, stored dtypes, parameter counts, conventions undone.
+
+    MODEL is anything --model accepts (folder, GGUF file, Ollama name, Hugging Face id, random:tiny).
+    Reads headers only, no tensor data.
+    """
+    import json
+
+    from .info import checkpoint_info, format_info
+    from .resolve import resolve
+
+    data = checkpoint_info(resolve(model))
+    click.echo(json.dumps(data, indent=2) if as_json else format_info(data))
+
+
+@main.command()
+@click.argument("model")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--to", "to", type=click.Choice(["hf", "mmproj"]), required=True,
+              help="hf: a Hugging Face folder (config.json, preprocessor_config.json, model.safetensors); "
+                   "mmproj: a llama.cpp mmproj GGUF.")
+@click.option("--dtype", type=click.Choice(["f32", "f16", "bf16"]), default=None,
+              help="Storage dtype. Default: the stored precision when uniform, else f32.")
+@reports_errors
+def convert(model: str, out: Path, to: str, dtype: str | None) -> None:
+    """Write MODEL's vision tower and projector to OUT as a Hugging Face folder or an mmproj GGUF.
+
+    Example: gemma3-vision convert gemma3:4b mmproj-gemma3-4b.gguf --to mmproj
+    """
+    from .convert import convert as convert_checkpoint
+    from .resolve import resolve
+
+    path = convert_checkpoint(resolve(model), out, to, dtype)
+    click.echo(f"wrote {path}", err=True)

@@ -237,6 +237,15 @@ def read_tensor(data: np.ndarray, info: TensorInfo) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(quants.dequantize(blocks, t), dtype=np.float32))
 
 
+def _eps(meta: dict[str, Any], key: str, default: float) -> float:
+    """GGUF stores eps as float32 (1e-6 reads 9.99999997e-07): take the shortest decimal that float32 rounds to
+    the stored value, so the config equals the Hugging Face one."""
+    value = meta.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"GGUF metadata {key} must be a number, found {value!r}")
+    return float(str(np.float32(value)))
+
+
 def _int(meta: dict[str, Any], key: str, default: int | None = None) -> int:
     value = meta.get(key, default)
     if value is None:
@@ -259,7 +268,7 @@ def configs_from_gguf_metadata(header: GGUFHeader, fmt: str
                 intermediate_size=_int(meta, k + "feed_forward_length"),
                 num_attention_heads=_int(meta, k + "attention.head_count"),
                 num_hidden_layers=_int(meta, k + "block_count"), patch_size=_int(meta, k + "patch_size"),
-                layer_norm_eps=float(meta.get(k + "attention.layer_norm_epsilon", d.layer_norm_eps)),
+                layer_norm_eps=_eps(meta, k + "attention.layer_norm_epsilon", d.layer_norm_eps),
             )
             scale = _int(meta, k + "projector.scale_factor", 4)  # llama.cpp writes it only when it is not 4
             if scale <= 0 or vision.grid_size % scale:
@@ -279,7 +288,7 @@ def configs_from_gguf_metadata(header: GGUFHeader, fmt: str
                 num_attention_heads=_int(meta, k + "attention.head_count", d.num_attention_heads),
                 num_hidden_layers=_int(meta, k + "block_count", d.num_hidden_layers),
                 patch_size=_int(meta, k + "patch_size", d.patch_size),
-                layer_norm_eps=float(meta.get(k + "attention.layer_norm_epsilon", d.layer_norm_eps)),
+                layer_norm_eps=_eps(meta, k + "attention.layer_norm_epsilon", d.layer_norm_eps),
                 num_channels=_int(meta, k + "num_channels", d.num_channels),
             )
             projection = header.tensors.get("mm.mm_input_projection.weight")
