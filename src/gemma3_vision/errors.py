@@ -25,3 +25,7 @@ class ModelNotFoundError(Gemma3VisionError):
 
 class ImageError(Gemma3VisionError):
     """An image input cannot be decoded safely or is not an image at all."""
+
+
+class OutputError(Gemma3VisionError):
+    """An output folder cannot be used: not creatable or writable, or held by another job."""

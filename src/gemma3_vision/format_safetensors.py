@@ -13,7 +13,7 @@ import stat
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import safe_open
@@ -59,24 +59,22 @@ def read_header(path: Path) -> Header:
     Raises:
         FormatError: anything the safetensors format forbids (lying lengths, overlaps, overflow, bad dtypes).
     """
-    size = os.fstat(fd := os.open(path, os.O_RDONLY)).st_size
-    try:
+    with _open_regular(path, "safetensors file") as f:
+        size = os.fstat(f.fileno()).st_size
         if size < 8:
             raise FormatError(f"{path}: safetensors file must be at least 8 bytes, found {size}")
-        (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        (n,) = struct.unpack("<Q", f.read(8))
         if n > MAX_HEADER_BYTES:
             raise FormatError(f"{path}: header length {n:,} exceeds the {MAX_HEADER_BYTES:,}-byte limit")
         if 8 + n > size:
             raise FormatError(f"{path}: header claims {n:,} bytes but the file holds {size - 8:,} after the length")
-        raw = os.pread(fd, n, 8)
-    finally:
-        os.close(fd)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: header is not UTF-8 JSON ({e})") from None
+        raw = f.read(n)
+    header = _parse_json(path, raw, "header")
     if not isinstance(header, dict):
         raise FormatError(f"{path}: header must be a JSON object, found {type(header).__name__}")
+    metadata = header.get("__metadata__", {})
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise FormatError(f"{path}: __metadata__ must map strings to strings, found {str(metadata)[:80]}")
     buffer_len = size - 8 - n
     out: Header = {}
     for name, info in header.items():
@@ -93,6 +91,37 @@ def read_header(path: Path) -> Header:
         raise FormatError(f"{path}: tensors cover {cursor:,} bytes but the data section holds {buffer_len:,} "
                           "(truncated or padded file)")
     return out
+
+
+def _open_regular(path: Path, what: str) -> BinaryIO:
+    """Open a file only if it is a regular file, never blocking on a FIFO or reading a device."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot open {what} ({e.strerror or e})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FormatError(f"{path}: {what} is not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+def _parse_json(path: Path, raw: bytes, what: str) -> Any:
+    """Strict JSON: UTF-8, no duplicate keys (a second entry could hide behind the first), bounded nesting."""
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in d:
+                raise FormatError(f"{path}: {what} has a duplicate key {k!r}")
+            d[k] = v
+        return d
+
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: {what} is not UTF-8 JSON ({e})") from None
+    except RecursionError:
+        raise FormatError(f"{path}: {what} nests too deeply to be a safetensors {what}") from None
 
 
 def _check_entry(path: Path, name: str, info: Any) -> tuple[str, tuple[int, ...], tuple[int, int]]:
@@ -116,8 +145,12 @@ def _check_entry(path: Path, name: str, info: Any) -> tuple[str, tuple[int, ...]
 
 
 def _regular_file(folder: Path, name: str, what: str) -> Path:
-    """``folder/name`` after checking the *string* is a plain file name (links are followed: the HF cache's
-    snapshot entries are symlinks into ``blobs/``), then that it is a regular file."""
+    """``folder/name`` after checking the *string* is a plain file name, then where it leads, then its kind.
+
+    A symlink may point anywhere inside the checkpoint folder, or, when the folder is a Hugging Face cache snapshot
+    (``models--org--name/snapshots/<rev>/``), into that repository's ``blobs/``: that is how the cache stores every
+    file. A link leaving both would let a downloaded index pull in any file on the machine.
+    """
     if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
             or os.path.isabs(name) or "\0" in name):
         raise FormatError(f"{folder / INDEX_NAME}: {what} must be a plain file name inside the checkpoint "
@@ -127,6 +160,15 @@ def _regular_file(folder: Path, name: str, what: str) -> Path:
         mode = os.stat(path).st_mode
     except OSError:
         raise WeightsError(f"{folder}: {what} {name} is listed but missing") from None
+    if path.is_symlink():
+        target = Path(os.path.realpath(path))
+        allowed = [Path(os.path.realpath(folder))]
+        snapshots = allowed[0].parent
+        if snapshots.name == "snapshots" and snapshots.parent.name.startswith("models--"):
+            allowed.append(snapshots.parent / "blobs")
+        if not any(target.is_relative_to(root) for root in allowed):
+            raise FormatError(f"{folder}: {what} {name} is a link to {target}, outside the checkpoint folder"
+                              + (" and its Hugging Face cache blobs/" if len(allowed) > 1 else ""))
     if not stat.S_ISREG(mode):
         raise FormatError(f"{folder}: {what} {name} is not a regular file")
     return path
@@ -136,10 +178,14 @@ def list_shards(folder: Path) -> dict[str, Path]:
     """Every tensor name → the shard file holding it, from the index or the single file."""
     index = folder / INDEX_NAME
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise FormatError(f"{index}: not a safetensors index with a weight_map ({e})") from None
+        with _open_regular(_regular_file(folder, INDEX_NAME, "index"), "index") as f:
+            raw = f.read(MAX_HEADER_BYTES + 1)
+        if len(raw) > MAX_HEADER_BYTES:
+            raise FormatError(f"{index}: larger than {MAX_HEADER_BYTES:,} bytes; not a safetensors index")
+        parsed = _parse_json(index, raw, "index")
+        weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
+        if weight_map is None:
+            raise FormatError(f"{index}: not a safetensors index: expected an object with a weight_map")
         if not isinstance(weight_map, dict):
             raise FormatError(f"{index}: weight_map must be an object, found {type(weight_map).__name__}")
         shards: dict[str, Path] = {}

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import os
 import stat
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Union
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -25,12 +23,13 @@ from PIL import Image, ImageOps
 
 from .errors import ImageError
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
 # Only these decoders run on untrusted bytes: Pillow's bomb checks live per plugin and keep failing in exotic ones.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own warning threshold; 896² needs a tiny fraction of it
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # opening a FIFO must not wait for a writer
 
 
 @dataclass(frozen=True)
@@ -42,75 +41,116 @@ class PreprocessConfig:
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
 
+def open_regular_file(path: str | os.PathLike) -> BinaryIO:
+    """Open ``path`` for binary reading only if it is a regular, non-empty file, without ever blocking.
+
+    A FIFO blocks ``open`` forever and ``/dev/zero`` never ends, so the kind is checked with ``stat`` before
+    opening, and again with ``fstat`` on the opened descriptor (the path may have been swapped in between).
+
+    Raises:
+        ImageError: missing, unreadable, not a regular file, or empty.
+    """
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(f"{path}: expected a regular file, found {file_kind(st.st_mode)}")
+        fd = os.open(path, os.O_RDONLY | _NONBLOCK | getattr(os, "O_BINARY", 0))
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+        os.close(fd)
+        found = "an empty file (0 bytes)" if stat.S_ISREG(st.st_mode) else file_kind(st.st_mode)
+        raise ImageError(f"{path}: expected a non-empty image file, found {found}")
+    return os.fdopen(fd, "rb")
+
+
 def open_image(path: str | os.PathLike, *, exif_transpose: bool = True,
                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode the first frame of an image file, safely.
+    """Decode the first frame of an image file, safely (see ``open_regular_file`` and ``decode_image``).
 
     Raises:
         ImageError: not a regular file, not an allowed format, over ``max_pixels``, truncated or corrupt.
     """
-    path = Path(path)
+    with open_regular_file(path) as f:
+        return decode_image(f, str(path), exif_transpose=exif_transpose, max_pixels=max_pixels)
+
+
+def decode_image(fp: BinaryIO, name: str, *, exif_transpose: bool = True,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode the first frame from an open binary file; every pixel is read before this returns.
+
+    Only ``ALLOWED_FORMATS`` decoders run. The pixel count is checked from the header, before any pixel is
+    allocated. ``max_pixels=None`` leaves only Pillow's own hard limit (178,956,970 pixels). Truncated data is an
+    error, never grey fill (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left off).
+
+    Raises:
+        ImageError: with ``name`` and the reason.
+    """
     try:
-        st = os.stat(path)
-    except OSError as e:
-        raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
-    # A FIFO blocks forever and /dev/zero never ends: never open anything but a regular file.
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageError(f"{path}: expected a regular file, found {_file_kind(st.st_mode)}")
-    if st.st_size == 0:
-        raise ImageError(f"{path}: empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path, formats=ALLOWED_FORMATS)
-            # Image.open read only the header: check the claimed size before any pixel is allocated.
-            check_pixel_count(img.size, max_pixels, str(path))
-            img.seek(0)
-            img.load()
+        img = Image.open(fp, formats=ALLOWED_FORMATS)
+        # Only the header has been read: refuse the claimed size before the decoder allocates anything.
+        check_pixel_count(img.size, max_pixels, name)
+        img.load()
+        if exif_transpose:
+            # Inside the try: a TIFF reads its EXIF from the file, and a malformed block raises anything.
+            img = ImageOps.exif_transpose(img)
     except ImageError:
         raise
     except Image.UnidentifiedImageError:
-        raise ImageError(
-            f"{path}: not an image in an allowed format (expected one of {', '.join(ALLOWED_FORMATS)})"
-        ) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{path}: decompression bomb refused by Pillow: {e}") from None
+        raise ImageError(f"{name}: not an image in an allowed format, or its header is corrupt "
+                         f"(expected one of {', '.join(ALLOWED_FORMATS)})") from None
+    except Image.DecompressionBombError as e:  # Pillow's own limit, when it is below ours
+        raise ImageError(f"{name}: decompression bomb refused by Pillow ({_one_line(e)})") from None
     except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, struct.error... on corrupt data
-        raise ImageError(f"{path}: corrupt or truncated image ({type(e).__name__}: {_one_line(e)})") from None
-    if exif_transpose:
-        try:
-            img = ImageOps.exif_transpose(img)
-        except Exception as e:  # a malformed EXIF block must not lose the image silently
-            raise ImageError(f"{path}: malformed EXIF orientation ({_one_line(e)})") from None
+        raise ImageError(f"{name}: corrupt or truncated image ({type(e).__name__}: {_one_line(e)})") from None
     return img
 
 
 def check_pixel_count(size: tuple[int, int], max_pixels: int | None, name: str) -> None:
+    """Raise ``ImageError`` for a zero-size image or one over ``max_pixels``."""
     w, h = size
     if w <= 0 or h <= 0:
         raise ImageError(f"{name}: zero-size image ({w}x{h})")
     if max_pixels is not None and w * h > max_pixels:
         raise ImageError(
-            f"{name}: image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} "
+            f"{name}: image is {w}x{h} = {w * h:,} pixels, over the decompression bomb limit of {max_pixels:,} "
             "(raise it with max_pixels / --max-pixels if this image is trusted)"
         )
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB with any transparency composited onto white, as transformers 5.x ``convert_to_rgb`` does.
+    """RGB with any transparency composited onto white, exactly as transformers 5.x ``convert_to_rgb`` does.
 
-    16-bit greyscale is scaled to 8 bits (65535 → 255); Pillow's own ``convert`` clamps it (1000 → 255), which turns
-    a 16-bit ramp almost white. This is a deliberate difference from the reference.
+    16-bit greyscale (``I;16*``, and ``I`` taken as 16-bit) keeps its high byte (``>> 8``), as Pillow itself does
+    for 16-bit RGB PNGs; Pillow's ``convert`` would clamp it instead (1000 → 255), turning a 16-bit ramp almost
+    white. This is a deliberate difference from the reference. Float images (mode ``F``) have no defined range
+    and are refused.
+
+    Raises:
+        ImageError: a mode with no defined conversion to RGB.
     """
+    if img.mode == "F":
+        raise ImageError("floating-point (mode F) images have no defined value range; convert them to 8 or 16 bits")
     if img.mode in _SIXTEEN_BIT_MODES:
-        a = np.asarray(img).astype(np.float64)  # (H, W)
-        img = Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), mode="L")
+        img = _sixteen_bit_to_8(img)
     has_alpha = "A" in img.getbands() or img.info.get("transparency") is not None
     if has_alpha:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def _sixteen_bit_to_8(img: Image.Image) -> Image.Image:
+    """``I;16*`` / ``I`` → ``L`` (or ``LA`` when a tRNS value marks transparent pixels) by the high byte."""
+    a = np.asarray(img).astype(np.int64)  # (H, W), whatever the byte order
+    grey = Image.fromarray((np.clip(a, 0, 65535) >> 8).astype(np.uint8), mode="L")
+    key = img.info.get("transparency")
+    if isinstance(key, int):  # Pillow's own convert ignores a 16-bit tRNS value; honour it
+        alpha = Image.fromarray(np.where(a == key, 0, 255).astype(np.uint8), mode="L")
+        grey = Image.merge("LA", (grey, alpha))
+    return grey
 
 
 def as_pil(image: ImageInput, *, exif_transpose: bool = True,
@@ -194,7 +234,8 @@ def preprocess(images: ImageInput | Sequence[ImageInput], config: PreprocessConf
     return torch.from_numpy(np.stack(arrays))  # (B, S, S, 3)
 
 
-def _file_kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for messages: "a FIFO", "a socket", ..."""
     for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
         if test(mode):
