@@ -66,9 +66,11 @@ class VisionConfig:
             f"num_attention_heads must divide hidden_size: {self.hidden_size} is not a multiple of "
             f"{self.num_attention_heads}",
         )
+        # Not "patch divides image": SigLIP so400m-patch14-384 has a 27x27 grid and its valid-padding conv drops
+        # the last 6 pixels of each side, as our patchify does.
         _require(
-            self.image_size % self.patch_size == 0,
-            f"patch_size must divide image_size: {self.image_size} is not a multiple of {self.patch_size}",
+            self.patch_size <= self.image_size,
+            f"patch_size must not exceed image_size: patch {self.patch_size} > image {self.image_size}",
         )
 
     @property

@@ -53,7 +53,8 @@ class Embeddings(nn.Module):
         B, H, W, C = pixels.shape
         P = self.patch_size
         gh, gw = H // P, W // P
-        patches = pixels.view(B, gh, P, gw, P, C).permute(0, 1, 3, 2, 4, 5)  # (B, gh, gw, P, P, C)
+        pixels = pixels[:, : gh * P, : gw * P]  # a valid-padding conv ignores a remainder (SigLIP 384 / 14)
+        patches = pixels.reshape(B, gh, P, gw, P, C).permute(0, 1, 3, 2, 4, 5)  # (B, gh, gw, P, P, C)
         patches = patches.reshape(B, gh * gw, P * P * C)  # (B, N, P*P*C)
         weight = self.patch_embedding.weight  # (D, C, P, P)
         weight = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)  # (D, P*P*C), same order as patches
@@ -145,10 +146,10 @@ class VisionTower(nn.Module):
     def check_pixels(self, pixels: torch.Tensor) -> None:
         c, P = self.config, self.config.patch_size
         ok = (pixels.dim() == 4 and pixels.shape[-1] == c.num_channels
-              and pixels.shape[1] % P == 0 and pixels.shape[2] % P == 0 and pixels.shape[1] > 0)
+              and pixels.shape[1] >= P and pixels.shape[2] >= P)
         if not ok:
             raise ConfigError(
-                f"pixels must be NHWC (B, H, W, {c.num_channels}) with H and W multiples of {P}, "
+                f"pixels must be NHWC (B, H, W, {c.num_channels}) with H and W at least {P}, "
                 f"e.g. (B, {c.image_size}, {c.image_size}, {c.num_channels}); got {tuple(pixels.shape)}"
             )
 
