@@ -194,7 +194,12 @@ def list_shards(folder: Path) -> dict[str, Path]:
             if not (isinstance(shard, str) and shard.endswith(".safetensors")):
                 raise FormatError(f"{index}: shard for {tensor} must be a .safetensors file name, found {shard!r}")
             if shard not in by_name:
-                by_name[shard] = _regular_file(folder, shard, "shard")
+                try:
+                    by_name[shard] = _regular_file(folder, shard, "shard")
+                except FormatError:
+                    raise
+                except WeightsError:  # missing: a partial hub download holds only the shards the tower needs;
+                    by_name[shard] = folder / shard  # load_hf_folder fails if a needed tensor lives here
             shards[tensor] = by_name[shard]
         return shards
     single = folder / SINGLE_NAME
@@ -244,7 +249,7 @@ def load_hf_folder(folder: Path) -> Checkpoint:
 
     headers: dict[Path, Header] = {}
     for path in sorted({shard_of[key] for key in wanted.values()}):
-        headers[path] = read_header(path)
+        headers[path] = read_header(_regular_file(folder, path.name, "shard"))
 
     handles: dict[Path, Any] = {}
 
