@@ -223,3 +223,50 @@ def convert(model: str, out: Path, to: str, dtype: str | None) -> None:
 
     path = convert_checkpoint(resolve(model), out, to, dtype)
     click.echo(f"wrote {path}", err=True)
+
+
+def _int_pair(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        a, b = (int(part) for part in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected two integers A,B, got {value!r}") from None
+    return a, b
+
+
+@main.command()
+@click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-m", "--model", required=True, help="Checkpoint, or random / random:tiny for seeded random weights.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="PNG to write.")
+@click.option("--layer", "features_layer", type=click.IntRange(min=0), default=None,
+              help="PCA of hidden state N (0 = embeddings) instead of the tower output.")
+@click.option("--attention", callback=_int_pair, metavar="LAYER,HEAD", default=None,
+              help="Add the attention of LAYER (1-based) and HEAD (0-based) from one patch.")
+@click.option("--patch", callback=_int_pair, metavar="ROW,COL", default=None,
+              help="Query patch of the attention panel, in the patch grid. Default: the centre.")
+@click.option("--image-size", type=click.IntRange(min=1), default=None,
+              help="Input size in pixels (position embeddings interpolated). Default: the model's.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="Compute dtype.")
+@click.option("--device", default=None, help="torch device, e.g. cpu or cuda:0. Default: cuda if available.")
+@reports_errors
+def show(image: Path, model: str, out: Path, features_layer: int | None, attention: tuple[int, int] | None,
+         patch: tuple[int, int] | None, image_size: int | None, dtype: str, device: str | None) -> None:
+    """Write a PNG of what the tower sees: the preprocessed IMAGE beside a PCA of its patch features (first three
+    components as RGB), optionally with one layer's and head's attention from one patch.
+
+    Example: gemma3-vision show examples/images/landscape.jpg --model random:tiny -o show.png --attention 2,0
+    """
+    if patch is not None and attention is None:
+        raise click.UsageError("--patch needs --attention LAYER,HEAD")
+    from .api import load
+    from .visualize import AttentionQuery
+    from .visualize import show as write_picture
+
+    encoder = load(model, dtype=dtype, device=device)
+    query = AttentionQuery(attention[0], attention[1], patch) if attention is not None else None
+    width, height = write_picture(encoder, str(image), str(out), features_layer=features_layer, attention=query,
+                                  image_size=image_size)
+    click.echo(f"wrote {out} ({width}x{height})", err=True)
