@@ -1,13 +1,39 @@
-"""gemma3-vision: Gemma 3 vision embeddings (SigLIP tower + multimodal projector), reference-exact and fast."""
+"""gemma3-vision: Gemma 3 vision embeddings (SigLIP tower + multimodal projector), reference-exact and fast.
 
-from .api import Gemma3Vision, RandomWeightsWarning, load
+Names that need torch are imported on first use (PEP 562), so ``gemma3-vision --help`` and the errors and configs
+load without paying for torch's import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .config import PRESETS, ProjectorConfig, VisionConfig
 from .errors import ConfigError, FormatError, Gemma3VisionError, ImageError, ModelNotFoundError, WeightsError
-from .model import VisionTower
-from .preprocess import PreprocessConfig, preprocess
-from .projector import MultiModalProjector
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "Gemma3Vision": "api", "RandomWeightsWarning": "api", "load": "api",
+    "VisionTower": "model", "MultiModalProjector": "projector",
+    "PreprocessConfig": "preprocess", "preprocess": "preprocess",
+}
+
+if TYPE_CHECKING:
+    from .api import Gemma3Vision, RandomWeightsWarning, load
+    from .model import VisionTower
+    from .preprocess import PreprocessConfig, preprocess
+    from .projector import MultiModalProjector
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gemma3_vision' has no attribute {name!r}")
+
 
 __all__ = [
     "PRESETS", "ConfigError", "FormatError", "Gemma3Vision", "Gemma3VisionError", "ImageError",
