@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import cast
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .api import Gemma3Vision
 from .errors import ConfigError
+from .model import EncoderLayer
 from .preprocess import ImageInput
 
 MIN_PANEL = 448  # small inputs (the tiny test model's 112 px) are shown at an integer multiple of at least this
@@ -84,7 +86,7 @@ def attention_map(encoder: Gemma3Vision, hidden_states: tuple[torch.Tensor, ...]
         raise ConfigError(f"attention head must be in 0..{heads - 1}, got {query.head}")
     if not (0 <= row < grid and 0 <= col < grid):
         raise ConfigError(f"attention patch must be (row, col) in 0..{grid - 1}, got ({row}, {col})")
-    layer = tower.encoder.layers[query.layer - 1]
+    layer = cast(EncoderLayer, tower.encoder.layers[query.layer - 1])
     attn = layer.self_attn
     Dh = attn.head_dim
     h = layer.layer_norm1(hidden_states[query.layer - 1][:1])  # (1, N, D): this layer's attention input
