@@ -163,10 +163,9 @@ def load_gguf(path: str | Path, description: str | None = None) -> Checkpoint:
     data = np.memmap(path, dtype=np.uint8, mode="r")
     for name in vision_names:
         mapped = lookup(table, name)
-        if mapped is False:
-            unexpected.append(name)
-            continue
-        if mapped is None:
+        if not isinstance(mapped, tuple):
+            if mapped is False:  # not in the table: the strict load reports it
+                unexpected.append(name)
             continue
         canonical, fix = mapped
         info = header.tensors[name]

@@ -125,10 +125,12 @@ def fetch(repo_id: str, *, download: Callable[..., str] | None = None) -> Path:
         raise HubOfflineError(f"{repo_id} is not (fully) in the Hugging Face cache {cache} and HF_HUB_OFFLINE is "
                               "set: download it once online, or point HF_HOME / HF_HUB_CACHE at the cache holding it")
     if download is None:
-        from huggingface_hub import hf_hub_download as download
+        from huggingface_hub import hf_hub_download
+        download = hf_hub_download
+    fetcher: Callable[..., str] = download
 
     def get(filename: str, required: bool = True) -> Path | None:
-        return _download(download, repo_id, filename, cache, required)
+        return _download(fetcher, repo_id, filename, cache, required)
 
     config = get(CONFIG_NAME)
     assert config is not None
