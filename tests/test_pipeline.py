@@ -1,0 +1,360 @@
+"""The encode job without a model: discovery, records, resuming, locking, and memory that stays flat."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gemma3_vision.errors import OutputError
+from gemma3_vision.pipeline import (
+    INDEX_NAME,
+    PREVIOUS_INDEX_NAME,
+    TMP_DIR_NAME,
+    OutputFolder,
+    discover,
+    load_index,
+    read_list,
+    run_job,
+)
+from gemma3_vision.preprocess import PreprocessConfig
+
+SMALL = PreprocessConfig(image_size=28)
+
+
+def fake_encode(pixels: np.ndarray) -> np.ndarray:
+    """(B, 28, 28, 3) → (B, 2, 3): per-image channel means and maxima, so outputs depend on the pixels."""
+    return np.stack([pixels.mean(axis=(1, 2)), pixels.max(axis=(1, 2))], axis=1)
+
+
+def png(path: Path, seed: int = 0, size: tuple[int, int] = (6, 5)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rgb = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def job(args, out: Path, **kw):
+    follow = kw.pop("follow_symlinks", False)
+    kw.setdefault("job_key", "model-a")
+    return run_job(discover(args, follow_symlinks=follow), out, kw.pop("encode", fake_encode), SMALL, **kw)
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / INDEX_NAME).read_text().splitlines()]
+
+
+def displays(args, **kw) -> list[str]:
+    return [item.display for item in discover(args, **kw)]
+
+
+@pytest.fixture()
+def tree(tmp_path) -> Path:
+    """root/ with images at two depths, non-images, an upper-case suffix, and two bad files."""
+    root = tmp_path / "root"
+    png(root / "b.png", 1)
+    png(root / "a.png", 2)
+    png(root / "sub" / "c.png", 3)
+    png(root / "sub" / "deeper" / "d.png", 4)
+    png(root / "UPPER.PNG", 5)
+    (root / "notes.txt").write_text("not an image")
+    (root / "bad.jpg").write_bytes(b"not a jpeg at all")
+    (root / "sub" / "empty.png").write_bytes(b"")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------- discovery
+
+def test_folders_recurse_in_sorted_order_keeping_image_suffixes(monkeypatch, tree):
+    expected = ["root/UPPER.PNG", "root/a.png", "root/b.png", "root/bad.jpg", "root/sub/c.png",
+                "root/sub/deeper/d.png", "root/sub/empty.png"]
+    monkeypatch.chdir(tree.parent)
+    assert displays(["root"]) == expected
+    assert displays(["root/"]) == expected  # a trailing slash names the same inputs
+    assert [i.rel for i in discover(["root"])][:2] == ["UPPER.PNG", "a.png"]
+
+
+def test_explicit_files_are_taken_whatever_their_suffix(monkeypatch, tree):
+    monkeypatch.chdir(tree)
+    items = list(discover(["notes.txt", "sub/c.png", "missing.png"]))
+    assert [(i.display, i.rel, i.skip) for i in items] == [
+        ("notes.txt", "notes.txt", None), ("sub/c.png", "c.png", None), ("missing.png", "missing.png", None)]
+
+
+def test_glob_patterns(monkeypatch, tree):
+    monkeypatch.chdir(tree.parent)
+    assert displays(["root/*.png"]) == ["root/a.png", "root/b.png"]  # case-sensitive, as in the shell
+    assert displays(["root/**/*.png"]) == ["root/a.png", "root/b.png", "root/sub/c.png",
+                                           "root/sub/deeper/d.png", "root/sub/empty.png"]
+    assert displays(["root/s?b/[cd].png"]) == ["root/sub/c.png"]
+    monkeypatch.chdir(tree)
+    assert displays(["*.png"]) == ["a.png", "b.png"]
+    assert displays([str(tree / "sub" / "*.png")]) == [str(tree / "sub" / "c.png"), str(tree / "sub" / "empty.png")]
+    assert displays(["nowhere/*.png"]) == []
+
+
+def test_glob_matching_a_folder_skips_it_with_a_reason(monkeypatch, tree):
+    (tree / "album.png").mkdir()
+    monkeypatch.chdir(tree)
+    items = {i.display: i.skip for i in discover(["*.png"])}
+    assert items["album.png"] == "a folder, not a regular file: not opened"
+    assert items["a.png"] is None
+
+
+def test_lists_from_a_file_and_from_stdin(tmp_path):
+    (tmp_path / "list.txt").write_text("a.png\n\n  \nsub dir/b c.png\r\nlast.png")
+    assert list(read_list(str(tmp_path / "list.txt"))) == ["a.png", "sub dir/b c.png", "last.png"]
+    assert list(read_list("-", stdin=io.StringIO("x.png\ny.png\n"))) == ["x.png", "y.png"]
+
+
+def test_links_leaving_the_folder_are_not_followed_unless_asked(monkeypatch, tree, tmp_path):
+    outside = png(tmp_path / "outside" / "o.png", 9)
+    os.symlink(outside, tree / "out.png")
+    os.symlink(tree / "a.png", tree / "in.png")  # inside the tree: followed
+    os.symlink(tmp_path / "outside", tree / "linkdir")
+    os.symlink(tmp_path / "nothing.png", tree / "broken.png")
+    monkeypatch.chdir(tree.parent)
+    items = {i.display: i.skip for i in discover(["root"])}
+    assert items["root/in.png"] is None
+    assert "outside root: not followed (use --follow-symlinks)" in items["root/out.png"]
+    assert items["root/linkdir"] == "link to a folder: not followed (use --follow-symlinks)"
+    assert items["root/broken.png"].startswith("broken symbolic link")
+    followed = {i.display: i.skip for i in discover(["root"], follow_symlinks=True)}
+    assert followed["root/out.png"] is None and followed["root/linkdir/o.png"] is None
+
+
+def test_link_cycles_are_never_followed(monkeypatch, tree):
+    os.symlink("..", tree / "sub" / "up")
+    monkeypatch.chdir(tree.parent)
+    items = [(i.display, i.skip) for i in discover(["root"], follow_symlinks=True)]
+    assert ("root/sub/up", "link to a folder above it (a cycle): not followed") in items
+    assert len(items) == len({d for d, _ in items}) == 8
+
+
+def test_special_files_are_skipped_never_opened(monkeypatch, tree, tmp_path):
+    os.mkfifo(tree / "pipe.jpg")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(tree / "sock.png"))
+        monkeypatch.chdir(tree.parent)
+        items = {i.display: i.skip for i in discover(["root", "root/pipe.jpg", "/dev/null"])}
+    assert items["root/pipe.jpg"] == "a FIFO, not a regular file: not opened"
+    assert items["root/sock.png"] == "a socket, not a regular file: not opened"
+    assert items["/dev/null"] == "a character device, not a regular file: not opened"
+
+
+# --------------------------------------------------------------------------------------------------- the job
+
+def test_every_input_gets_one_record_and_the_job_goes_on(monkeypatch, tree, tmp_path):
+    out = tmp_path / "out"
+    os.mkfifo(tree / "pipe.png")
+    monkeypatch.chdir(tree.parent)
+    summary = job(["root", "root/missing.png"], out, batch_size=2)
+    assert (summary.encoded, summary.failed, summary.skipped) == (5, 3, 1)
+    by_input = {r["input"]: r for r in records(out)}
+    assert len(by_input) == len(records(out)) == 9
+    assert by_input["root/pipe.png"]["status"] == "skipped"
+    assert "not an image in an allowed format" in by_input["root/bad.jpg"]["error"]
+    assert "empty file" in by_input["root/sub/empty.png"]["error"]
+    assert "cannot read (No such file or directory)" in by_input["root/missing.png"]["error"]
+    for r in by_input.values():
+        if r["status"] == "ok":
+            array = np.load(out / r["output"])
+            assert array.shape == (2, 3) == tuple(r["shape"])
+    assert (out / "sub" / "deeper" / "d.png.npy").is_file()
+    assert not (out / TMP_DIR_NAME).exists()
+    assert summary.line().startswith("encoded 5, failed 3, skipped 1 in ")
+
+
+def test_outputs_equal_the_model_applied_to_each_image_alone(tree, tmp_path):
+    from gemma3_vision.preprocess import preprocess_one
+
+    out = tmp_path / "out"
+    job([str(tree)], out, batch_size=3)
+    for r in records(out):
+        if r["status"] == "ok":
+            expected = fake_encode(preprocess_one(r["input"], SMALL)[None])[0]
+            np.testing.assert_array_equal(np.load(out / r["output"]), expected)
+
+
+def test_rerun_appends_nothing_and_counts_what_was_done(tree, tmp_path):
+    out = tmp_path / "out"
+    first = job([str(tree)], out)
+    lines = (out / INDEX_NAME).read_bytes()
+    second = job([str(tree)], out)
+    assert (out / INDEX_NAME).read_bytes() == lines
+    assert (second.encoded, second.failed, second.done_before, second.failed_before) == (0, 0, 5, 2)
+    assert second.any_failed and first.any_failed  # unchanged failures still fail the job
+    assert "failed 2 (2 unchanged since an earlier run), skipped 5 (5 already encoded)" in second.line()
+
+
+def test_resume_notices_what_changed(tree, tmp_path):
+    out = tmp_path / "out"
+    job([str(tree)], out)
+    n = len(records(out))
+    os.utime(tree / "a.png", ns=(1, 1))  # touched, same bytes: still done (found by content hash)
+    png(tree / "b.png", 99)  # new content: encoded again into the same file
+    (out / "sub" / "c.png.npy").unlink()  # output deleted: encoded again
+    png(tree / "bad.jpg", 7)  # the bad file was fixed: encoded now
+    summary = job([str(tree)], out)
+    new = records(out)[n:]
+    assert sorted(r["input"].rsplit("/", 1)[1] for r in new) == ["b.png", "bad.jpg", "c.png"]
+    assert all(r["status"] == "ok" for r in new)
+    assert {r["output"] for r in new} == {"b.png.npy", "bad.jpg.npy", "sub/c.png.npy"}
+    assert (summary.encoded, summary.done_before) == (3, 3)
+
+
+def test_a_different_model_or_option_encodes_again(tree, tmp_path):
+    out = tmp_path / "out"
+    job([str(tree)], out)
+    assert job([str(tree)], out, job_key="model-b").encoded == 5
+    assert job([str(tree)], out, job_key="model-b").encoded == 0
+
+
+def test_a_raised_pixel_limit_retries_what_it_refused(tmp_path):
+    big = png(tmp_path / "in" / "big.png", size=(100, 100))
+    out = tmp_path / "out"
+    assert job([str(big)], out, max_pixels=5000).failed == 1
+    assert job([str(big)], out, max_pixels=5000).failed_before == 1
+    assert job([str(big)], out, max_pixels=None).encoded == 1
+
+
+def test_overwrite_redoes_everything_with_a_fresh_index(tree, tmp_path):
+    out = tmp_path / "out"
+    job([str(tree)], out)
+    old = (out / INDEX_NAME).read_bytes()
+    summary = job([str(tree)], out, overwrite=True)
+    assert (summary.encoded, summary.failed, summary.done_before) == (5, 2, 0)
+    assert (out / PREVIOUS_INDEX_NAME).read_bytes() == old
+    assert len(records(out)) == 7
+    assert sorted(p.name for p in out.glob("*.npy")) == ["UPPER.PNG.npy", "a.png.npy", "b.png.npy"]
+
+
+def test_torn_last_line_is_cut_before_appending(tree, tmp_path):
+    out = tmp_path / "out"
+    job([str(tree)], out)
+    complete = records(out)
+    ok = next(r for r in complete if r["status"] == "ok")
+    (out / ok["output"]).unlink()  # so the rerun appends a record after the torn tail
+    with open(out / INDEX_NAME, "ab") as f:
+        f.write(b'{"input": "torn", "sta')  # a kill in the middle of a write
+    state, good_end = load_index(out / INDEX_NAME)
+    assert len(state) == 7 and good_end < (out / INDEX_NAME).stat().st_size
+    assert job([str(tree)], out).encoded == 1
+    assert records(out)[:7] == complete and records(out)[7]["input"] == ok["input"]
+
+
+def test_stale_temporaries_are_removed_and_a_second_job_is_refused(tree, tmp_path):
+    out = tmp_path / "out"
+    (out / TMP_DIR_NAME).mkdir(parents=True)
+    (out / TMP_DIR_NAME / "123-4.npy").write_bytes(b"half a file")
+    held = OutputFolder(out)
+    try:
+        assert not (out / TMP_DIR_NAME / "123-4.npy").exists()
+        with pytest.raises(OutputError, match="another encode job is writing to this folder"):
+            job([str(tree)], out)
+    finally:
+        held.close()
+    assert job([str(tree)], out).encoded == 5
+
+
+def test_unusable_output_folder_is_an_output_error(tree, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="cannot use as the output folder"):
+        job([str(tree)], tmp_path / "file" / "out")
+
+
+def test_inputs_named_twice_come_once_and_colliding_names_stay_distinct(tmp_path):
+    png(tmp_path / "x" / "pic.png", 1)
+    png(tmp_path / "y" / "pic.png", 2)
+    png(tmp_path / "y" / "PIC.png", 3)  # same name on a case-insensitive disk
+    args = [str(tmp_path / "x" / "pic.png"), str(tmp_path / "y" / "pic.png"), str(tmp_path / "y" / "PIC.png"),
+            str(tmp_path / "x" / "pic.png")]
+    out = tmp_path / "out"
+    summary = job(args, out)
+    assert (summary.encoded, summary.skipped) == (3, 1)
+    names = [r["output"] for r in records(out)]
+    assert names == ["pic.png.npy", "pic.png~2.npy", "PIC.png~3.npy"]
+    # A later job with one more colliding input keeps the earlier names and takes a fresh one
+    png(tmp_path / "z" / "pic.png", 4)
+    job([*args, str(tmp_path / "z" / "pic.png")], out)
+    assert records(out)[-1]["output"] == "pic.png~4.npy"
+
+
+def test_bad_inputs_do_not_shrink_batches(tmp_path):
+    """Throughput does not drop with bad inputs: every forward pass gets a full batch."""
+    for i in range(12):
+        png(tmp_path / "in" / f"{i:02d}-good.png", i)
+        (tmp_path / "in" / f"{i:02d}-bad.png").write_bytes(b"junk")
+    sizes = []
+
+    def counting(pixels):
+        sizes.append(len(pixels))
+        return fake_encode(pixels)
+
+    summary = job([str(tmp_path / "in")], tmp_path / "out", batch_size=4, encode=counting)
+    assert sizes == [4, 4, 4] and (summary.encoded, summary.failed) == (12, 12)
+
+
+def test_a_model_failure_stops_the_job_and_keeps_what_was_recorded(tree, tmp_path):
+    calls = []
+
+    def failing(pixels):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return fake_encode(pixels)
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        job([str(tree)], out, batch_size=2, encode=failing)
+    assert sum(r["status"] == "ok" for r in records(out)) == 2
+    assert not (out / TMP_DIR_NAME).exists()
+    summary = job([str(tree)], out, batch_size=2)
+    assert (summary.encoded, summary.done_before) == (3, 2)
+
+
+# ------------------------------------------------------------------------------------------------------ memory
+
+def test_discovery_streams(tmp_path):
+    """Peak traced memory while walking 4,000 files in 40 folders stays far below what a list of them costs."""
+    root = tmp_path / "many"
+    for d in range(40):
+        (root / f"d{d:02d}").mkdir(parents=True)
+        for i in range(100):
+            (root / f"d{d:02d}" / f"{i:03d}.jpg").touch()
+    tracemalloc.start()
+    try:
+        n = sum(1 for _ in discover([str(root)]))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert n == 4000
+    materialised = 4000 * 300  # an InputItem with its Path and strings is a few hundred bytes
+    assert peak < materialised / 4, f"peak {peak / 1e3:.0f} kB while walking 4,000 files"
+
+
+def test_resume_state_for_100k_inputs_is_compact_and_quick(tmp_path):
+    """The resume state of a 100,000-input index: under 300 bytes an input, loaded in well under a minute."""
+    index = tmp_path / INDEX_NAME
+    template = ('{"input": "photos/%06d.jpg", "status": "ok", "output": "%06d.jpg.npy", "shape": [256, 2560], '
+                '"bytes": 123456, "mtime_ns": %d, "content": "bacc23b71f39e9170470cee69f84fb2e", "job": "k"}\n')
+    index.write_text("".join(template % (i, i, 1_700_000_000_000_000_000 + i) for i in range(100_000)))
+    start = time.perf_counter()
+    state, good_end = load_index(index)
+    seconds = time.perf_counter() - start
+    assert len(state) == 100_000 and good_end == index.stat().st_size
+    assert state.output_of(state.prior("photos/099999.jpg")) == "099999.jpg.npy"
+    assert state.prior("photos/100000.jpg") is None
+    size = (sys.getsizeof(state._last) + sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in state._last.items())
+            + sys.getsizeof(state.taken) + sum(sys.getsizeof(k) for k in state.taken))
+    assert size / 100_000 < 300, f"{size / 100_000:.0f} bytes an input"
+    assert seconds < 60, f"loading took {seconds:.1f} s"
