@@ -71,6 +71,13 @@ class ViewEncoding:
     layers: dict[int, torch.Tensor] = field(default_factory=dict)  # {i: (N, hidden)}: 0 embeddings, i after layer i
     pooled: torch.Tensor | None = None  # (text_hidden,) or (hidden,) float32: mean over rows of `embeddings`
 
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """``{"": embeddings, "layer13": ..., "pooled": ...}``: this view's tensors by name."""
+        named = {"": self.embeddings, **{f"layer{i}": hidden for i, hidden in self.layers.items()}}
+        if self.pooled is not None:
+            named["pooled"] = self.pooled
+        return named
+
 
 @dataclass
 class ImageEncoding:
@@ -106,19 +113,8 @@ class ImageEncoding:
     def arrays(self) -> dict[str, torch.Tensor]:
         """Every tensor by name: ``""`` the main embeddings, ``layer13``, ``pooled``, ``crop1``, ``crop1.layer13``,
         ``crop1.pooled``... (crops numbered from 1)."""
-        named: dict[str, torch.Tensor] = {}
-        for i, view in enumerate(self.views):
-            prefix = f"crop{i}" if i else ""
-            named[prefix] = view.embeddings
-            for layer, hidden in view.layers.items():
-                named[_join(prefix, f"layer{layer}")] = hidden
-            if view.pooled is not None:
-                named[_join(prefix, "pooled")] = view.pooled
-        return named
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+        return {".".join(part for part in (f"crop{i}" if i else "", name) if part): tensor
+                for i, view in enumerate(self.views) for name, tensor in view.arrays().items()}
 
 
 class Gemma3Vision:
@@ -227,7 +223,7 @@ class Gemma3Vision:
         config = self.preprocess_config if image_size is None else replace(self.preprocess_config,
                                                                            image_size=image_size)
         self.check_image_size(config.image_size, project=project and self.has_projector)
-        wanted = self._check_layers(layers)
+        wanted = self.check_layers(layers)
         if pool is not None and pool not in POOLS:
             raise ConfigError(f"pool must be one of {', '.join(POOLS)} or None, got {pool!r}")
         if normalize and pool is None:
@@ -290,7 +286,8 @@ class Gemma3Vision:
             for v in range(x.shape[0])
         ]
 
-    def _check_layers(self, layers: Sequence[int] | None) -> list[int]:
+    def check_layers(self, layers: Sequence[int] | None) -> list[int]:
+        """``layers`` validated against the depth, duplicates dropped, order kept; ``[]`` for ``None``."""
         if layers is None:
             return []
         depth = self.vision_config.num_hidden_layers

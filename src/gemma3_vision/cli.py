@@ -100,10 +100,29 @@ def main(debug: bool) -> None:
                    "Default: 89,478,485.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1),
               help="Threads reading and preprocessing ahead of the model.")
+@click.option("--pan-and-scan", is_flag=True,
+              help="Also encode Gemma 3 Pan & Scan crops of non-square images: NAME.crop1.npy, ... "
+                   "(boxes in the index record).")
+@click.option("--pan-and-scan-min-crop-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Pan & Scan: no crop smaller than this many pixels.")
+@click.option("--pan-and-scan-max-num-crops", type=click.IntRange(min=2), default=4, show_default=True,
+              help="Pan & Scan: at most this many crops.")
+@click.option("--pan-and-scan-min-ratio", type=click.FloatRange(min=1.0), default=1.2, show_default=True,
+              help="Pan & Scan: only for images at least this much longer than wide (or wider than long).")
+@click.option("--image-size", type=click.IntRange(min=1), default=None,
+              help="Input size in pixels (position embeddings interpolated; (size/56)^2 tokens). Default: the "
+                   "model's.")
+@click.option("--layers", default=None, metavar="I,J,...",
+              help="Also save these hidden states (0 = embeddings, i = after layer i): NAME.layerI.npy.")
+@click.option("--pool", type=click.Choice(["mean"]), default=None,
+              help="Also save the mean over rows of the output, one vector per image: NAME.pooled.npy.")
+@click.option("--normalize", is_flag=True, help="L2-normalise the pooled vectors (needs --pool).")
 @reports_errors
 def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str, ...], overwrite: bool,
            follow_symlinks: bool, no_project: bool, batch_size: int, dtype: str | None, device: str | None,
-           no_exif_transpose: bool, max_pixels: int | None, workers: int) -> None:
+           no_exif_transpose: bool, max_pixels: int | None, workers: int, pan_and_scan: bool,
+           pan_and_scan_min_crop_size: int, pan_and_scan_max_num_crops: int, pan_and_scan_min_ratio: float,
+           image_size: int | None, layers: str | None, pool: str | None, normalize: bool) -> None:
     """Encode images into .npy embeddings under OUT, resumably.
 
     INPUTS are files, folders (recursed in sorted order, image suffixes only), quoted glob patterns
@@ -123,6 +142,7 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
 
     from .api import load
     from .errors import ConfigError
+    from .pan_and_scan import PanAndScanConfig
     from .pipeline import checkpoint_identity, discover, fingerprint, read_list, run_job
     from .preprocess import DEFAULT_MAX_PIXELS
 
@@ -133,16 +153,35 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
     # The header check below refuses these; Pillow's warning on the way would only be noise.
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
-    encoder = load(model, dtype=dtype, device=device)
+    if normalize and pool is None:
+        raise click.UsageError("--normalize applies to pooled vectors: add --pool mean")
+    layer_list = _int_list(layers, "--layers") if layers is not None else []
+    encoder = load(model, dtype=dtype, device=device, image_size=image_size)
     if not no_project and not encoder.has_projector:
         raise ConfigError(f"{model} has no multimodal projector (a standalone SigLIP tower): use --no-project")
+    encoder.check_image_size(encoder.image_size, project=not no_project)
+    layer_list = encoder.check_layers(layer_list)
+    pas = PanAndScanConfig(pan_and_scan_min_crop_size, pan_and_scan_max_num_crops,
+                           pan_and_scan_min_ratio) if pan_and_scan else None
     exif = not no_exif_transpose
+    extras = {"pan_and_scan": pas, "layers": layer_list, "pool": pool, "normalize": normalize}
     job_key = fingerprint(checkpoint_identity(encoder.checkpoint), str(encoder.dtype), not no_project, exif,
-                          encoder.preprocess_config)
+                          encoder.preprocess_config, *([extras] if pas or layer_list or pool else []))
 
-    def encode_batch(pixels: np.ndarray) -> np.ndarray:
-        out = encoder.encode_pixels(torch.from_numpy(pixels), project=not no_project)
-        return out.float().cpu().numpy()
+    def encode_batch(pixels: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
+        if not (layer_list or pool):
+            out = encoder.encode_pixels(torch.from_numpy(pixels), project=not no_project)
+            return out.float().cpu().numpy()
+        views = [view for i in range(0, len(pixels), batch_size)  # Pan & Scan views: batch_size at a time
+                 for view in encoder.encode_views(torch.from_numpy(pixels[i:i + batch_size]),
+                                                  project=not no_project, layers=layer_list, pool=pool,
+                                                  normalize=normalize)]
+        names = views[0].arrays()
+        return {name: torch.stack([v.arrays()[name] for v in views]).float().cpu().numpy() for name in names}
+
+    def make_input(img: Any) -> tuple[np.ndarray, dict[str, Any]]:
+        _, views, boxes = encoder.prepare(img, encoder.preprocess_config, pas)
+        return views, {"crops": [list(box) for box in boxes[1:]]}
 
     def arguments() -> Any:
         for arg in inputs:
@@ -165,7 +204,8 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
     try:
         summary = run_job(
             discover(arguments(), follow_symlinks=follow_symlinks), out_dir, encode_batch,
-            encoder.preprocess_config, job_key=job_key, batch_size=batch_size, exif_transpose=exif,
+            encoder.preprocess_config, make_input=make_input if pas else None, job_key=job_key,
+            batch_size=batch_size, exif_transpose=exif,
             max_pixels=max_pixels if max_pixels is not None else DEFAULT_MAX_PIXELS, workers=workers,
             overwrite=overwrite, on_record=on_record,
         )
@@ -223,6 +263,14 @@ def convert(model: str, out: Path, to: str, dtype: str | None) -> None:
 
     path = convert_checkpoint(resolve(model), out, to, dtype)
     click.echo(f"wrote {path}", err=True)
+
+
+def _int_list(value: str, option: str) -> list[int]:
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected integers separated by commas, got {value!r}",
+                                 param_hint=option) from None
 
 
 def _int_pair(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:

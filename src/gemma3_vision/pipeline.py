@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+from PIL import Image
 
 from .checkpoint import Checkpoint
 from .errors import Gemma3VisionError, OutputError
@@ -97,7 +98,7 @@ def discover(arguments: Iterable[str], *, follow_symlinks: bool = False) -> Iter
     - a folder: recursed depth first with names sorted, keeping image suffixes; links leaving the folder, links to
       folders and broken links are skipped with a reason unless ``follow_symlinks`` (cycles are never followed);
     - a pattern with ``*``, ``?``, ``[`` or ``**`` that names no existing path: matched below its fixed leading
-      folder, in the same order;
+      folder, in the same order (matching nothing, it fails like a missing file);
     - anything else: an input that will fail with "cannot read".
 
     FIFOs, sockets, devices and folders met where an image is expected are skipped with a reason; nothing is opened.
@@ -106,7 +107,12 @@ def discover(arguments: Iterable[str], *, follow_symlinks: bool = False) -> Iter
         if os.path.isdir(arg):
             yield from _walk(Path(arg), _display_root(arg), follow_symlinks, pattern=None)
         elif not os.path.lexists(arg) and _GLOB_MAGIC & set(arg):
-            yield from _glob(arg, follow_symlinks)
+            matched = False
+            for item in _glob(arg, follow_symlinks):
+                matched = True
+                yield item
+            if not matched:  # recorded as a missing input, so a mistyped pattern is not a silent no-op
+                yield InputItem(Path(arg), arg, Path(arg).name)
         else:
             path = Path(arg)
             yield InputItem(path, arg, path.name, _special_file_reason(path))
@@ -446,17 +452,25 @@ class _Prepared:
     item: InputItem
     output: str
     kind: str  # "encode", "error", "skip", "done", "failed_before", "duplicate"
-    pixels: np.ndarray | None = None  # (S, S, 3) float32 for "encode"
+    pixels: np.ndarray | None = None  # (V, S, S, 3) float32 for "encode": the image, then any extra views
     reason: str | None = None
     facts: dict[str, Any] | None = None  # bytes, mtime_ns, content: the resume key's ingredients
+    extra: dict[str, Any] | None = None  # record fields from make_input, e.g. Pan & Scan crop boxes
+
+
+# One decoded image → float32 (V, S, S, 3) views (the image first) and extra index-record fields.
+MakeInput = Callable[[Image.Image], tuple[np.ndarray, dict[str, Any]]]
+# Views → one array (V, ...), or named arrays each (V, ...): "" the main output, e.g. "layer13", "pooled".
+EncodeBatch = Callable[[np.ndarray], np.ndarray | dict[str, np.ndarray]]
 
 
 def run_job(
     items: Iterable[InputItem],
     out_dir: Path,
-    encode_batch: Callable[[np.ndarray], np.ndarray],
+    encode_batch: EncodeBatch,
     preprocess_config: PreprocessConfig,
     *,
+    make_input: MakeInput | None = None,
     job_key: str = "",
     batch_size: int = 1,
     exif_transpose: bool = True,
@@ -467,7 +481,10 @@ def run_job(
 ) -> JobSummary:
     """Encode every item, writing ``out_dir/<item.rel>.npy`` and one ``index.jsonl`` record per input.
 
-    ``encode_batch`` maps float32 NHWC ``(B, S, S, 3)`` to an array ``(B, ...)``. ``job_key`` identifies the model
+    ``encode_batch`` maps float32 NHWC ``(B, S, S, 3)`` to an array ``(B, ...)``, or to named arrays each
+    ``(B, ...)`` (``""`` the main one). ``make_input`` turns a decoded image into its views (default: the image
+    alone, preprocessed); view 0 is saved as ``<item.rel>.npy`` (plus ``.NAME.npy`` for each other name), view
+    ``j`` as ``.cropJ.npy`` (``.cropJ.NAME.npy``), and the record lists them under ``outputs``. ``job_key`` identifies the model
     and every option that changes an output (see ``fingerprint``); resumed inputs must match it. Per-input
     failures are recorded and the job goes on; a failure of ``encode_batch`` itself stops the job (the model is
     broken, not the input), keeping everything recorded so far. ``on_record`` sees every appended record.
@@ -479,8 +496,13 @@ def run_job(
     # Decoding failures also depend on the decoder's limits; outputs do not.
     error_key = fingerprint(job_key, max_pixels, exif_transpose)
     summary = JobSummary()
-    results: queue.Queue[tuple[list[_Prepared], np.ndarray | None] | None] = queue.Queue(maxsize=4)
+    results: queue.Queue[tuple[list[_Prepared], dict[str, np.ndarray] | None] | None] = queue.Queue(maxsize=4)
     writer_error: list[BaseException] = []
+
+    def to_input(img: Image.Image) -> tuple[np.ndarray, dict[str, Any]]:
+        if make_input is not None:
+            return make_input(img)
+        return pil_to_input(img, preprocess_config)[None], {}  # (1, S, S, 3)
 
     def record(rec: dict[str, Any]) -> None:
         folder.append(rec)
@@ -489,7 +511,7 @@ def run_job(
 
     def prepare(item: InputItem, output: str) -> _Prepared:
         try:
-            return _prepare(item, output, folder.dir, folder.done, preprocess_config, job_key, error_key,
+            return _prepare(item, output, folder.dir, folder.done, to_input, job_key, error_key,
                             exif_transpose, max_pixels)
         except Exception as e:  # a decoder bug on a hostile file must not end the job; record it
             return _Prepared(item, output, "error", reason=f"{type(e).__name__}: {_one_line(e)}")
@@ -501,12 +523,20 @@ def run_job(
                 row = 0
                 for p in batch:
                     if p.kind == "encode":
-                        assert outputs is not None
-                        array = outputs[row]
-                        row += 1
-                        folder.save(p.output, array)
+                        assert outputs is not None and p.pixels is not None
+                        views = len(p.pixels)
+                        named = _name_views({name: a[row:row + views] for name, a in outputs.items()})
+                        row += views
+                        files = {name: p.output if not name else f"{p.output[:-len('.npy')]}.{name}.npy"
+                                 for name in named}
+                        for name, array in named.items():  # extra arrays first: the main one marks it done
+                            if name:
+                                folder.save(files[name], array)
+                        folder.save(p.output, named[""])
+                        extra = {"outputs": {k: v for k, v in files.items() if k}} if len(files) > 1 else {}
                         record({"input": p.item.display, "status": "ok", "output": p.output,
-                                "shape": list(array.shape), **(p.facts or {}), "job": job_key})
+                                "shape": list(named[""].shape), **extra, **(p.extra or {}), **(p.facts or {}),
+                                "job": job_key})
                         summary.encoded += 1
                     elif p.kind == "error":
                         record({"input": p.item.display, "status": "error", "error": p.reason,
@@ -534,10 +564,16 @@ def run_job(
             named = _name_outputs(items, folder.state)
             prepared = _prefetch(pool, prepare, named, ahead=max(2 * batch_size, 2 * workers, 4))
             for batch in _batches(prepared, batch_size):
-                good = [p.pixels for p in batch if p.kind == "encode"]
-                outputs = encode_batch(np.stack(good)) if good else None  # (B, ...)
-                if outputs is not None and len(outputs) != len(good):
-                    raise RuntimeError(f"encode_batch returned {len(outputs)} rows for {len(good)} images")
+                good = [p.pixels for p in batch if p.kind == "encode" and p.pixels is not None]
+                outputs = None
+                if good:
+                    pixels = np.concatenate(good)  # (views, S, S, 3)
+                    encoded = encode_batch(pixels)
+                    outputs = encoded if isinstance(encoded, dict) else {"": encoded}
+                    for name, array in outputs.items():
+                        if len(array) != len(pixels):
+                            raise RuntimeError(f"encode_batch returned {len(array)} rows of {name or 'output'} "
+                                               f"for {len(pixels)} images")
                 results.put((batch, outputs))
                 if writer_error:
                     break
@@ -574,7 +610,7 @@ def _name_outputs(items: Iterable[InputItem], state: ResumeState) -> Iterator[tu
         yield item, name
 
 
-def _prepare(item: InputItem, output: str, out_dir: Path, done: ResumeState, config: PreprocessConfig,
+def _prepare(item: InputItem, output: str, out_dir: Path, done: ResumeState, to_input: MakeInput,
              job_key: str, error_key: str, exif_transpose: bool, max_pixels: int | None) -> _Prepared:
     """Decide what one input needs, reading as little as possible: skip, already done, or decode."""
     if not output:
@@ -603,10 +639,22 @@ def _prepare(item: InputItem, output: str, out_dir: Path, done: ResumeState, con
                 return _Prepared(item, output, verdict)  # touched, not changed
             f.seek(0)
             img = decode_image(f, item.display, exif_transpose=exif_transpose, max_pixels=max_pixels)
-            pixels = pil_to_input(img, config)  # (S, S, 3) float32
+            pixels, extra = to_input(img)  # (V, S, S, 3) float32
     except Gemma3VisionError as e:
         return _Prepared(item, output, "error", reason=_one_line(e), facts=facts)
-    return _Prepared(item, output, "encode", pixels=pixels, facts=facts)
+    return _Prepared(item, output, "encode", pixels=pixels, facts=facts, extra=extra)
+
+
+def _name_views(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One input's rows ``{name: (V, ...)}`` → ``{name: row 0, "cropJ.name": row J}``, as ``ImageEncoding.arrays``
+    names them."""
+    named: dict[str, np.ndarray] = {}
+    views = len(next(iter(arrays.values())))
+    for j in range(views):
+        for name, rows in arrays.items():
+            prefix = f"crop{j}" if j else ""
+            named[".".join(part for part in (prefix, name) if part)] = rows[j]
+    return named
 
 
 def _prefetch(pool: ThreadPoolExecutor, fn: Callable[[InputItem, str], _Prepared],

@@ -1,0 +1,190 @@
+"""The ``encode`` command: exit codes, one line per failure, inputs from lists and stdin, and a job killed with
+SIGKILL that resumes without losing or duplicating work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from gemma3_vision.cli import EXIT_CANNOT_RUN, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, main
+from gemma3_vision.pipeline import INDEX_NAME, LOCK_NAME, TMP_DIR_NAME, OutputFolder
+
+
+def png(path: Path, seed: int = 0, size: tuple[int, int] = (20, 16)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / INDEX_NAME).read_text().splitlines()]
+
+
+def encode(*args: str, input: str | None = None):
+    return CliRunner().invoke(main, ["encode", "-m", "random:tiny", *args], input=input)
+
+
+@pytest.fixture()
+def images(tmp_path) -> Path:
+    root = tmp_path / "images"
+    png(root / "a.png", 1)
+    png(root / "sub" / "b.png", 2)
+    (root / "sub" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    return root
+
+
+def test_some_inputs_failed_exits_3_with_one_line_each(images, tmp_path):
+    result = encode(str(images), "-o", str(tmp_path / "out"))
+    assert result.exit_code == EXIT_SOME_FAILED, result.output
+    failures = [line for line in result.stderr.splitlines() if line.startswith("failed:")]
+    assert len(failures) == 1 and failures[0].startswith(f"failed: {images}/sub/broken.jpg: "), result.stderr
+    assert "encoded 2, failed 1, skipped 0 in " in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_everything_encoded_exits_0_and_a_rerun_skips_it(images, tmp_path):
+    (images / "sub" / "broken.jpg").unlink()
+    out = tmp_path / "out"
+    assert encode(str(images), "-o", str(out)).exit_code == EXIT_OK
+    again = encode(str(images), "-o", str(out))
+    assert again.exit_code == EXIT_OK
+    assert "encoded 0, failed 0, skipped 2 (2 already encoded)" in again.stderr
+    assert len(records(out)) == 2
+
+
+def test_unchanged_failures_keep_exit_3_on_rerun(images, tmp_path):
+    out = tmp_path / "out"
+    encode(str(images), "-o", str(out))
+    again = encode(str(images), "-o", str(out))
+    assert again.exit_code == EXIT_SOME_FAILED
+    assert "failed 1 (1 unchanged since an earlier run)" in again.stderr
+    assert len(records(out)) == 3
+
+
+def test_overwrite_encodes_everything_again(images, tmp_path):
+    out = tmp_path / "out"
+    encode(str(images), "-o", str(out))
+    result = encode(str(images), "-o", str(out), "--overwrite")
+    assert "encoded 2, failed 1, skipped 0" in result.stderr
+    assert (out / "index.jsonl.prev").exists() and len(records(out)) == 3
+
+
+def test_inputs_from_a_list_file_and_stdin(images, tmp_path, monkeypatch):
+    monkeypatch.chdir(images)
+    (tmp_path / "list.txt").write_text("a.png\nsub/b.png\n")
+    out = tmp_path / "out"
+    result = encode("--from-file", str(tmp_path / "list.txt"), "-o", str(out))
+    assert result.exit_code == EXIT_OK, result.output
+    assert [r["input"] for r in records(out)] == ["a.png", "sub/b.png"]
+    result = encode("-", "-o", str(tmp_path / "out2"), input="sub/b.png\n'*.png'\n")
+    assert result.exit_code == EXIT_SOME_FAILED  # the quoted name does not exist
+    assert [r["status"] for r in records(tmp_path / "out2")] == ["ok", "error"]
+    result = encode("*.png", "-o", str(tmp_path / "out3"))  # a pattern the shell did not expand
+    assert [r["input"] for r in records(tmp_path / "out3")] == ["a.png"]
+
+
+def test_usage_errors_exit_2(tmp_path):
+    assert encode("-o", str(tmp_path / "out")).exit_code == EXIT_USAGE  # no inputs at all
+    assert encode("-", "--from-file", "-", "-o", str(tmp_path / "out")).exit_code == EXIT_USAGE
+    assert encode("x.png", "-o", str(tmp_path / "o"), "--batch-size", "0").exit_code == EXIT_USAGE
+
+
+def test_a_job_that_cannot_run_exits_1_with_one_line(images, tmp_path):
+    bad_model = tmp_path / "model"
+    bad_model.mkdir()
+    (bad_model / "config.json").write_text("{not json")
+    result = CliRunner().invoke(main, ["encode", str(images), "-m", str(bad_model), "-o", str(tmp_path / "o")])
+    assert result.exit_code == EXIT_CANNOT_RUN
+    assert result.stderr.startswith(f"error: {bad_model / 'config.json'}: not valid JSON")
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()  # nothing written before the model loads
+    (tmp_path / "file").write_text("")
+    result = encode(str(images), "-o", str(tmp_path / "file" / "out"))
+    assert result.exit_code == EXIT_CANNOT_RUN
+    assert "cannot use as the output folder" in result.stderr
+
+
+def test_a_folder_held_by_another_job_exits_1(images, tmp_path):
+    out = tmp_path / "out"
+    held = OutputFolder(out)
+    try:
+        result = encode(str(images), "-o", str(out))
+    finally:
+        held.close()
+    assert result.exit_code == EXIT_CANNOT_RUN
+    assert "another encode job is writing to this folder" in result.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    result = CliRunner().invoke(main, ["--debug", "encode", "x.png", "-m", str(tmp_path), "-o", str(tmp_path)])
+    assert result.exit_code != 0 and type(result.exception).__name__ == "ConfigError"
+
+
+# ------------------------------------------------------------------------------------------------ kill and resume
+
+def test_sigkill_mid_job_then_rerun_encodes_every_image_exactly_once(tmp_path):
+    """SIGKILL once some records are in; then: no partial file under a final name, and the re-run finishes the
+    rest: each good image exactly one ok record, each bad one exactly one error record, no temporary left."""
+    root = tmp_path / "in"
+    blobs = []
+    for seed in range(4):
+        png(tmp_path / f"seed{seed}.png", seed, size=(192, 144))
+        blobs.append((tmp_path / f"seed{seed}.png").read_bytes())
+    root.mkdir()
+    good = [f"{i:04d}.png" for i in range(400)]
+    for i, name in enumerate(good):
+        (root / name).write_bytes(blobs[i % 4])
+    bad = {"0100-bad.png": b"", "0200-bad.jpg": b"<html>", "0300-bad.png": blobs[0][:500]}
+    for name, data in bad.items():
+        (root / name).write_bytes(data)
+    out = tmp_path / "out"
+    # One thread each: the job must last long enough to be killed in the middle, and torch's thread pool only
+    # adds spinning on a busy machine.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "gemma3_vision", "encode", str(root), "-m", "random:tiny", "-o", str(out),
+           "--workers", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            index = out / INDEX_NAME
+            if index.exists() and index.read_bytes().count(b'"status": "ok"') >= 3:
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"the job ended before it was killed: {proc.stderr.read()!r}"
+
+    lines = (out / INDEX_NAME).read_bytes().split(b"\n")
+    before = [json.loads(line) for line in lines[:-1]]  # every complete line parses; the last may be torn
+    assert 3 <= sum(r["status"] == "ok" for r in before) < len(good)
+    for path in out.rglob("*.npy"):
+        if TMP_DIR_NAME not in path.parts:
+            assert np.load(path).shape == (16, 96), f"{path} is not a complete array"
+
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == EXIT_SOME_FAILED, rerun.stderr
+    assert "already encoded" in rerun.stderr.splitlines()[-1]
+    final = records(out)
+    by_status: dict[str, list[str]] = {"ok": [], "error": []}
+    for r in final:
+        by_status[r["status"]].append(r["input"].rsplit("/", 1)[1])
+    assert sorted(by_status["ok"]) == good, "every good image exactly once"
+    assert sorted(by_status["error"]) == sorted(bad), "every bad image exactly once"
+    assert sorted(p.name for p in out.rglob("*.npy")) == sorted(f"{n}.npy" for n in good)
+    assert sorted(p.name for p in out.iterdir()) == sorted([INDEX_NAME, LOCK_NAME, *(f"{n}.npy" for n in good)])
+    for r in final:
+        if r["status"] == "ok":
+            assert np.load(out / r["output"]).shape == (16, 96)

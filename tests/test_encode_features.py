@@ -1,0 +1,109 @@
+"""``gemma3-vision encode`` with --pan-and-scan, --image-size, --layers, --pool: the extra .npy files and the
+index records, equal to the Python API's arrays."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import TOL, make_rgb
+from gemma3_vision import RandomWeightsWarning
+from gemma3_vision.cli import main
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> Path:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(make_rgb(300, 900, seed=1)).save(folder / "wide.png")
+    Image.fromarray(make_rgb(280, 280, seed=2)).save(folder / "square.png")
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    return folder
+
+
+def run(*args: str) -> tuple[int, str]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        result = CliRunner().invoke(main, ["encode", *args, "--model", "random:tiny", "--device", "cpu"])
+    return result.exit_code, result.output
+
+
+def records(out: Path) -> dict[str, dict]:
+    lines = (out / "index.jsonl").read_text().splitlines()
+    return {Path(r["input"]).name: r for r in map(json.loads, lines)}
+
+
+def test_pan_and_scan_layers_and_pool(tiny_model, inputs, tmp_path):
+    out = tmp_path / "out"
+    code, output = run(str(inputs), "--out", str(out), "--pan-and-scan", "--layers", "2,0", "--pool", "mean",
+                       "--normalize", "-b", "2")
+    assert code == 3, output  # the broken input fails; the others are written
+    index = records(out)
+    assert index["broken.jpg"]["status"] == "error"
+
+    wide = index["wide.png"]
+    assert wide["output"] == "wide.png.npy" and wide["shape"] == [16, 96]
+    assert wide["crops"] == [[0, 0, 300, 300], [300, 0, 600, 300], [600, 0, 900, 300]]
+    [expected] = tiny_model.encode([str(inputs / "wide.png")], pan_and_scan=True, layers=[2, 0], pool="mean",
+                                   normalize=True)
+    arrays = expected.arrays()
+    assert set(wide["outputs"]) == set(arrays) - {""}
+    assert wide["outputs"]["crop2.layer0"] == "wide.png.crop2.layer0.npy"
+    for name, tensor in arrays.items():
+        saved = np.load(out / (wide["outputs"][name] if name else wide["output"]))
+        assert saved.shape == tuple(tensor.shape), name
+        d = float(np.abs(saved - tensor.numpy()).max())
+        assert d <= TOL["fp32_max_abs"], f"{name}: CLI vs API max abs diff {d:.3g} > {TOL['fp32_max_abs']}"
+
+    square = index["square.png"]
+    assert square["crops"] == []
+    assert sorted(square["outputs"]) == ["layer0", "layer2", "pooled"]
+    pooled = np.load(out / square["outputs"]["pooled"])
+    assert pooled.shape == (96,) and abs(float(np.linalg.norm(pooled)) - 1) <= 1e-6
+
+    # Same command again: everything is already done. Other options: encoded again under a new job key.
+    code, output = run(str(inputs), "--out", str(out), "--pan-and-scan", "--layers", "2,0", "--pool", "mean",
+                       "--normalize", "-b", "2")
+    assert "encoded 0" in output and "2 already encoded" in output
+    code, output = run(str(inputs), "--out", str(out), "--pool", "mean")
+    assert "encoded 2" in output
+    assert "outputs" in records(out)["wide.png"] and "crops" not in records(out)["wide.png"]
+
+
+def test_image_size_changes_the_token_count(tmp_path, inputs):
+    out = tmp_path / "out"
+    code, output = run(str(inputs / "square.png"), "--out", str(out), "--image-size", "224")
+    assert code == 0, output
+    record = records(out)["square.png"]
+    assert record["shape"] == [64, 96] and "outputs" not in record  # (224 / 14 / 2)² tokens, one file
+    assert np.load(out / "square.png.npy").shape == (64, 96)
+
+
+def test_plain_encode_record_is_unchanged(tmp_path, inputs):
+    out = tmp_path / "out"
+    code, output = run(str(inputs / "square.png"), "--out", str(out))
+    assert code == 0, output
+    record = records(out)["square.png"]
+    assert "outputs" not in record and "crops" not in record and record["shape"] == [16, 96]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--normalize"], 2, "--normalize applies to pooled vectors"),
+        (["--layers", "1,x"], 2, "expected integers separated by commas"),
+        (["--layers", "5"], 1, r"layers must be in 0..2"),
+        (["--image-size", "126"], 1, "merge does not divide"),
+        (["--pan-and-scan", "--pan-and-scan-max-num-crops", "1"], 2, "--pan-and-scan-max-num-crops"),
+    ],
+)
+def test_bad_options(tmp_path, inputs, args, code, message):
+    result_code, output = run(str(inputs / "square.png"), "--out", str(tmp_path / "out"), *args)
+    assert result_code == code, output
+    assert message in output
