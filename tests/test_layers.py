@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_PROJECTOR, TINY_VISION, TOL, Reference, make_rgb, max_abs
 
+from conftest import TINY_PROJECTOR, TINY_VISION, TOL, Reference, make_rgb, max_abs
 from gemma3_vision import ConfigError
 
 pytest.importorskip("transformers")

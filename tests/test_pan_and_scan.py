@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TOL, make_rgb, max_abs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from conftest import TOL, make_rgb, max_abs
 from gemma3_vision import ConfigError
 from gemma3_vision.pan_and_scan import PanAndScanConfig, crop_boxes, pan_and_scan_inputs
 from gemma3_vision.preprocess import PreprocessConfig

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+
 from conftest import (
     TINY_PROJECTOR,
     TINY_VISION,
@@ -19,7 +20,6 @@ from conftest import (
     make_rgb,
     max_abs,
 )
-
 from gemma3_vision import ConfigError, Gemma3Vision, RandomWeightsWarning, load
 from gemma3_vision.checkpoint import Checkpoint, TensorSource
 from gemma3_vision.config import PRESETS, ProjectorConfig, VisionConfig

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_VISION, make_rgb
 from PIL import Image
 
+from conftest import TINY_VISION, make_rgb
 from gemma3_vision import ConfigError, RandomWeightsWarning
 from gemma3_vision.cli import main
 from gemma3_vision.visualize import (
