@@ -88,7 +88,7 @@ def decode_image(fp: BinaryIO, name: str, *, exif_transpose: bool = True,
         ImageError: with ``name`` and the reason.
     """
     try:
-        img = Image.open(fp, formats=ALLOWED_FORMATS)
+        img: Image.Image = Image.open(fp, formats=ALLOWED_FORMATS)
         # Only the header has been read: refuse the claimed size before the decoder allocates anything.
         check_pixel_count(img.size, max_pixels, name)
         img.load()
