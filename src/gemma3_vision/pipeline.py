@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import fnmatch
+import functools
 import hashlib
 import json
 import os
@@ -401,12 +402,7 @@ class OutputFolder:
     def save(self, rel: str, array: np.ndarray) -> None:
         """Write ``rel`` (a safe relative path) through the temporary folder, then rename into place."""
         self._counter += 1
-        tmp = self.tmp / f"{os.getpid()}-{self._counter}.npy"
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        target = self.dir / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, target)
+        save_npy(self.dir, rel, array, self.tmp / f"{os.getpid()}-{self._counter}.npy")
 
     def close(self) -> None:
         for fd in ("_index", "_lock"):
@@ -415,6 +411,16 @@ class OutputFolder:
                 delattr(self, fd)
         if hasattr(self, "tmp"):
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def save_npy(out_dir: Path, rel: str, array: np.ndarray, tmp: Path) -> None:
+    """Write ``out_dir/rel`` by saving to ``tmp`` (a unique name on the same file system) and renaming it into
+    place: a reader, or a later run, never sees a partial file."""
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    target = out_dir / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, target)
 
 
 # ---------------------------------------------------------------------------------------------------------- job
@@ -435,6 +441,12 @@ class JobSummary:
     @property
     def any_failed(self) -> bool:
         return bool(self.failed or self.failed_before)
+
+    def count(self, kind: str) -> None:
+        """Count one input by its ``_Prepared.kind``."""
+        name = {"encode": "encoded", "error": "failed", "done": "done_before",
+                "failed_before": "failed_before"}.get(kind, "skipped")  # skip, skipped_before, duplicate
+        setattr(self, name, getattr(self, name) + 1)
 
     def line(self) -> str:
         failed = f"failed {self.failed + self.failed_before}"
@@ -493,16 +505,12 @@ def run_job(
         OutputError: the output folder cannot be used (not writable, or another job holds it).
     """
     folder = OutputFolder(out_dir, overwrite=overwrite)
-    # Decoding failures also depend on the decoder's limits; outputs do not.
-    error_key = fingerprint(job_key, max_pixels, exif_transpose)
+    error_key = error_key_for(job_key, max_pixels, exif_transpose)
     summary = JobSummary()
     results: queue.Queue[tuple[list[_Prepared], dict[str, np.ndarray] | None] | None] = queue.Queue(maxsize=4)
     writer_error: list[BaseException] = []
 
-    def to_input(img: Image.Image) -> tuple[np.ndarray, dict[str, Any]]:
-        if make_input is not None:
-            return make_input(img)
-        return pil_to_input(img, preprocess_config)[None], {}  # (1, S, S, 3)
+    to_input = make_input or functools.partial(plain_input, config=preprocess_config)
 
     def record(rec: dict[str, Any]) -> None:
         folder.append(rec)
@@ -510,11 +518,8 @@ def run_job(
             on_record(rec)
 
     def prepare(item: InputItem, output: str) -> _Prepared:
-        try:
-            return _prepare(item, output, folder.dir, folder.done, to_input, job_key, error_key,
-                            exif_transpose, max_pixels)
-        except Exception as e:  # a decoder bug on a hostile file must not end the job; record it
-            return _Prepared(item, output, "error", reason=f"{type(e).__name__}: {_one_line(e)}")
+        return prepare_input(item, output, folder.dir, folder.done.prior(item.display) or b"", to_input, job_key,
+                             error_key, exif_transpose, max_pixels)
 
     def writer() -> None:
         try:
@@ -522,35 +527,16 @@ def run_job(
                 batch, outputs = entry
                 row = 0
                 for p in batch:
+                    rows = None
                     if p.kind == "encode":
                         assert outputs is not None and p.pixels is not None
                         views = len(p.pixels)
-                        named = _name_views({name: a[row:row + views] for name, a in outputs.items()})
+                        rows = {name: a[row:row + views] for name, a in outputs.items()}
                         row += views
-                        files = {name: p.output if not name else f"{p.output[:-len('.npy')]}.{name}.npy"
-                                 for name in named}
-                        for name, array in named.items():  # extra arrays first: the main one marks it done
-                            if name:
-                                folder.save(files[name], array)
-                        folder.save(p.output, named[""])
-                        extra = {"outputs": {k: v for k, v in files.items() if k}} if len(files) > 1 else {}
-                        record({"input": p.item.display, "status": "ok", "output": p.output,
-                                "shape": list(named[""].shape), **extra, **(p.extra or {}), **(p.facts or {}),
-                                "job": job_key})
-                        summary.encoded += 1
-                    elif p.kind == "error":
-                        record({"input": p.item.display, "status": "error", "error": p.reason,
-                                **(p.facts or {}), "job": error_key})
-                        summary.failed += 1
-                    elif p.kind == "skip":
-                        record({"input": p.item.display, "status": "skipped", "reason": p.reason})
-                        summary.skipped += 1
-                    elif p.kind == "done":
-                        summary.done_before += 1
-                    elif p.kind == "failed_before":
-                        summary.failed_before += 1
-                    else:  # "duplicate", or a skip an earlier run recorded
-                        summary.skipped += 1
+                    rec = finish_input(p, rows, folder.save, job_key, error_key)
+                    if rec is not None:
+                        record(rec)
+                    summary.count(p.kind)
         except BaseException as e:  # surfaced to the caller after the model loop stops
             writer_error.append(e)
             while results.get() is not None:  # drain so the producer never blocks on a full queue
@@ -564,17 +550,7 @@ def run_job(
             named = _name_outputs(items, folder.state)
             prepared = _prefetch(pool, prepare, named, ahead=max(2 * batch_size, 2 * workers, 4))
             for batch in _batches(prepared, batch_size):
-                good = [p.pixels for p in batch if p.kind == "encode" and p.pixels is not None]
-                outputs = None
-                if good:
-                    pixels = np.concatenate(good)  # (views, S, S, 3)
-                    encoded = encode_batch(pixels)
-                    outputs = encoded if isinstance(encoded, dict) else {"": encoded}
-                    for name, array in outputs.items():
-                        if len(array) != len(pixels):
-                            raise RuntimeError(f"encode_batch returned {len(array)} rows of {name or 'output'} "
-                                               f"for {len(pixels)} images")
-                results.put((batch, outputs))
+                results.put((batch, encode_prepared(encode_batch, batch)))
                 if writer_error:
                     break
     finally:
@@ -610,12 +586,73 @@ def _name_outputs(items: Iterable[InputItem], state: ResumeState) -> Iterator[tu
         yield item, name
 
 
-def _prepare(item: InputItem, output: str, out_dir: Path, done: ResumeState, to_input: MakeInput,
+def error_key_for(job_key: str, max_pixels: int | None, exif_transpose: bool) -> str:
+    """The key of ``error`` records: decoding failures also depend on the decoder's limits; outputs do not."""
+    return fingerprint(job_key, max_pixels, exif_transpose)
+
+
+def plain_input(img: Image.Image, config: PreprocessConfig) -> tuple[np.ndarray, dict[str, Any]]:
+    """The default ``MakeInput``: the image alone, preprocessed, ``(1, S, S, 3)``."""
+    return pil_to_input(img, config)[None], {}
+
+
+def prepare_input(item: InputItem, output: str, out_dir: Path, prior: bytes, to_input: MakeInput, job_key: str,
+                  error_key: str, exif_transpose: bool, max_pixels: int | None) -> _Prepared:
+    """Decide what one input needs and decode it if it must be encoded; never raises.
+
+    ``output`` is its name from ``_name_outputs`` (``""``: named twice), ``prior`` its ``ResumeState.prior``
+    (``b""`` when none). Reads ``out_dir`` only to check that a done input's output still exists.
+    """
+    try:
+        return _prepare(item, output, out_dir, prior, to_input, job_key, error_key, exif_transpose, max_pixels)
+    except Exception as e:  # a decoder bug on a hostile file must not end the job; record it
+        return _Prepared(item, output, "error", reason=f"{type(e).__name__}: {_one_line(e)}")
+
+
+def encode_prepared(encode_batch: EncodeBatch, batch: list[_Prepared]) -> dict[str, np.ndarray] | None:
+    """Encode the views of a batch's ``encode`` inputs in one call: named arrays each ``(views, ...)``, in
+    order; None when the batch has nothing to encode."""
+    good = [p.pixels for p in batch if p.kind == "encode" and p.pixels is not None]
+    if not good:
+        return None
+    pixels = np.concatenate(good)  # (views, S, S, 3)
+    encoded = encode_batch(pixels)
+    outputs = encoded if isinstance(encoded, dict) else {"": encoded}
+    for name, array in outputs.items():
+        if len(array) != len(pixels):
+            raise RuntimeError(f"encode_batch returned {len(array)} rows of {name or 'output'} "
+                               f"for {len(pixels)} images")
+    return outputs
+
+
+def finish_input(p: _Prepared, rows: dict[str, np.ndarray] | None, save: Callable[[str, np.ndarray], None],
+                 job_key: str, error_key: str) -> dict[str, Any] | None:
+    """Save an encoded input's arrays (``rows``: each ``(V, ...)``, its views) and return the index record of
+    any input, or None for inputs that get no new record (done or failed before, duplicates)."""
+    if p.kind == "encode":
+        assert rows is not None
+        named = _name_views(rows)
+        files = {name: p.output if not name else f"{p.output[:-len('.npy')]}.{name}.npy" for name in named}
+        for name, array in named.items():  # extra arrays first: the main one marks it done
+            if name:
+                save(files[name], array)
+        save(p.output, named[""])
+        extra = {"outputs": {k: v for k, v in files.items() if k}} if len(files) > 1 else {}
+        return {"input": p.item.display, "status": "ok", "output": p.output, "shape": list(named[""].shape),
+                **extra, **(p.extra or {}), **(p.facts or {}), "job": job_key}
+    if p.kind == "error":
+        return {"input": p.item.display, "status": "error", "error": p.reason, **(p.facts or {}),
+                "job": error_key}
+    if p.kind == "skip":
+        return {"input": p.item.display, "status": "skipped", "reason": p.reason}
+    return None
+
+
+def _prepare(item: InputItem, output: str, out_dir: Path, prior: bytes, to_input: MakeInput,
              job_key: str, error_key: str, exif_transpose: bool, max_pixels: int | None) -> _Prepared:
     """Decide what one input needs, reading as little as possible: skip, already done, or decode."""
     if not output:
         return _Prepared(item, output, "duplicate")
-    prior = done.prior(item.display) or b""
     if item.skip is not None:
         same = prior == ResumeState.SKIPPED + _h8(item.skip)
         return _Prepared(item, output, "skipped_before" if same else "skip", reason=item.skip)
