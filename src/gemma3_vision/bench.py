@@ -1,0 +1,461 @@
+"""Side-by-side benchmark: our tower against transformers' ``SiglipVisionModel``, same weights, one process.
+
+Each configuration (dtype, batch, threads, device) loads seeded random weights once, builds the runners (ours,
+transformers, and each under ``torch.compile`` on request), warms each up (the first call's extra time is reported as
+compile time), then times them in alternation so that a noisy machine hurts all of them alike. Timers are read after
+a device sync. Results are seconds per image (median and spread), achieved TFLOP/s against a GEMM peak measured on
+the spot, peak memory, and how far each output is from ours.
+
+``--layers`` truncates the depth (the 27 layers are identical in cost, so per-layer figures carry over) and
+``--image-size`` changes the input; both are labelled in the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+
+from .config import PRESETS, VisionConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RunnerResult:
+    """One implementation in one configuration."""
+
+    name: str  # "ours", "ours+compile", "transformers", "transformers+compile"
+    seconds_per_image: list[float]  # every timed run, divided by the batch
+    median_s: float
+    min_s: float
+    max_s: float
+    compile_s: float | None  # first call minus the median call: compilation (and first-touch) cost
+    tflops: float  # achieved, at the median
+    peak_fraction: float  # tflops / the GEMM peak measured for this configuration
+    peak_memory_mb: float  # peak RSS (CPU) or peak allocated GPU memory during this runner's timed calls
+    max_abs_diff: float | None  # against ours (plain), None for ours itself
+    cosine: float | None
+    note: str = ""
+
+
+@dataclass
+class ConfigResult:
+    dtype: str
+    compute_dtype: str  # what our matmuls ran in (float32 for bf16 weights on a CPU without native bf16)
+    batch: int
+    threads: int
+    device: str
+    image_size: int
+    layers: int  # encoder layers run (27 is the full Gemma 3 tower)
+    gflop_per_image: float
+    gemm_peak_tflops: float  # best of the dtype and fp32 GEMM rate, on the tower's fc1 shape, measured now
+    runners: list[RunnerResult] = field(default_factory=list)
+    ratios: dict[str, float] = field(default_factory=dict)  # "vs transformers": their median / ours, ...
+
+
+@dataclass
+class BenchReport:
+    machine: dict[str, Any]
+    configs: list[ConfigResult]
+    memory: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def gflop_per_image(vision: VisionConfig) -> float:
+    """Matmul work of one image: the linears and the two attention products (softmax, norms, GELU left out)."""
+    N, D, M, L = vision.num_patches, vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers
+    patch = 2 * N * vision.num_channels * vision.patch_size**2 * D
+    linear = 2 * N * D * (3 * D + D + 2 * M)  # qkv, out_proj, fc1, fc2
+    attention = 2 * 2 * N * N * D  # q·kᵀ and a·v over all heads
+    return (patch + L * (linear + attention)) / 1e9
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    from .api import cpu_has_fast_bf16, cpu_has_fast_fp16
+
+    info: dict[str, Any] = {
+        "cpu": cpu_name(), "logical_cpus": os.cpu_count(), "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": cpu_has_fast_bf16(), "native_fp16": cpu_has_fast_fp16(), "python": platform.python_version(),
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_tflops(dtype: torch.dtype, device: torch.device, m: int = 2048, k: int = 1152, n: int = 4304,
+                repeats: int = 3) -> float:
+    """Best-of-``repeats`` rate of one ``(m, k) @ (k, n)`` product (the tower's fc1 shape) into a reused buffer."""
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(n, k, device=device).to(dtype)
+    out = torch.empty(m, n, device=device, dtype=dtype)
+    iters = 20 if device.type == "cuda" else 1
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first is a warm-up
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(iters):
+            torch.mm(a, b.t(), out=out)
+        _sync(device)
+        best = min(best, (time.perf_counter() - t) / iters)
+    return 2 * m * k * n / best / 1e12
+
+
+class _PeakMemory:
+    """Peak RSS (Linux: VmHWM, reset through /proc/self/clear_refs) or peak allocated CUDA memory, in MB."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+
+    def peak_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return _proc_status_kb("VmHWM") / 1024
+
+
+def _proc_status_kb(key: str) -> float:
+    with contextlib.suppress(OSError), open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return float(line.split()[1])
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # kB on Linux; no reset: an upper bound
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    return (a @ b / (a.norm() * b.norm())).item()
+
+
+def random_tower_state(preset: str, layers: int) -> dict[str, torch.Tensor]:
+    """Seeded random tower weights of ``random:<preset>`` (fp32), keeping the first ``layers`` layers."""
+    from .checkpoint import TOWER
+    from .random_model import random_checkpoint
+
+    state = {}
+    for name, source in random_checkpoint(f"random:{preset}").tensors.items():
+        if not name.startswith(TOWER):
+            continue
+        key = name[len(TOWER):]
+        if key.startswith("encoder.layers.") and int(key.split(".")[2]) >= layers:
+            continue
+        state[key] = source.read()
+    return state
+
+
+def build_ours(vision: VisionConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
+               device: torch.device) -> torch.nn.Module:
+    from .api import compute_dtype_for
+    from .model import VisionTower
+
+    with torch.device("meta"):
+        tower = VisionTower(vision)
+    tower.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
+    tower.compute_dtype = compute_dtype_for(dtype, device)
+    return tower.eval().requires_grad_(False)
+
+
+def build_transformers(vision: VisionConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                       device: torch.device) -> torch.nn.Module | None:
+    try:
+        import transformers
+    except ImportError:
+        return None
+    config = transformers.SiglipVisionConfig(
+        hidden_size=vision.hidden_size, image_size=vision.image_size, intermediate_size=vision.intermediate_size,
+        num_attention_heads=vision.num_attention_heads, num_hidden_layers=vision.num_hidden_layers,
+        patch_size=vision.patch_size, layer_norm_eps=vision.layer_norm_eps, num_channels=vision.num_channels,
+        hidden_act="gelu_pytorch_tanh", vision_use_head=False,
+    )
+    config._attn_implementation = "sdpa"
+    model = transformers.SiglipVisionModel(config)
+    model.load_state_dict(state, strict=True)  # transformers 5.x: no vision_model. prefix
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _compiled(module: torch.nn.Module) -> Callable[..., Any]:
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # constant-fold the weights (prepacking on CPU), as the issue's figures did
+    return torch.compile(module)
+
+
+def _time_runners(runners: dict[str, Callable[[], torch.Tensor]], repeats: int, batch: int,
+                  device: torch.device) -> tuple[dict[str, list[float]], dict[str, float], dict[str, float],
+                                                 dict[str, torch.Tensor]]:
+    """Warm each runner once (timed apart), then run them in alternation ``repeats`` times."""
+    first: dict[str, float] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    for name, run in runners.items():
+        _sync(device)
+        t = time.perf_counter()
+        outputs[name] = run().float().cpu()
+        _sync(device)
+        first[name] = time.perf_counter() - t
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    peaks = {name: 0.0 for name in runners}
+    memory = _PeakMemory(device)
+    for _ in range(repeats):
+        for name, run in runners.items():
+            memory.reset()
+            _sync(device)
+            t = time.perf_counter()
+            run()
+            _sync(device)
+            times[name].append((time.perf_counter() - t) / batch)
+            peaks[name] = max(peaks[name], memory.peak_mb())
+    return times, first, peaks, outputs
+
+
+def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype: str, batch: int, threads: int,
+                 device: torch.device, repeats: int, compile: bool, reference: bool,
+                 progress: Callable[[str], None] = lambda s: None) -> ConfigResult:
+    """Time ours (and transformers) in one configuration."""
+    torch_dtype = _DTYPES[dtype]
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(batch, vision.image_size, vision.image_size, vision.num_channels, generator=g) * 2 - 1)
+    pixels = pixels.to(device)  # NHWC, ours
+    pixels_nchw = pixels.permute(0, 3, 1, 2).contiguous().to(torch_dtype)  # transformers'
+
+    ours = build_ours(vision, state, torch_dtype, device)
+    compute = ours.compute_dtype or torch_dtype
+    runners: dict[str, Callable[[], torch.Tensor]] = {"ours": lambda: ours(pixels)}
+    if compile:
+        ours_c = _compiled(ours)
+        runners["ours+compile"] = lambda: ours_c(pixels)
+    theirs = build_transformers(vision, state, torch_dtype, device) if reference else None
+    if theirs is not None:
+        runners["transformers"] = lambda: theirs(pixel_values=pixels_nchw).last_hidden_state
+        if compile:
+            theirs_c = _compiled(theirs)
+            runners["transformers+compile"] = lambda: theirs_c(pixel_values=pixels_nchw).last_hidden_state
+
+    progress(f"{dtype} batch {batch}, {threads} threads: measuring the GEMM peak")
+    peak = max(gemm_tflops(torch_dtype, device), gemm_tflops(torch.float32, device) if torch_dtype != torch.float32
+               else 0.0)
+    progress(f"{dtype} batch {batch}: warm-up and {repeats} alternating runs of {', '.join(runners)}")
+    with torch.inference_mode():
+        times, first, peaks, outputs = _time_runners(runners, repeats, batch, device)
+
+    gflop = gflop_per_image(vision)
+    result = ConfigResult(dtype=dtype, compute_dtype=str(compute).replace("torch.", ""), batch=batch, threads=threads,
+                          device=str(device), image_size=vision.image_size, layers=vision.num_hidden_layers,
+                          gflop_per_image=gflop, gemm_peak_tflops=peak)
+    for name, ts in times.items():
+        median = statistics.median(ts)
+        compile_s = first[name] - median * batch
+        diff = None if name == "ours" else (outputs[name] - outputs["ours"]).abs().max().item()
+        cos = None if name == "ours" else _cosine(outputs[name], outputs["ours"])
+        tflops = gflop / median / 1e3
+        result.runners.append(RunnerResult(
+            name=name, seconds_per_image=ts, median_s=median, min_s=min(ts), max_s=max(ts),
+            compile_s=compile_s if "compile" in name else None, tflops=tflops, peak_fraction=tflops / peak,
+            peak_memory_mb=peaks[name], max_abs_diff=diff, cosine=cos,
+        ))
+    medians = {r.name: r.median_s for r in result.runners}
+    for name in ("transformers", "transformers+compile"):
+        if name in medians:
+            result.ratios[f"ours vs {name}"] = medians[name] / medians["ours"]
+            if "ours+compile" in medians:
+                result.ratios[f"ours+compile vs {name}"] = medians[name] / medians["ours+compile"]
+    return result
+
+
+def _memory_probe(model: str, dtype: str, batch: int, image_size: int | None, threads: int) -> dict[str, Any]:
+    """Run in a fresh process: RSS after importing torch, after loading, and at the peak of one forward."""
+    torch.set_num_threads(threads)
+    baseline_mb = _proc_status_kb("VmRSS") / 1024
+    import warnings
+
+    from . import api
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = time.perf_counter()
+        encoder = api.load(model, dtype=dtype, device="cpu")
+        load_s = time.perf_counter() - t
+    tower = encoder.model.vision_tower
+    weights_mb = sum(p.numel() * p.element_size() for p in tower.parameters()) / 2**20
+    loaded_mb = _proc_status_kb("VmRSS") / 1024
+    size = image_size or encoder.vision_config.image_size
+    pixels = torch.rand(batch, size, size, 3) * 2 - 1
+    memory = _PeakMemory(torch.device("cpu"))
+    memory.reset()
+    before_mb = _proc_status_kb("VmRSS") / 1024
+    with torch.inference_mode():
+        tower(pixels)
+    peak_mb = memory.peak_mb()
+    return {
+        "model": model, "dtype": dtype, "batch": batch, "image_size": size, "load_s": load_s,
+        "torch_import_rss_mb": baseline_mb, "tower_weights_mb": weights_mb, "rss_after_load_mb": loaded_mb,
+        "peak_rss_mb": peak_mb, "activation_peak_mb_per_image": (peak_mb - before_mb) / batch,
+        "budget_mb_without_activations": baseline_mb + 1.3 * weights_mb,
+    }
+
+
+def measure_memory(model: str, dtype: str, batch: int, image_size: int | None = None,
+                   threads: int = 1) -> dict[str, Any]:
+    """``_memory_probe`` in a fresh interpreter, so nothing else this process holds is counted."""
+    code = ("import json, sys; from gemma3_vision.bench import _memory_probe; "
+            f"print(json.dumps(_memory_probe({model!r}, {dtype!r}, {batch}, {image_size!r}, {threads})))")
+    # The baseline is taken after `import torch` (the -c code imports it through gemma3_vision.bench).
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float32",), batches: Sequence[int] = (1,),
+                  threads: int | None = None, device: str | None = None, layers: int | None = None,
+                  image_size: int | None = None, repeats: int = 3, compile: bool = True, reference: bool = True,
+                  memory: bool = False, progress: Callable[[str], None] = lambda s: None) -> BenchReport:
+    """Benchmark ours against transformers for every (dtype, batch).
+
+    Args:
+        preset: a ``random`` preset (``gemma3-4b`` is the full tower; ``tiny`` for a smoke test).
+        dtypes: ``float32``, ``bfloat16``, ``float16``.
+        batches: images per forward.
+        threads: torch intra-op threads (default: torch's).
+        device: ``cpu`` or ``cuda`` (default: CUDA when available).
+        layers: run only the first N encoder layers (labelled in the report).
+        image_size: input side in pixels (the position table is interpolated, as transformers does).
+        repeats: timed calls per runner, in alternation, after one warm-up call each.
+        compile: also time both under ``torch.compile`` (inductor, freezing on).
+        reference: also time transformers (when it is installed).
+        memory: also measure peak RSS of ours alone in a fresh process (CPU only).
+
+    Returns:
+        A ``BenchReport``; ``format_report`` prints it, ``to_json`` records it.
+    """
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for d in dtypes:
+        if d not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {d!r}")
+    vision = PRESETS[preset][0]
+    if layers is not None:
+        vision = replace(vision, num_hidden_layers=layers)
+    if image_size is not None:
+        vision = replace(vision, image_size=image_size)
+    n_threads = threads or torch.get_num_threads()
+    progress(f"generating random weights ({preset}, {vision.num_hidden_layers} layers)")
+    state = random_tower_state(preset, vision.num_hidden_layers)
+    if image_size is not None and image_size != PRESETS[preset][0].image_size:
+        # Same position table for both: ours interpolates in forward, transformers needs it resized up front.
+        from .model import interpolate_position_embedding
+
+        grid = vision.image_size // vision.patch_size
+        state["embeddings.position_embedding.weight"] = interpolate_position_embedding(
+            state["embeddings.position_embedding.weight"], grid, grid)
+    report = BenchReport(machine={**machine_info(dev), "threads": n_threads}, configs=[])
+    for d in dtypes:
+        for b in batches:
+            report.configs.append(bench_config(vision, state, dtype=d, batch=b, threads=n_threads, device=dev,
+                                               repeats=repeats, compile=compile, reference=reference,
+                                               progress=progress))
+    if memory and dev.type == "cpu":
+        for d in dtypes:
+            progress(f"memory probe, {d}, batch {max(batches)}")
+            report.memory.append(measure_memory(f"random:{preset}" if preset != "gemma3-4b" else "random", d,
+                                                max(batches), image_size, n_threads))
+    return report
+
+
+def format_report(report: BenchReport) -> str:
+    m = report.machine
+    lines = [f"machine: {m['cpu']} ({m['logical_cpus']} logical CPUs, {m['cpu_capability']}, native bf16: "
+             f"{m['native_bf16']}){', GPU ' + m['gpu'] if m.get('gpu') else ''}; torch {m['torch']}, "
+             f"transformers {m.get('transformers')}"]
+    for c in report.configs:
+        depth = f"{c.layers} layers" + ("" if c.layers == 27 else " (TRUNCATED: the full tower has 27)")
+        lines.append("")
+        lines.append(f"{c.dtype} (our matmuls in {c.compute_dtype}), batch {c.batch}, {c.threads} threads, "
+                     f"{c.device}, {c.image_size} px, {depth}: {c.gflop_per_image:.0f} GFLOP/image, "
+                     f"GEMM peak {c.gemm_peak_tflops:.3f} TFLOP/s")
+        lines.append(f"  {'runner':<22}{'median s/img':>13}{'min':>9}{'max':>9}{'TFLOP/s':>9}{'% peak':>8}"
+                     f"{'peak MB':>9}{'compile s':>10}{'max|diff|':>11}{'cosine':>11}")
+        for r in c.runners:
+            compile_s = f"{r.compile_s:.1f}" if r.compile_s is not None else "-"
+            diff = f"{r.max_abs_diff:.2e}" if r.max_abs_diff is not None else "-"
+            cos = f"{r.cosine:.7f}" if r.cosine is not None else "-"
+            lines.append(f"  {r.name:<22}{r.median_s:>13.3f}{r.min_s:>9.3f}{r.max_s:>9.3f}{r.tflops:>9.3f}"
+                         f"{100 * r.peak_fraction:>7.0f}%{r.peak_memory_mb:>9.0f}{compile_s:>10}{diff:>11}{cos:>11}")
+        for name, ratio in c.ratios.items():
+            lines.append(f"  {name}: {ratio:.2f}x")
+    for mem in report.memory:
+        lines.append("")
+        lines.append(f"memory ({mem['model']}, {mem['dtype']}, batch {mem['batch']}, fresh process): torch import "
+                     f"{mem['torch_import_rss_mb']:.0f} MB, weights {mem['tower_weights_mb']:.0f} MB, peak RSS "
+                     f"{mem['peak_rss_mb']:.0f} MB, activations {mem['activation_peak_mb_per_image']:.0f} MB/image, "
+                     f"load {mem['load_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="gemma3-vision-bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="gemma3-4b", choices=sorted(PRESETS))
+    p.add_argument("--dtype", action="append", choices=sorted(_DTYPES), help="repeatable (default: float32)")
+    p.add_argument("--batch", action="append", type=int, help="repeatable (default: 1)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--device")
+    p.add_argument("--layers", type=int, help="truncate the depth (labelled in the output)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--no-reference", action="store_true", help="skip transformers")
+    p.add_argument("--memory", action="store_true", help="also probe peak RSS of ours in a fresh process")
+    p.add_argument("--json", help="write the report here")
+    a = p.parse_args(argv)
+    report = run_benchmark(preset=a.preset, dtypes=a.dtype or ["float32"], batches=a.batch or [1],
+                           threads=a.threads, device=a.device, layers=a.layers, image_size=a.image_size,
+                           repeats=a.repeats, compile=not a.no_compile, reference=not a.no_reference,
+                           memory=a.memory, progress=lambda s: print(s, file=sys.stderr, flush=True))
+    print(format_report(report))
+    if a.json:
+        with open(a.json, "w", encoding="utf-8") as f:
+            f.write(report.to_json())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
