@@ -4,11 +4,18 @@ Module and parameter names equal transformers' ``SiglipVisionTransformer`` (``em
 ``encoder.layers.{i}.self_attn.q_proj``, ``mlp.fc1``, ``post_layernorm``, ...), so a Hugging Face checkpoint loads
 with a prefix strip and every other format maps onto these names.
 
-Input is pixels NHWC ``(B, H, W, C)`` in [-1, 1]; output is ``(B, num_patches, hidden)``.
+Input is pixels NHWC ``(B, H, W, C)`` in [-1, 1]; output is ``(B, num_patches, hidden)`` in the parameters' dtype.
+
+Precision: the residual stream and every LayerNorm run in float32, whatever the stored dtype; the matmuls and the
+attention run in ``VisionTower.compute_dtype`` (default: the parameters' dtype). Stored weights are cast to it one
+layer at a time, so bf16 weights can be computed in fp32 on a CPU without native bf16 (8x faster there than emulated
+bf16) while memory stays at the bf16 size. In float16 a product that overflows (SigLIP activations can pass 65504)
+is redone in float32: see ``fp16_safe``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +43,32 @@ def interpolate_position_embedding(table: torch.Tensor, grid_h: int, grid_w: int
     return grid.permute(0, 2, 3, 1).reshape(grid_h * grid_w, D)  # (h*w, D), row-major
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` computing in its input's dtype: stored weights are cast per call (bf16 → fp32, say)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` computed in float32 on the float32 residual stream, whatever the stored dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+
+
+def fp16_safe(fn: Callable[..., torch.Tensor], dtype: torch.dtype, *inputs: torch.Tensor) -> torch.Tensor:
+    """``fn(*inputs)`` with the inputs cast to ``dtype``.
+
+    In float16 only, a result holding inf/NaN (an overflow: fp16 ends at 65504) is computed again from the
+    uncast inputs in float32, and returned in float32. This costs one reduction and a host sync per call.
+    """
+    y = fn(*(t.to(dtype) for t in inputs))
+    if dtype == torch.float16 and not bool(torch.isfinite(y).all()):
+        y = fn(*(t.float() for t in inputs))
+    return y
+
+
 class Embeddings(nn.Module):
     """Patch embedding (a stride-14 conv, computed as patchify + one matmul) plus learned positions."""
 
@@ -49,7 +82,8 @@ class Embeddings(nn.Module):
                                          stride=config.patch_size)
         self.position_embedding = nn.Embedding(config.num_patches, config.hidden_size)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def patchify(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C)`` → ``(B, N, D)``: the conv as one matmul."""
         B, H, W, C = pixels.shape
         P = self.patch_size
         gh, gw = H // P, W // P
@@ -58,8 +92,14 @@ class Embeddings(nn.Module):
         patches = patches.reshape(B, gh * gw, P * P * C)  # (B, N, P*P*C)
         weight = self.patch_embedding.weight  # (D, C, P, P)
         weight = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)  # (D, P*P*C), same order as patches
-        x = F.linear(patches, weight, self.patch_embedding.bias)  # (B, N, D)
-        positions = self.position_embedding.weight
+        return F.linear(patches, weight.to(patches.dtype), self.patch_embedding.bias.to(patches.dtype))
+
+    def forward(self, pixels: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """NHWC pixels → ``(B, N, D)`` float32; the patch matmul runs in ``dtype`` (default: the weights')."""
+        _, H, W, _ = pixels.shape
+        gh, gw = H // self.patch_size, W // self.patch_size
+        x = fp16_safe(self.patchify, dtype or self.patch_embedding.weight.dtype, pixels).float()  # (B, N, D)
+        positions = self.position_embedding.weight.float()  # (N, D)
         if (gh, gw) != (self.grid_size, self.grid_size):
             positions = interpolate_position_embedding(positions, gh, gw)
         return x + positions  # (B, N, D)
@@ -75,48 +115,63 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
         self.fused = True  # scaled_dot_product_attention; False runs the plain softmax path below
-        self.q_proj = nn.Linear(D, D)
-        self.k_proj = nn.Linear(D, D)
-        self.v_proj = nn.Linear(D, D)
-        self.out_proj = nn.Linear(D, D)
+        self.q_proj = Linear(D, D)
+        self.k_proj = Linear(D, D)
+        self.v_proj = Linear(D, D)
+        self.out_proj = Linear(D, D)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, N, D)`` → ``(B, N, 3D)``: q, k and v as one matmul (one pass over x; the concat is ~0.3% of it)."""
+        q, k, v = self.q_proj, self.k_proj, self.v_proj
+        weight = torch.cat([q.weight, k.weight, v.weight]).to(x.dtype)  # (3D, D)
+        bias = torch.cat([q.bias, k.bias, v.bias]).to(x.dtype)  # (3D,)
+        return F.linear(x, weight, bias)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``(B, H, N, Dh)`` each → ``(B, H, N, Dh)``."""
+        if self.fused:  # a flash kernel: never materialises the (B, H, N, N) scores
+            return F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, N, N)
+        return scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+    def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``(B, N, D)`` → ``(B, N, D)``, the products in ``dtype`` (default: x's)."""
         B, N, D = x.shape
-        q = self.q_proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, Dh)
-        k = self.k_proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, Dh)
-        v = self.v_proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, Dh)
-        if self.fused:
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, H, N, Dh)
-        else:
-            scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, N, N)
-            out = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v  # (B, H, N, Dh)
+        dtype = dtype or x.dtype
+        qkv = fp16_safe(self.qkv, dtype, x)  # (B, N, 3D)
+        qkv = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, Dh)
+        out = fp16_safe(self.attend, qkv.dtype, *qkv.unbind(0))  # (B, H, N, Dh)
         out = out.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
-        return self.out_proj(out)
+        return fp16_safe(self.out_proj, dtype, out)
 
 
 class MLP(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # the model was trained with tanh GELU
+    def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``(B, N, D)`` → ``(B, N, D)``, the products in ``dtype`` (default: x's)."""
+        dtype = dtype or x.dtype
+        h = fp16_safe(self.fc1, dtype, x)  # (B, N, I), a fresh tensor, so the GELU can run in place
+        h = torch.ops.aten.gelu_(h, approximate="tanh")  # the model was trained with tanh GELU
+        return fp16_safe(self.fc2, dtype, h)
 
 
 class EncoderLayer(nn.Module):
-    """Pre-norm: ``x + attn(LN1(x))``, then ``x + mlp(LN2(x))``."""
+    """Pre-norm: ``x + attn(LN1(x))``, then ``x + mlp(LN2(x))``; x is the float32 residual stream."""
 
     def __init__(self, config: VisionConfig):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm1 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.self_attn = Attention(config)
-        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm2 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+    def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), dtype)
+        return x + self.mlp(self.layer_norm2(x), dtype)
 
 
 class Encoder(nn.Module):
@@ -130,7 +185,9 @@ class TowerOutput:
     """The tower's output plus, on request, every hidden state (index 0 = embeddings, i = after layer i)."""
 
     last_hidden_state: torch.Tensor  # (B, N, D), after post_layernorm
-    hidden_states: tuple[torch.Tensor, ...]  # num_hidden_layers + 1 tensors of (B, N, D), before post_layernorm
+    # num_hidden_layers + 1 tensors of (B, N, D), before post_layernorm; in the output dtype, except that float16
+    # runs keep float32 here: the residual stream may exceed fp16's range.
+    hidden_states: tuple[torch.Tensor, ...]
 
 
 class VisionTower(nn.Module):
@@ -141,7 +198,10 @@ class VisionTower(nn.Module):
         self.config = config
         self.embeddings = Embeddings(config)
         self.encoder = Encoder(config)
-        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        # dtype of the matmuls and attention; None: the parameters' dtype. load() sets float32 for bf16/fp16
+        # weights on a CPU without native support for them.
+        self.compute_dtype: torch.dtype | None = None
 
     def check_pixels(self, pixels: torch.Tensor) -> None:
         c, P = self.config, self.config.patch_size
@@ -155,13 +215,16 @@ class VisionTower(nn.Module):
 
     def forward(self, pixels: torch.Tensor, *, output_hidden_states: bool = False) -> torch.Tensor | TowerOutput:
         self.check_pixels(pixels)
-        x = self.embeddings(pixels.to(self.embeddings.patch_embedding.weight.dtype))  # (B, N, D)
-        hidden_states = [x]
+        out_dtype = self.embeddings.patch_embedding.weight.dtype
+        dtype = self.compute_dtype or out_dtype
+        hidden_dtype = torch.float32 if out_dtype == torch.float16 else out_dtype
+        x = self.embeddings(pixels, dtype)  # (B, N, D) float32
+        hidden_states = [x.to(hidden_dtype)] if output_hidden_states else []
         for layer in self.encoder.layers:
-            x = layer(x)
+            x = layer(x, dtype)  # (B, N, D) float32
             if output_hidden_states:
-                hidden_states.append(x)
-        x = self.post_layernorm(x)  # (B, N, D)
+                hidden_states.append(x.to(hidden_dtype))
+        x = self.post_layernorm(x).to(out_dtype)  # (B, N, D)
         if output_hidden_states:
             return TowerOutput(last_hidden_state=x, hidden_states=tuple(hidden_states))
         return x

@@ -50,16 +50,21 @@ def _std(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
 
 
 def _make(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Element i is ``pool[(start + i) % len(pool)] * std + mean``, ``start`` a hash of the name."""
     pool = _pool()
     n = 1
     for d in shape:
         n *= d
     start = zlib.crc32(name.encode()) % _POOL_SIZE
-    rolled = torch.cat([pool[start:], pool[:start]])
-    reps = -(-n // _POOL_SIZE)
-    values = rolled.repeat(reps)[:n] if reps > 1 else rolled[:n].clone()
+    pieces = []  # views of the pool, wrapping around: nothing is copied until the scaling below
+    while n > 0:
+        take = min(n, _POOL_SIZE - start)
+        pieces.append(pool[start:start + take])
+        n -= take
+        start = 0
+    values = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     mean, std = _std(name, shape)
-    return values.mul_(std).add_(mean).view(shape)
+    return values.mul(std).add_(mean).view(shape)
 
 
 def random_checkpoint(name: str) -> Checkpoint:
