@@ -57,7 +57,8 @@ class ConfigResult:
     threads: int
     device: str
     image_size: int
-    layers: int  # encoder layers run (27 is the full Gemma 3 tower)
+    layers: int  # encoder layers run
+    full_layers: int  # the preset's depth (27 for Gemma 3): fewer layers run means a truncated tower
     gflop_per_image: float
     gemm_peak_tflops: float  # best of the dtype and fp32 GEMM rate, on the tower's fc1 shape, measured now
     runners: list[RunnerResult] = field(default_factory=list)
@@ -248,7 +249,7 @@ def _time_runners(runners: dict[str, Callable[[], torch.Tensor]], repeats: int, 
 
 
 def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype: str, batch: int, threads: int,
-                 device: torch.device, repeats: int, compile: bool, reference: bool,
+                 device: torch.device, repeats: int, compile: bool, reference: bool, full_layers: int,
                  progress: Callable[[str], None] = lambda s: None) -> ConfigResult:
     """Time ours (and transformers) in one configuration."""
     torch_dtype = _DTYPES[dtype]
@@ -272,8 +273,9 @@ def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype:
             runners["transformers+compile"] = lambda: theirs_c(pixel_values=pixels_nchw).last_hidden_state
 
     progress(f"{dtype} batch {batch}, {threads} threads: measuring the GEMM peak")
-    peak = max(gemm_tflops(torch_dtype, device), gemm_tflops(torch.float32, device) if torch_dtype != torch.float32
-               else 0.0)
+    shape = (min(batch * vision.num_patches, 2048), vision.hidden_size, vision.intermediate_size)  # fc1
+    peak = max(gemm_tflops(torch_dtype, device, *shape),
+               gemm_tflops(torch.float32, device, *shape) if torch_dtype != torch.float32 else 0.0)
     progress(f"{dtype} batch {batch}: warm-up and {repeats} alternating runs of {', '.join(runners)}")
     with torch.inference_mode():
         times, first, peaks, outputs = _time_runners(runners, repeats, batch, device)
@@ -281,6 +283,7 @@ def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype:
     gflop = gflop_per_image(vision)
     result = ConfigResult(dtype=dtype, compute_dtype=str(compute).replace("torch.", ""), batch=batch, threads=threads,
                           device=str(device), image_size=vision.image_size, layers=vision.num_hidden_layers,
+                          full_layers=full_layers,
                           gflop_per_image=gflop, gemm_peak_tflops=peak)
     for name, ts in times.items():
         median = statistics.median(ts)
@@ -390,6 +393,7 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
         for b in batches:
             report.configs.append(bench_config(vision, state, dtype=d, batch=b, threads=n_threads, device=dev,
                                                repeats=repeats, compile=compile, reference=reference,
+                                               full_layers=PRESETS[preset][0].num_hidden_layers,
                                                progress=progress))
     if memory and dev.type == "cpu":
         for d in dtypes:
@@ -405,7 +409,8 @@ def format_report(report: BenchReport) -> str:
              f"{m['native_bf16']}){', GPU ' + m['gpu'] if m.get('gpu') else ''}; torch {m['torch']}, "
              f"transformers {m.get('transformers')}"]
     for c in report.configs:
-        depth = f"{c.layers} layers" + ("" if c.layers == 27 else " (TRUNCATED: the full tower has 27)")
+        depth = f"{c.layers} layers" + ("" if c.layers == c.full_layers else
+                                        f" (TRUNCATED: the full tower has {c.full_layers})")
         lines.append("")
         lines.append(f"{c.dtype} (our matmuls in {c.compute_dtype}), batch {c.batch}, {c.threads} threads, "
                      f"{c.device}, {c.image_size} px, {depth}: {c.gflop_per_image:.0f} GFLOP/image, "

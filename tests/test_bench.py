@@ -1,0 +1,51 @@
+"""The benchmark harness on the tiny model: a complete, self-consistent report (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import TOL
+from gemma3_vision.bench import format_report, gflop_per_image, measure_memory, run_benchmark
+from gemma3_vision.config import PRESETS, VisionConfig
+
+
+def test_gflop_count_of_the_full_tower():
+    # 5.46 TFLOP per image for the Gemma 3 tower (REFERENCE.md section 8): 3.37 linear + 2.09 attention.
+    assert gflop_per_image(VisionConfig()) == pytest.approx(5460, rel=0.01)
+
+
+def test_report_on_tiny():
+    pytest.importorskip("transformers")
+    report = run_benchmark(preset="tiny", dtypes=["float32", "bfloat16"], batches=[2], threads=1, device="cpu",
+                           layers=1, repeats=2, compile=False)
+    assert report.machine["threads"] == 1 and report.machine["transformers"]
+    assert [(c.dtype, c.batch, c.layers, c.full_layers) for c in report.configs] == [
+        ("float32", 2, 1, 2), ("bfloat16", 2, 1, 2)]
+    for c in report.configs:
+        assert [r.name for r in c.runners] == ["ours", "transformers"]
+        assert c.gemm_peak_tflops > 0 and c.gflop_per_image > 0
+        ours, theirs = c.runners
+        for r in c.runners:
+            assert len(r.seconds_per_image) == 2 and r.min_s <= r.median_s <= r.max_s
+            assert r.tflops > 0 and r.peak_memory_mb > 0 and r.compile_s is None
+        assert ours.max_abs_diff is None and ours.cosine is None
+        assert theirs.cosine is not None and theirs.max_abs_diff is not None
+        if c.dtype == "float32":
+            assert c.compute_dtype == "float32"
+            assert theirs.max_abs_diff <= TOL["fp32_max_abs"], f"max abs diff {theirs.max_abs_diff:.3g}"
+        else:
+            assert theirs.cosine >= TOL["bf16_cosine"], f"cosine {theirs.cosine:.6f}"
+        assert c.ratios["ours vs transformers"] == pytest.approx(theirs.median_s / ours.median_s)
+    text = format_report(report)
+    assert "TRUNCATED" in text and "ours vs transformers" in text and "bfloat16 (our matmuls in" in text
+    assert json.loads(report.to_json())["configs"][1]["dtype"] == "bfloat16"
+
+
+def test_memory_probe_in_a_fresh_process():
+    mem = measure_memory("random:tiny", "float32", batch=2)
+    assert mem["tower_weights_mb"] > 0
+    assert mem["torch_import_rss_mb"] > 0 and mem["peak_rss_mb"] >= mem["rss_after_load_mb"] - 1
+    assert mem["activation_peak_mb_per_image"] >= 0
+    assert mem["image_size"] == PRESETS["tiny"][0].image_size

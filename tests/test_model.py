@@ -1,0 +1,193 @@
+"""The tower on its own: attention paths agree, shapes, batch independence, dtypes, the compute-dtype policy, fp16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY_VISION, TOL, cosine, max_abs
+from gemma3_vision import api
+from gemma3_vision.model import Attention, VisionTower
+
+CPU = torch.device("cpu")
+
+
+def tower(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32, compute: torch.dtype | None = None,
+          scale_mlp: float = 1.0) -> VisionTower:
+    """The tiny tower with the tiny random weights (fc1/fc2 weights times ``scale_mlp``), stored in ``dtype``."""
+    sd = {}
+    for k, v in state.items():
+        if not k.startswith("vision_tower."):
+            continue
+        k = k[len("vision_tower."):]
+        sd[k] = (v * scale_mlp if ".mlp.fc" in k and k.endswith("weight") else v).to(dtype)
+    with torch.device("meta"):
+        t = VisionTower(TINY_VISION)
+    t.load_state_dict(sd, strict=True, assign=True)
+    t.compute_dtype = compute
+    return t.eval()
+
+
+def pixels(n: int, size: int = TINY_VISION.image_size, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, size, size, 3, generator=g) * 2 - 1  # NHWC in [-1, 1]
+
+
+def set_fused(t: VisionTower, fused: bool) -> None:
+    for layer in t.encoder.layers:
+        layer.self_attn.fused = fused
+
+
+@torch.inference_mode()
+def test_sdpa_and_eager_paths_agree(tiny_state):
+    t = tower(tiny_state)
+    x = pixels(2)
+    fused = t(x)
+    set_fused(t, False)
+    eager = t(x)
+    d = max_abs(fused, eager)
+    assert d <= 1e-5, f"sdpa vs eager attention: max abs diff {d:.3g} > 1e-5"
+
+
+@torch.inference_mode()
+def test_attention_matches_a_plain_softmax_written_out(tiny_state):
+    """One attention block against q, k, v from the three separate projections and a textbook softmax."""
+    t = tower(tiny_state)
+    attn: Attention = t.encoder.layers[0].self_attn
+    B, N, D, H = 2, TINY_VISION.num_patches, TINY_VISION.hidden_size, TINY_VISION.num_attention_heads
+    x = torch.randn(B, N, D, generator=torch.Generator().manual_seed(3))
+    heads = [proj(x).view(B, N, H, D // H).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    q, k, v = heads  # (B, H, N, Dh) each
+    w = torch.exp(q @ k.transpose(-2, -1) / (D // H) ** 0.5)
+    expected = F.linear(((w / w.sum(-1, keepdim=True)) @ v).transpose(1, 2).reshape(B, N, D),
+                        attn.out_proj.weight, attn.out_proj.bias)
+    for fused in (True, False):
+        attn.fused = fused
+        d = max_abs(attn(x), expected)
+        assert d <= 1e-5, f"fused={fused}: max abs diff to the written-out softmax {d:.3g} > 1e-5"
+
+
+@torch.inference_mode()
+def test_shapes_and_hidden_states(tiny_state):
+    t = tower(tiny_state)
+    c = TINY_VISION
+    out = t(pixels(3), output_hidden_states=True)
+    assert out.last_hidden_state.shape == (3, c.num_patches, c.hidden_size)
+    assert len(out.hidden_states) == c.num_hidden_layers + 1
+    assert all(h.shape == (3, c.num_patches, c.hidden_size) for h in out.hidden_states)
+    assert t(pixels(1, size=56)).shape == (1, 16, c.hidden_size)  # a 4x4 grid, positions interpolated
+
+
+@torch.inference_mode()
+def test_batch_independence(tiny_state):
+    t = tower(tiny_state)
+    x = pixels(3, seed=5)
+    batched = t(x)
+    for i in range(3):
+        d = max_abs(batched[i], t(x[i:i + 1])[0])
+        assert d <= 1e-5, f"image {i} alone vs in a batch of 3: max abs diff {d:.3g} > 1e-5"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@torch.inference_mode()
+def test_dtype_kept_and_state_dict_untouched(tiny_state, dtype):
+    t = tower(tiny_state, dtype)
+    names = {k: (v.shape, v.dtype) for k, v in t.state_dict().items()}
+    out = t(pixels(1))
+    assert out.dtype == dtype
+    assert {k: (v.shape, v.dtype) for k, v in t.state_dict().items()} == names  # nothing fused or cast in place
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.inference_mode()
+def test_half_weights_computed_in_fp32_equal_fp32_model_with_rounded_weights(tiny_state, dtype):
+    """Stored bf16/fp16, computed fp32: exactly the fp32 tower holding the rounded weights, cast at the end."""
+    rounded = {k: v.to(dtype).float() for k, v in tiny_state.items()}
+    x = pixels(2, seed=7)
+    ours = tower(tiny_state, dtype, compute=torch.float32)(x)
+    expected = tower(rounded)(x).to(dtype)
+    assert ours.dtype == dtype
+    assert torch.equal(ours, expected), f"max abs diff {max_abs(ours, expected):.3g}, expected bit-identical"
+
+
+@torch.inference_mode()
+def test_bf16_compute_paths_close_to_fp32(tiny_state):
+    x = pixels(2, seed=8)
+    ref = tower(tiny_state)(x)
+    for compute in (torch.float32, torch.bfloat16):  # this CPU's policy, and native bf16 as on AMX or CUDA
+        out = tower(tiny_state, torch.bfloat16, compute=compute)(x)
+        c = cosine(out, ref)
+        assert c >= TOL["bf16_cosine"], f"bf16 weights, {compute} compute: cosine {c:.6f} < {TOL['bf16_cosine']}"
+
+
+def test_compute_dtype_policy(monkeypatch):
+    monkeypatch.setattr(api, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert api.compute_dtype_for(torch.bfloat16, CPU) == torch.float32
+    assert api.compute_dtype_for(torch.float16, CPU) == torch.float32
+    assert api.compute_dtype_for(torch.float32, CPU) == torch.float32
+    monkeypatch.setattr(api, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16", "amx_bf16"}))
+    assert api.compute_dtype_for(torch.bfloat16, CPU) == torch.bfloat16
+    assert api.compute_dtype_for(torch.float16, CPU) == torch.float32
+    assert api.compute_dtype_for(torch.float16, torch.device("cuda")) == torch.float16
+    assert api.compute_dtype_for(torch.bfloat16, torch.device("cuda")) == torch.bfloat16
+
+
+def test_load_sets_the_compute_dtype(monkeypatch):
+    monkeypatch.setattr(api, "_cpu_flags", lambda: frozenset({"avx2"}))
+    with pytest.warns(api.RandomWeightsWarning):
+        encoder = api.load("random:tiny", dtype="bfloat16", device="cpu")
+    assert encoder.model.vision_tower.compute_dtype == torch.float32
+    assert encoder.model.vision_tower.embeddings.patch_embedding.weight.dtype == torch.bfloat16  # stored bf16
+    assert encoder.encode_pixels(pixels(1), project=False).dtype == torch.bfloat16
+
+
+@torch.inference_mode()
+def test_fp16_does_not_overflow_where_a_naive_fp16_tower_does(tiny_state):
+    """MLP weights x200 push the residual stream past 65504 (fp16's largest value), as in SigLIP fp16 reports.
+
+    transformers' tower run in fp16 (every tensor fp16) returns inf/NaN here; ours, computing the products in native
+    fp16 (as on a GPU), keeps the residual stream and norms in fp32 and redoes overflowing products in fp32.
+    """
+    transformers = pytest.importorskip("transformers")
+    x = pixels(2, seed=9)
+    ref = tower(tiny_state, scale_mlp=200.0)(x, output_hidden_states=True)
+    peak = max(h.abs().max().item() for h in ref.hidden_states)
+    assert peak > 65504, f"the scaled weights must overflow fp16: residual peak {peak:.0f}"
+
+    config = transformers.SiglipVisionConfig(
+        hidden_size=TINY_VISION.hidden_size, image_size=TINY_VISION.image_size,
+        intermediate_size=TINY_VISION.intermediate_size, num_attention_heads=TINY_VISION.num_attention_heads,
+        num_hidden_layers=TINY_VISION.num_hidden_layers, patch_size=TINY_VISION.patch_size,
+        layer_norm_eps=TINY_VISION.layer_norm_eps, hidden_act="gelu_pytorch_tanh", vision_use_head=False)
+    naive = transformers.SiglipVisionModel(config).eval()
+    naive.load_state_dict(tower(tiny_state, scale_mlp=200.0).state_dict(), strict=True)
+    naive_out = naive.half()(pixel_values=x.permute(0, 3, 1, 2).half()).last_hidden_state
+    assert not torch.isfinite(naive_out).all(), "transformers in fp16 was expected to overflow on these weights"
+
+    out = tower(tiny_state, torch.float16, compute=torch.float16, scale_mlp=200.0)(x, output_hidden_states=True)
+    assert out.last_hidden_state.dtype == torch.float16
+    assert torch.isfinite(out.last_hidden_state).all(), "fp16 tower output holds inf/NaN"
+    assert all(torch.isfinite(h).all() for h in out.hidden_states), "fp16 hidden states hold inf/NaN"
+    assert out.hidden_states[-1].dtype == torch.float32  # the residual stream does not fit fp16 here
+    c = cosine(out.last_hidden_state, ref.last_hidden_state)
+    assert c >= 0.999, f"fp16 vs fp32 cosine {c:.6f} < 0.999"
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: GPU dtype checks not run")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.inference_mode()
+def test_gpu_half_precision_finite_and_close(tiny_state, dtype):
+    x = pixels(4, seed=10)
+    for scale in (1.0, 200.0):
+        ref = tower(tiny_state, scale_mlp=scale)(x)
+        t = tower(tiny_state, dtype, scale_mlp=scale).to("cuda")
+        out = t(x.cuda()).float().cpu()
+        assert torch.isfinite(out).all(), f"{dtype} on CUDA, MLP x{scale}: inf/NaN"
+        c = cosine(out, ref)
+        assert c >= 0.999, f"{dtype} on CUDA, MLP x{scale}: cosine {c:.6f} < 0.999"
