@@ -273,7 +273,8 @@ def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype:
             runners["transformers+compile"] = lambda: theirs_c(pixel_values=pixels_nchw).last_hidden_state
 
     progress(f"{dtype} batch {batch}, {threads} threads: measuring the GEMM peak")
-    shape = (min(batch * vision.num_patches, 2048), vision.hidden_size, vision.intermediate_size)  # fc1
+    rows = min(batch * vision.num_patches, 2048 if device.type == "cpu" else 32768)  # a GPU needs big ones
+    shape = (rows, vision.hidden_size, vision.intermediate_size)  # the fc1 product
     peak = max(gemm_tflops(torch_dtype, device, *shape),
                gemm_tflops(torch.float32, device, *shape) if torch_dtype != torch.float32 else 0.0)
     progress(f"{dtype} batch {batch}: warm-up and {repeats} alternating runs of {', '.join(runners)}")

@@ -56,15 +56,15 @@ def _make(name: str, shape: tuple[int, ...]) -> torch.Tensor:
     for d in shape:
         n *= d
     start = zlib.crc32(name.encode()) % _POOL_SIZE
-    pieces = []  # views of the pool, wrapping around: nothing is copied until the scaling below
-    while n > 0:
-        take = min(n, _POOL_SIZE - start)
-        pieces.append(pool[start:start + take])
-        n -= take
-        start = 0
-    values = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     mean, std = _std(name, shape)
-    return values.mul(std).add_(mean).view(shape)
+    out = torch.empty(n)
+    done = 0
+    while done < n:  # pool windows, wrapping around, scaled straight into the output: one pass over its memory
+        take = min(n - done, _POOL_SIZE - start)
+        torch.mul(pool[start:start + take], std, out=out[done:done + take])
+        done += take
+        start = 0
+    return (out.add_(mean) if mean else out).view(shape)
 
 
 def random_checkpoint(name: str) -> Checkpoint:
