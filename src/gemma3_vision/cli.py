@@ -62,6 +62,15 @@ def reports_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _ray_address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--ray`` takes an optional value, so ``--ray photos/`` would read the folder as the address: refuse
+    anything that does not look like one."""
+    if not value or value in ("auto", "local") or value.startswith("ray://") or ":" in value:
+        return value
+    raise click.BadParameter(f"{value!r} is not a Ray address (auto, ray://HOST:10001, HOST:6379); without an "
+                             "address, put --ray after the inputs or write --ray=")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="gemma3-vision")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
@@ -117,12 +126,20 @@ def main(debug: bool) -> None:
 @click.option("--pool", type=click.Choice(["mean"]), default=None,
               help="Also save the mean over rows of the output, one vector per image: NAME.pooled.npy.")
 @click.option("--normalize", is_flag=True, help="L2-normalise the pooled vectors (needs --pool).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              callback=_ray_address,
+              help="Run on a Ray cluster (pip install 'gemma3-vision[ray]'): ADDRESS is auto, ray://HOST:10001 "
+                   "or HOST:6379; alone, RAY_ADDRESS or a new local cluster. OUT and the inputs must be on "
+                   "storage every node shares.")
+@click.option("--ray-actors", type=click.IntRange(min=1), default=None,
+              help="With --ray: model copies (default: one per GPU, else by the cluster's CPUs).")
 @reports_errors
 def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str, ...], overwrite: bool,
            follow_symlinks: bool, no_project: bool, batch_size: int, dtype: str | None, device: str | None,
            no_exif_transpose: bool, max_pixels: int | None, workers: int, pan_and_scan: bool,
            pan_and_scan_min_crop_size: int, pan_and_scan_max_num_crops: int, pan_and_scan_min_ratio: float,
-           image_size: int | None, layers: str | None, pool: str | None, normalize: bool) -> None:
+           image_size: int | None, layers: str | None, pool: str | None, normalize: bool,
+           ray_address: str | None, ray_actors: int | None) -> None:
     """Encode images into .npy embeddings under OUT, resumably.
 
     INPUTS are files, folders (recursed in sorted order, image suffixes only), quoted glob patterns
@@ -136,14 +153,12 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
 
     Example: gemma3-vision encode photos/ --model random:tiny --out embeddings/
     """
-    import numpy as np
-    import torch
     from PIL import Image
 
     from .api import load
-    from .errors import ConfigError
+    from .job import EncodeOptions, check_options, encode_batch_for, job_key, make_input_for
     from .pan_and_scan import PanAndScanConfig
-    from .pipeline import checkpoint_identity, discover, fingerprint, read_list, run_job
+    from .pipeline import discover, read_list, run_job
     from .preprocess import DEFAULT_MAX_PIXELS
 
     if not inputs and not lists:
@@ -155,33 +170,14 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
 
     if normalize and pool is None:
         raise click.UsageError("--normalize applies to pooled vectors: add --pool mean")
-    layer_list = _int_list(layers, "--layers") if layers is not None else []
-    encoder = load(model, dtype=dtype, device=device, image_size=image_size)
-    if not no_project and not encoder.has_projector:
-        raise ConfigError(f"{model} has no multimodal projector (a standalone SigLIP tower): use --no-project")
-    encoder.check_image_size(encoder.image_size, project=not no_project)
-    layer_list = encoder.check_layers(layer_list)
+    if ray_actors is not None and ray_address is None:
+        raise click.UsageError("--ray-actors applies to Ray jobs: add --ray")
     pas = PanAndScanConfig(pan_and_scan_min_crop_size, pan_and_scan_max_num_crops,
                            pan_and_scan_min_ratio) if pan_and_scan else None
-    exif = not no_exif_transpose
-    extras = {"pan_and_scan": pas, "layers": layer_list, "pool": pool, "normalize": normalize}
-    job_key = fingerprint(checkpoint_identity(encoder.checkpoint), str(encoder.dtype), not no_project, exif,
-                          encoder.preprocess_config, *([extras] if pas or layer_list or pool else []))
-
-    def encode_batch(pixels: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
-        if not (layer_list or pool):
-            out = encoder.encode_pixels(torch.from_numpy(pixels), project=not no_project)
-            return out.float().cpu().numpy()
-        views = [view for i in range(0, len(pixels), batch_size)  # Pan & Scan views: batch_size at a time
-                 for view in encoder.encode_views(torch.from_numpy(pixels[i:i + batch_size]),
-                                                  project=not no_project, layers=layer_list, pool=pool,
-                                                  normalize=normalize)]
-        names = views[0].arrays()
-        return {name: torch.stack([v.arrays()[name] for v in views]).float().cpu().numpy() for name in names}
-
-    def make_input(img: Any) -> tuple[np.ndarray, dict[str, Any]]:
-        _, views, boxes = encoder.prepare(img, encoder.preprocess_config, pas)
-        return views, {"crops": [list(box) for box in boxes[1:]]}
+    options = EncodeOptions(project=not no_project, batch_size=batch_size,
+                            layers=tuple(_int_list(layers, "--layers")) if layers is not None else (), pool=pool,
+                            normalize=normalize, pan_and_scan=pas, exif_transpose=not no_exif_transpose)
+    max_pixels = max_pixels if max_pixels is not None else DEFAULT_MAX_PIXELS
 
     def arguments() -> Any:
         for arg in inputs:
@@ -202,13 +198,23 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
             progress.update(1)
 
     try:
-        summary = run_job(
-            discover(arguments(), follow_symlinks=follow_symlinks), out_dir, encode_batch,
-            encoder.preprocess_config, make_input=make_input if pas else None, job_key=job_key,
-            batch_size=batch_size, exif_transpose=exif,
-            max_pixels=max_pixels if max_pixels is not None else DEFAULT_MAX_PIXELS, workers=workers,
-            overwrite=overwrite, on_record=on_record,
-        )
+        if ray_address is not None:
+            from .ray_encode import encode_with_ray
+
+            summary = encode_with_ray(
+                arguments(), out_dir, model, options, address=ray_address or None, dtype=dtype, device=device,
+                image_size=image_size, max_pixels=max_pixels, overwrite=overwrite, follow_symlinks=follow_symlinks,
+                actors=ray_actors, on_record=on_record,
+            )
+        else:
+            encoder = load(model, dtype=dtype, device=device, image_size=image_size)
+            options = check_options(encoder, options)
+            summary = run_job(
+                discover(arguments(), follow_symlinks=follow_symlinks), out_dir, encode_batch_for(encoder, options),
+                encoder.preprocess_config, make_input=make_input_for(encoder.preprocess_config, options),
+                job_key=job_key(encoder, options), batch_size=batch_size, exif_transpose=options.exif_transpose,
+                max_pixels=max_pixels, workers=workers, overwrite=overwrite, on_record=on_record,
+            )
     finally:
         if progress:
             progress.close()

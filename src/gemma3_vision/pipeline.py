@@ -525,14 +525,7 @@ def run_job(
         try:
             while (entry := results.get()) is not None:
                 batch, outputs = entry
-                row = 0
-                for p in batch:
-                    rows = None
-                    if p.kind == "encode":
-                        assert outputs is not None and p.pixels is not None
-                        views = len(p.pixels)
-                        rows = {name: a[row:row + views] for name, a in outputs.items()}
-                        row += views
+                for p, rows in split_outputs(batch, outputs):
                     rec = finish_input(p, rows, folder.save, job_key, error_key)
                     if rec is not None:
                         record(rec)
@@ -623,6 +616,21 @@ def encode_prepared(encode_batch: EncodeBatch, batch: list[_Prepared]) -> dict[s
             raise RuntimeError(f"encode_batch returned {len(array)} rows of {name or 'output'} "
                                f"for {len(pixels)} images")
     return outputs
+
+
+def split_outputs(batch: list[_Prepared], outputs: dict[str, np.ndarray] | None,
+                  ) -> Iterator[tuple[_Prepared, dict[str, np.ndarray] | None]]:
+    """Each input of a batch with its rows of ``encode_prepared``'s outputs (each ``(V, ...)``); None for
+    inputs that were not encoded."""
+    row = 0
+    for p in batch:
+        rows = None
+        if p.kind == "encode":
+            assert outputs is not None and p.pixels is not None
+            views = len(p.pixels)
+            rows = {name: a[row:row + views] for name, a in outputs.items()}
+            row += views
+        yield p, rows
 
 
 def finish_input(p: _Prepared, rows: dict[str, np.ndarray] | None, save: Callable[[str, np.ndarray], None],

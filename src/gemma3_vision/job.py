@@ -1,0 +1,92 @@
+"""What an encode job computes, whichever executor runs it (``pipeline.run_job`` here, ``ray_encode`` on a cluster):
+the options, the job key that resume decisions compare, and the two callables the pipeline takes.
+
+Both executors build these from the same ``EncodeOptions``, so they write the same files and the same records.
+``make_input_for`` returns a picklable function: on Ray it runs on CPU workers that never load the model.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .api import Gemma3Vision
+from .errors import ConfigError
+from .pan_and_scan import PanAndScanConfig
+from .pipeline import EncodeBatch, MakeInput, checkpoint_identity, fingerprint
+from .preprocess import PreprocessConfig
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """Everything besides the model that changes what an encode job writes."""
+
+    project: bool = True  # soft tokens (T, D); False: the tower output (N, hidden)
+    batch_size: int = 1  # images (Pan & Scan: views) per forward pass
+    layers: tuple[int, ...] = ()  # hidden states also saved: 0 the embeddings, i after layer i
+    pool: str | None = None  # "mean": also save one vector per view
+    normalize: bool = False  # L2-normalise the pooled vectors
+    pan_and_scan: PanAndScanConfig | None = None
+    exif_transpose: bool = True
+
+
+def check_options(encoder: Gemma3Vision, options: EncodeOptions) -> EncodeOptions:
+    """``options`` validated against the model, layers deduplicated.
+
+    Raises:
+        ConfigError: projecting without a projector, an input size the model cannot take, a layer out of range,
+            ``normalize`` without ``pool``.
+    """
+    if options.project and not encoder.has_projector:
+        raise ConfigError(f"{encoder.checkpoint.description} has no multimodal projector (a standalone SigLIP "
+                          "tower): use --no-project")
+    if options.normalize and options.pool is None:
+        raise ConfigError("normalize applies to pooled vectors: set pool='mean' (--pool mean) as well")
+    encoder.check_image_size(encoder.image_size, project=options.project)
+    return replace(options, layers=tuple(encoder.check_layers(list(options.layers))))
+
+
+def job_key(encoder: Gemma3Vision, options: EncodeOptions) -> str:
+    """The model's identity, compute dtype, preprocessing and every output-affecting option, as one digest.
+    Reads no weights: ``encoder`` may be built on the meta device."""
+    extras = {"pan_and_scan": options.pan_and_scan, "layers": list(options.layers), "pool": options.pool,
+              "normalize": options.normalize}
+    wanted = options.pan_and_scan or options.layers or options.pool
+    return fingerprint(checkpoint_identity(encoder.checkpoint), str(encoder.dtype), options.project,
+                       options.exif_transpose, encoder.preprocess_config, *([extras] if wanted else []))
+
+
+def encode_batch_for(encoder: Gemma3Vision, options: EncodeOptions) -> EncodeBatch:
+    """``pipeline.EncodeBatch`` for this encoder: float32 NHWC ``(V, S, S, 3)`` → ``(V, ...)`` float32, or named
+    arrays when layers or pooling are asked for."""
+    project, layers = options.project, list(options.layers)
+
+    def encode_batch(pixels: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
+        if not (layers or options.pool):
+            return encoder.encode_pixels(torch.from_numpy(pixels), project=project).float().cpu().numpy()
+        B = options.batch_size
+        views = [view for i in range(0, len(pixels), B)  # Pan & Scan views: batch_size at a time
+                 for view in encoder.encode_views(torch.from_numpy(pixels[i:i + B]), project=project,
+                                                  layers=layers, pool=options.pool, normalize=options.normalize)]
+        names = views[0].arrays()
+        return {name: torch.stack([v.arrays()[name] for v in views]).float().cpu().numpy() for name in names}
+
+    return encode_batch
+
+
+def make_input_for(config: PreprocessConfig, options: EncodeOptions) -> MakeInput | None:
+    """``pipeline.MakeInput`` for Pan & Scan (the views and the crop boxes); None means the image alone."""
+    if options.pan_and_scan is None:
+        return None
+    return functools.partial(_pan_and_scan_input, config=config, pas=options.pan_and_scan)
+
+
+def _pan_and_scan_input(img: Image.Image, config: PreprocessConfig,
+                        pas: PanAndScanConfig) -> tuple[np.ndarray, dict[str, Any]]:
+    _, views, boxes = Gemma3Vision.prepare(img, config, pas)  # (V, S, S, 3)
+    return views, {"crops": [list(box) for box in boxes[1:]]}

@@ -1,0 +1,265 @@
+"""``gemma3-vision encode --ray``: the encode job spread over a Ray cluster with Ray Data.
+
+The same job as ``pipeline.run_job``, built from the same steps, so it writes the same files and records:
+
+- the driver (the process that calls ``encode_with_ray``) discovers the inputs, names their outputs and looks up
+  each one's last index record (``prior``), holding the output folder's lock, exactly as ``run_job`` does;
+- CPU tasks (``num_cpus=1`` each) run ``prepare_input``: the resume decision (stat, then content hash), the
+  decode and the preprocessing. They never load the model;
+- actors, one model each (one GPU each when the cluster has GPUs), encode ``batch_size`` rows at a time and write
+  the ``.npy`` files through ``finish_input``: saved under ``OUT/.gemma3-vision-tmp/`` with a unique name, renamed
+  into place, and only then reported back;
+- the driver is the only writer of ``index.jsonl``: it appends each returned record in input order (Ray Data's
+  ``preserve_order``), so an ``ok`` record always names a complete file, and a killed job resumes like a local one.
+
+Why the actors write the arrays rather than the driver: a Gemma 3 output is 2.6 MB an image (10 MB with
+``--no-project``), so a cluster encoding hundreds of images a second would funnel GB/s through one process; the
+actors write in parallel, and only small records travel back. The price: the output folder (and the inputs) must
+be on storage every node sees at the same path (NFS, a shared mount), as must the model unless it is a hub id or a
+``random`` model.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .api import Gemma3Vision, RandomWeightsWarning, load, resolve_dtype
+from .errors import ConfigError
+from .job import EncodeOptions, check_options, encode_batch_for, job_key, make_input_for
+from .pipeline import (
+    TMP_DIR_NAME,
+    JobSummary,
+    MakeInput,
+    OutputFolder,
+    _name_outputs,
+    _Prepared,
+    discover,
+    encode_prepared,
+    error_key_for,
+    finish_input,
+    plain_input,
+    prepare_input,
+    save_npy,
+    split_outputs,
+)
+from .preprocess import DEFAULT_MAX_PIXELS
+from .resolve import resolve
+from .weights import empty_model
+
+
+@dataclass(frozen=True)
+class RayResources:
+    """How the job asks Ray for resources: ``actors`` model copies, each with ``cpus_per_actor`` CPUs and
+    ``gpus_per_actor`` GPUs; decoding takes one CPU per task from what is left."""
+
+    actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+
+
+def plan_resources(cluster: dict[str, float], device: str | None, actors: int | None = None,
+                   cpus_per_actor: float | None = None) -> RayResources:
+    """Default resources for a cluster (``ray.cluster_resources()``).
+
+    With GPUs (and ``device`` unset or CUDA): one actor per GPU, one CPU each. Without: actors of up to 4 CPUs
+    (torch's intra-op threads; Ray sets ``OMP_NUM_THREADS`` to an actor's CPUs), as many as fit once an eighth of
+    the CPUs (at least one) is left for decoding; encoding costs far more than decoding on CPUs.
+
+    Raises:
+        ConfigError: a CUDA device asked for on a cluster without GPUs, or sizes that cannot be scheduled.
+    """
+    gpus = int(cluster.get("GPU", 0))
+    cpus = int(cluster.get("CPU", 0))
+    wants_cuda = device is not None and device.startswith("cuda")
+    if wants_cuda and gpus == 0:
+        raise ConfigError(f"device {device!r} asked for, but the Ray cluster has no GPUs")
+    if actors is not None and actors < 1:
+        raise ConfigError(f"actors must be at least 1, got {actors}")
+    if gpus and (device is None or wants_cuda):
+        return RayResources(actors or gpus, cpus_per_actor or 1, 1)
+    if cpus < 2:
+        raise ConfigError(f"the Ray cluster has {cpus} CPUs: at least 2 are needed (decoding and one model)")
+    per_actor = cpus_per_actor or min(4, cpus - 1)
+    if actors is None:
+        actors = max(1, int((cpus - max(1, cpus // 8)) // per_actor))
+    if actors * per_actor > cpus - 1:
+        raise ConfigError(f"{actors} actors x {per_actor} CPUs leave no CPU for decoding on a cluster of {cpus}")
+    return RayResources(actors, per_actor, 0)
+
+
+def encode_with_ray(
+    inputs: Iterable[str],
+    out_dir: str | os.PathLike[str],
+    model: str,
+    options: EncodeOptions | None = None,
+    *,
+    address: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    image_size: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    overwrite: bool = False,
+    follow_symlinks: bool = False,
+    actors: int | None = None,
+    cpus_per_actor: float | None = None,
+    rows_per_task: int = 32,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> JobSummary:
+    """Encode files, folders and glob patterns on a Ray cluster into ``out_dir``, as ``gemma3-vision encode``.
+
+    Writes the same ``<relative path>.npy`` files and ``index.jsonl`` records as the local job, resumes the same
+    way (either job can resume the other's folder) and records bad inputs without stopping.
+
+    Args:
+        inputs: files, folders or glob patterns, as the CLI takes them; discovered on the driver.
+        out_dir: the output folder; on a multi-node cluster, shared storage at the same path on every node.
+        model: anything ``load`` takes; every actor loads it, so a path must exist on every node.
+        options: what to compute (projection, batch size, layers, pooling, Pan & Scan).
+        address: the cluster to join (``auto``, ``ray://HOST:10001``, ``HOST:6379``); None joins the one in
+            ``RAY_ADDRESS`` or starts a local one. Ignored when ``ray.init`` was already called.
+        dtype: compute dtype; None picks bfloat16 on GPU actors, and on CPU actors what ``load`` picks for this
+            machine's CPU (pass it explicitly on a cluster of other CPUs).
+        device: ``cpu`` to keep a GPU cluster's actors on CPUs; None uses GPUs when the cluster has them.
+        actors, cpus_per_actor: model copies and their CPUs; see ``plan_resources`` for the defaults.
+        rows_per_task: inputs per decoding task (and per Ray block).
+        on_record: sees every record the driver appends.
+
+    Returns:
+        The job's ``JobSummary``.
+
+    Raises:
+        ConfigError: Ray is not installed, or bad options or resources.
+        OutputError: the output folder cannot be used (not writable, or another job holds it).
+    """
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise ConfigError("--ray needs Ray: pip install 'gemma3-vision[ray]'") from None
+    options = options or EncodeOptions()
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)
+    resources = plan_resources(ray.cluster_resources(), device, actors, cpus_per_actor)
+    actor_device = "cuda" if resources.gpus_per_actor else "cpu"
+    run_dtype = resolve_dtype(dtype, torch.device(actor_device))
+
+    # The model as the actors will see it, built on the meta device: options and the job key without the weights.
+    checkpoint = resolve(model)
+    shapes = Gemma3Vision(empty_model(checkpoint.vision, checkpoint.projector), checkpoint, run_dtype,
+                          torch.device("meta"), image_size=image_size)
+    if checkpoint.is_random:
+        warnings.warn(f"{checkpoint.description} has seeded RANDOM weights: its embeddings mean nothing",
+                      RandomWeightsWarning, stacklevel=2)
+    options = check_options(shapes, options)
+    key = job_key(shapes, options)
+    error_key = error_key_for(key, max_pixels, options.exif_transpose)
+    to_input: MakeInput = make_input_for(shapes.preprocess_config, options) or _PlainInput(shapes)
+    weight_bytes = sum(math.prod(t.shape) for t in checkpoint.tensors.values()) * run_dtype.itemsize
+
+    out = Path(out_dir).absolute()  # workers have other working folders
+    summary = JobSummary()
+    start = time.perf_counter()
+    folder = OutputFolder(out, overwrite=overwrite)
+    context = ray.data.DataContext.get_current()
+    preserve_order = context.execution_options.preserve_order
+    try:
+        # Small rows: (item, output name, prior record), named on the driver as run_job names them.
+        tasks = [{"task": (item, output, folder.done.prior(item.display) or b"")}
+                 for item, output in _name_outputs(discover(inputs, follow_symlinks=follow_symlinks),
+                                                   folder.state)]
+        if tasks:
+            context.execution_options.preserve_order = True  # records in input order, as the local job
+            ds: ray.data.Dataset = ray.data.from_items(
+                tasks, override_num_blocks=max(1, math.ceil(len(tasks) / rows_per_task)))
+            ds = ds.map_batches(
+                functools.partial(_decode, out_dir=out, to_input=to_input, job_key=key, error_key=error_key,
+                                  exif_transpose=options.exif_transpose, max_pixels=max_pixels),
+                batch_size=rows_per_task, batch_format="numpy", num_cpus=1,
+            )
+            ds = ds.map_batches(
+                _Encoder, batch_size=options.batch_size, batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=resources.actors),
+                num_cpus=resources.cpus_per_actor, num_gpus=resources.gpus_per_actor,
+                memory=weight_bytes,  # the weights at least, so Ray never packs more copies than a node holds
+                fn_constructor_kwargs={"model": model, "dtype": run_dtype, "device": actor_device,
+                                       "image_size": image_size, "options": options, "out_dir": out,
+                                       "job_key": key, "error_key": error_key},
+            )
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for text, kind in zip(batch["record"], batch["kind"], strict=True):
+                    if text:
+                        record = json.loads(text)
+                        folder.append(record)
+                        if on_record:
+                            on_record(record)
+                    summary.count(str(kind))
+    finally:
+        context.execution_options.preserve_order = preserve_order
+        folder.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+class _PlainInput:
+    """``pipeline.plain_input`` bound to a preprocessing config, picklable for CPU tasks."""
+
+    def __init__(self, encoder: Gemma3Vision):
+        self.config = encoder.preprocess_config
+
+    def __call__(self, img: Any) -> tuple[np.ndarray, dict[str, Any]]:
+        return plain_input(img, self.config)
+
+
+def _objects(values: list[Any]) -> np.ndarray:
+    """A 1-D object array: ``np.array`` would try to stack the arrays inside."""
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array
+
+
+def _decode(batch: dict[str, np.ndarray], *, out_dir: Path, to_input: MakeInput, job_key: str, error_key: str,
+            exif_transpose: bool, max_pixels: int | None) -> dict[str, np.ndarray]:
+    """A CPU task: each input's resume decision and, when it must be encoded, its views ``(V, S, S, 3)``."""
+    return {"prepared": _objects([
+        prepare_input(item, output, out_dir, prior, to_input, job_key, error_key, exif_transpose, max_pixels)
+        for item, output, prior in batch["task"]
+    ])}
+
+
+class _Encoder:
+    """A Ray actor holding one model: encodes a batch's inputs and writes their files into the shared folder."""
+
+    def __init__(self, model: str, dtype: torch.dtype, device: str, image_size: int | None,
+                 options: EncodeOptions, out_dir: Path, job_key: str, error_key: str):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RandomWeightsWarning)  # the driver has said so once
+            encoder = load(model, dtype=dtype, device=device, image_size=image_size)
+        self.encode_batch = encode_batch_for(encoder, options)
+        self.out_dir = out_dir
+        self.job_key, self.error_key = job_key, error_key
+
+    def save(self, rel: str, array: np.ndarray) -> None:
+        # A unique temporary name: actors on several nodes share one temporary folder.
+        save_npy(self.out_dir, rel, array, self.out_dir / TMP_DIR_NAME / f"{uuid.uuid4().hex}.npy")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        prepared: list[_Prepared] = list(batch["prepared"])
+        outputs = encode_prepared(self.encode_batch, prepared)
+        records = []
+        for p, rows in split_outputs(prepared, outputs):
+            record = finish_input(p, rows, self.save, self.job_key, self.error_key)
+            records.append(json.dumps(record) if record is not None else "")
+        return {"record": np.array(records, dtype=object), "kind": np.array([p.kind for p in prepared])}

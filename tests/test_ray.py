@@ -1,0 +1,144 @@
+"""``encode --ray``: on a local 2-CPU Ray instance the job writes the same files and index records as the local job,
+records a bad input and goes on, and resumes like it. Plus the resource defaults and the CLI's argument checks,
+which need no cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from gemma3_vision.cli import EXIT_SOME_FAILED, EXIT_USAGE, main
+from gemma3_vision.errors import ConfigError
+from gemma3_vision.pipeline import INDEX_NAME, TMP_DIR_NAME
+from gemma3_vision.ray_encode import RayResources, plan_resources
+
+
+def png(path: Path, seed: int, size: tuple[int, int]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def encode(*args: str):
+    return CliRunner().invoke(main, ["encode", "-m", "random:tiny", *args])
+
+
+def index_lines(out: Path) -> list[str]:
+    return (out / INDEX_NAME).read_text().splitlines()
+
+
+def arrays(out: Path) -> dict[str, Path]:
+    return {p.relative_to(out).as_posix(): p for p in sorted(out.rglob("*.npy"))}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray  # in the test extra: a missing Ray fails here rather than skipping
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture()
+def images(tmp_path) -> Path:
+    root = tmp_path / "images"
+    for i, size in enumerate([(40, 30), (64, 64), (25, 90), (120, 50)]):
+        png(root / ("sub" if i % 2 else "") / f"im{i}.png", i, size)
+    (root / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 a truncated JPEG")  # fails to decode
+    return root
+
+
+@pytest.mark.slow  # ~35 s: Ray starts (~8-12 s), then a fresh actor per job (~7-10 s each) on 2 CPU cores
+def test_ray_job_equals_local_job_file_by_file_and_resumes(ray_cluster, images, tmp_path):
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    # batch size 1 on both sides: the same images in every forward pass, so the arrays must be bit-identical.
+    ran_local = encode(str(images), "-o", str(local), "-b", "1")
+    ran_ray = encode(str(images), "-o", str(remote), "-b", "1", "--ray")
+    for result in (ran_local, ran_ray):
+        assert result.exit_code == EXIT_SOME_FAILED, result.output  # the bad input, recorded, not fatal
+        assert "encoded 4, failed 1, skipped 0 in " in result.stderr, result.stderr
+        assert f"failed: {images}/bad.jpg: " in result.stderr
+    assert index_lines(remote) == index_lines(local)  # same records, same order, same job keys
+    assert list(arrays(remote)) == list(arrays(local)) == ["im0.png.npy", "im2.png.npy", "sub/im1.png.npy",
+                                                           "sub/im3.png.npy"]
+    for name, path in arrays(local).items():
+        a, b = np.load(path), np.load(arrays(remote)[name])
+        assert a.shape == b.shape == (16, 96) and np.array_equal(a, b), f"{name}: max abs {np.abs(a - b).max()}"
+    assert not (remote / TMP_DIR_NAME).exists()
+
+    # Resume: one new image, one touched but unchanged (found by content hash), the bad one unchanged.
+    before = {name: os.stat(p).st_mtime_ns for name, p in arrays(remote).items()}
+    png(images / "sub" / "new.png", 9, (33, 47))
+    os.utime(images / "im0.png", ns=(1, 1))
+    again = encode(str(images), "-o", str(remote), "-b", "1", "--ray")
+    assert again.exit_code == EXIT_SOME_FAILED, again.output
+    assert ("encoded 1, failed 1 (1 unchanged since an earlier run), skipped 4 (4 already encoded) in "
+            in again.stderr), again.stderr
+    lines = index_lines(remote)
+    assert lines[:-1] == index_lines(local)  # nothing re-recorded
+    new = json.loads(lines[-1])
+    assert new["input"] == f"{images}/sub/new.png" and new["status"] == "ok" and new["output"] == "sub/new.png.npy"
+    assert {name: os.stat(p).st_mtime_ns for name, p in arrays(remote).items() if name in before} == before
+
+    # The local job resumes a Ray job's folder: the same keys, nothing left to do.
+    local_resume = encode(str(images), "-o", str(remote), "-b", "1")
+    assert "encoded 0, failed 1 (1 unchanged since an earlier run), skipped 5 (5 already encoded) in " in \
+        local_resume.stderr, local_resume.stderr
+
+
+@pytest.mark.slow  # ~7 s: one Ray job on the cluster started above
+def test_ray_job_keeps_batch_size_layers_and_pooling(ray_cluster, images, tmp_path):
+    (images / "bad.jpg").unlink()
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    options = ["-b", "2", "--layers", "1", "--pool", "mean", "--no-project"]
+    assert encode(str(images), "-o", str(local), *options).exit_code == 0
+    result = encode(str(images), "-o", str(remote), *options, "--ray")
+    assert result.exit_code == 0, result.output
+    assert index_lines(remote) == index_lines(local)
+    assert len(arrays(local)) == 12 and list(arrays(remote)) == list(arrays(local))  # .npy, .layer1, .pooled each
+    # Ray cuts batches by rows, the local job by images to encode, so a pass may hold other images: the same
+    # fp32 math in another reduction order. Tolerance 1e-5 absolute (observed ~1e-6).
+    for name, path in arrays(local).items():
+        a, b = np.load(path), np.load(arrays(remote)[name])
+        assert a.shape == b.shape and np.allclose(a, b, rtol=0, atol=1e-5), f"{name}: max abs {np.abs(a - b).max()}"
+
+
+def test_resource_defaults():
+    assert plan_resources({"CPU": 16, "GPU": 4}, None) == RayResources(4, 1, 1)  # one model per GPU
+    assert plan_resources({"CPU": 16, "GPU": 4}, "cpu") == RayResources(3, 4, 0)  # GPUs declined
+    assert plan_resources({"CPU": 2}, None) == RayResources(1, 1, 0)  # one CPU decodes, one encodes
+    assert plan_resources({"CPU": 64}, None) == RayResources(14, 4, 0)  # 8 CPUs left for decoding
+    assert plan_resources({"CPU": 8}, None, actors=2, cpus_per_actor=3) == RayResources(2, 3, 0)
+
+
+@pytest.mark.parametrize(("cluster", "kwargs", "match"), [
+    ({"CPU": 8}, {"device": "cuda"}, "has no GPUs"),
+    ({"CPU": 1}, {}, "at least 2 are needed"),
+    ({"CPU": 8}, {"actors": 2, "cpus_per_actor": 4}, "leave no CPU for decoding"),
+])
+def test_resources_that_cannot_run_are_refused(cluster, kwargs, match):
+    device = kwargs.pop("device", None)
+    with pytest.raises(ConfigError, match=match):
+        plan_resources(cluster, device, **kwargs)
+
+
+def test_cli_refuses_a_folder_taken_for_the_address(images, tmp_path):
+    # `--ray photos/` would read photos/ as the cluster address: a usage error, not a connection attempt.
+    result = encode("--ray", str(images), "-o", str(tmp_path / "out"))
+    assert result.exit_code == EXIT_USAGE and "is not a Ray address" in result.output
+    assert encode(str(images), "-o", str(tmp_path / "out"), "--ray-actors", "2").exit_code == EXIT_USAGE
+
+
+def test_ray_is_imported_only_for_ray_jobs():
+    code = "import sys, gemma3_vision.cli, gemma3_vision.ray_encode; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
