@@ -324,3 +324,40 @@ def show(image: Path, model: str, out: Path, features_layer: int | None, attenti
     width, height = write_picture(encoder, str(image), str(out), features_layer=features_layer, attention=query,
                                   image_size=image_size)
     click.echo(f"wrote {out} ({width}x{height})", err=True)
+
+
+@main.command()
+@click.option("--preset", default="gemma3-4b", show_default=True,
+              help="random model preset: gemma3-4b is the full tower, tiny a smoke test.")
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Repeatable. Default: float32.")
+@click.option("--batch", "batches", multiple=True, type=click.IntRange(min=1), help="Repeatable. Default: 1.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads. Default: torch's.")
+@click.option("--device", default=None, help="cpu or cuda. Default: cuda if available.")
+@click.option("--layers", type=click.IntRange(min=1), default=None,
+              help="Run only the first N layers (labelled TRUNCATED in the report).")
+@click.option("--image-size", type=click.IntRange(min=1), default=None, help="Input side in pixels.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed calls per runner, in alternation, after a warm-up call.")
+@click.option("--no-compile", is_flag=True, help="Skip the torch.compile runners.")
+@click.option("--no-reference", is_flag=True, help="Skip transformers.")
+@click.option("--memory", is_flag=True, help="Also probe peak RSS of ours alone in a fresh process.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the report as JSON here.")
+@reports_errors
+def bench(preset: str, dtypes: tuple[str, ...], batches: tuple[int, ...], threads: int | None, device: str | None,
+          layers: int | None, image_size: int | None, repeats: int, no_compile: bool, no_reference: bool,
+          memory: bool, json_path: Path | None) -> None:
+    """Time our tower against transformers' (same random weights, one process, alternating).
+
+    Example: gemma3-vision bench --dtype float32 --dtype bfloat16 --layers 2 --json bench.json
+    """
+    from .bench import format_report, run_benchmark
+
+    report = run_benchmark(preset=preset, dtypes=dtypes or ("float32",), batches=batches or (1,), threads=threads,
+                           device=device, layers=layers, image_size=image_size, repeats=repeats,
+                           compile=not no_compile, reference=not no_reference, memory=memory,
+                           progress=lambda s: click.echo(s, err=True))
+    click.echo(format_report(report))
+    if json_path is not None:
+        json_path.write_text(report.to_json(), encoding="utf-8")
