@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from gemma3_vision.cli import EXIT_SOME_FAILED, EXIT_USAGE, main
+from gemma3_vision.cli import EXIT_CANNOT_RUN, EXIT_SOME_FAILED, EXIT_USAGE, main
 from gemma3_vision.errors import ConfigError
 from gemma3_vision.pipeline import INDEX_NAME, TMP_DIR_NAME
 from gemma3_vision.ray_encode import RayResources, plan_resources
@@ -142,3 +142,23 @@ def test_ray_is_imported_only_for_ray_jobs():
     code = "import sys, gemma3_vision.cli, gemma3_vision.ray_encode; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.slow  # ~8 s: one Ray job whose actor fails to start
+def test_a_model_the_actors_cannot_load_stops_the_job_with_one_line(ray_cluster, images, tmp_path):
+    # Headers are fine, so the driver (which reads no weights) accepts it; each actor's strict load finds the NaN.
+    from format_fixtures import write_hf_folder
+
+    from conftest import TINY_PROJECTOR, TINY_VISION, random_state
+
+    state = dict(random_state("tiny"))
+    name = "vision_tower.encoder.layers.1.mlp.fc2.weight"
+    state[name] = state[name].clone()
+    state[name][0, 0] = float("nan")
+    folder = write_hf_folder(tmp_path / "ckpt", state, TINY_VISION, TINY_PROJECTOR)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["encode", str(images), "-m", str(folder), "-o", str(out), "--ray"])
+    assert result.exit_code == EXIT_CANNOT_RUN, result.output
+    assert "error: a Ray worker failed, the job stopped" in result.stderr and "holds NaN or Inf" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert index_lines(out) == [] and not (out / TMP_DIR_NAME).exists()

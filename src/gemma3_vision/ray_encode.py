@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .api import Gemma3Vision, RandomWeightsWarning, load, resolve_dtype
-from .errors import ConfigError
+from .errors import ConfigError, Gemma3VisionError
 from .job import EncodeOptions, check_options, encode_batch_for, job_key, make_input_for
 from .pipeline import (
     TMP_DIR_NAME,
@@ -58,6 +58,8 @@ from .pipeline import (
 from .preprocess import DEFAULT_MAX_PIXELS
 from .resolve import resolve
 from .weights import empty_model
+
+_RUNTIME_BYTES = 512 << 20  # Python, torch and one batch's activations on top of the weights, roughly
 
 
 @dataclass(frozen=True)
@@ -193,24 +195,35 @@ def encode_with_ray(
                 _Encoder, batch_size=options.batch_size, batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=resources.actors),
                 num_cpus=resources.cpus_per_actor, num_gpus=resources.gpus_per_actor,
-                memory=weight_bytes,  # the weights at least, so Ray never packs more copies than a node holds
+                memory=weight_bytes + _RUNTIME_BYTES,  # a floor, so Ray packs no more copies than a node holds
                 fn_constructor_kwargs={"model": model, "dtype": run_dtype, "device": actor_device,
                                        "image_size": image_size, "options": options, "out_dir": out,
                                        "job_key": key, "error_key": error_key},
             )
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                for text, kind in zip(batch["record"], batch["kind"], strict=True):
-                    if text:
-                        record = json.loads(text)
-                        folder.append(record)
-                        if on_record:
-                            on_record(record)
-                    summary.count(str(kind))
+            try:
+                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    for text, kind in zip(batch["record"], batch["kind"], strict=True):
+                        if text:
+                            record = json.loads(text)
+                            folder.append(record)
+                            if on_record:
+                                on_record(record)
+                        summary.count(str(kind))
+            except ray.exceptions.RayError as e:
+                raise _worker_failure(e) from e
     finally:
         context.execution_options.preserve_order = preserve_order
         folder.close()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _worker_failure(e: Exception) -> Gemma3VisionError:
+    """A failed actor or task as one line. Ray keeps only the text of an actor's failed ``__init__`` (e.g. a
+    ``WeightsError`` from weights that hold NaN), so the line is the last line of that text."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return Gemma3VisionError(f"a Ray worker failed, the job stopped (records so far are kept): "
+                             f"{lines[-1] if lines else type(e).__name__}")
 
 
 class _PlainInput:
