@@ -60,16 +60,18 @@ def images(tmp_path) -> Path:
 @pytest.mark.slow  # ~35 s: Ray starts (~8-12 s), then a fresh actor per job (~7-10 s each) on 2 CPU cores
 def test_ray_job_equals_local_job_file_by_file_and_resumes(ray_cluster, images, tmp_path):
     local, remote = tmp_path / "local", tmp_path / "ray"
+    undecodable = os.fsdecode(b"caf\xe9.png")  # not UTF-8: travels to the workers and back as an escape
+    png(images / undecodable, 7, (30, 30))
     # batch size 1 on both sides: the same images in every forward pass, so the arrays must be bit-identical.
     ran_local = encode(str(images), "-o", str(local), "-b", "1")
     ran_ray = encode(str(images), "-o", str(remote), "-b", "1", "--ray")
     for result in (ran_local, ran_ray):
         assert result.exit_code == EXIT_SOME_FAILED, result.output  # the bad input, recorded, not fatal
-        assert "encoded 4, failed 1, skipped 0 in " in result.stderr, result.stderr
+        assert "encoded 5, failed 1, skipped 0 in " in result.stderr, result.stderr
         assert f"failed: {images}/bad.jpg: " in result.stderr
     assert index_lines(remote) == index_lines(local)  # same records, same order, same job keys
-    assert list(arrays(remote)) == list(arrays(local)) == ["im0.png.npy", "im2.png.npy", "sub/im1.png.npy",
-                                                           "sub/im3.png.npy"]
+    assert list(arrays(remote)) == list(arrays(local)) == [f"{undecodable}.npy", "im0.png.npy", "im2.png.npy",
+                                                           "sub/im1.png.npy", "sub/im3.png.npy"]
     for name, path in arrays(local).items():
         a, b = np.load(path), np.load(arrays(remote)[name])
         assert a.shape == b.shape == (16, 96) and np.array_equal(a, b), f"{name}: max abs {np.abs(a - b).max()}"
@@ -81,7 +83,7 @@ def test_ray_job_equals_local_job_file_by_file_and_resumes(ray_cluster, images, 
     os.utime(images / "im0.png", ns=(1, 1))
     again = encode(str(images), "-o", str(remote), "-b", "1", "--ray")
     assert again.exit_code == EXIT_SOME_FAILED, again.output
-    assert ("encoded 1, failed 1 (1 unchanged since an earlier run), skipped 4 (4 already encoded) in "
+    assert ("encoded 1, failed 1 (1 unchanged since an earlier run), skipped 5 (5 already encoded) in "
             in again.stderr), again.stderr
     lines = index_lines(remote)
     assert lines[:-1] == index_lines(local)  # nothing re-recorded
@@ -91,7 +93,7 @@ def test_ray_job_equals_local_job_file_by_file_and_resumes(ray_cluster, images, 
 
     # The local job resumes a Ray job's folder: the same keys, nothing left to do.
     local_resume = encode(str(images), "-o", str(remote), "-b", "1")
-    assert "encoded 0, failed 1 (1 unchanged since an earlier run), skipped 5 (5 already encoded) in " in \
+    assert "encoded 0, failed 1 (1 unchanged since an earlier run), skipped 6 (6 already encoded) in " in \
         local_resume.stderr, local_resume.stderr
 
 

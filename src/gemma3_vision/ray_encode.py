@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import time
@@ -41,6 +42,7 @@ from .errors import ConfigError, Gemma3VisionError
 from .job import EncodeOptions, check_options, encode_batch_for, job_key, make_input_for
 from .pipeline import (
     TMP_DIR_NAME,
+    InputItem,
     JobSummary,
     MakeInput,
     OutputFolder,
@@ -153,7 +155,8 @@ def encode_with_ray(
         raise ConfigError("--ray needs Ray: pip install 'gemma3-vision[ray]'") from None
     options = options or EncodeOptions()
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False)
+        # Ray's INFO lines would bury the job's own one line per failure and summary.
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     resources = plan_resources(ray.cluster_resources(), device, actors, cpus_per_actor)
     actor_device = "cuda" if resources.gpus_per_actor else "cpu"
     run_dtype = resolve_dtype(dtype, torch.device(actor_device))
@@ -178,8 +181,8 @@ def encode_with_ray(
     context = ray.data.DataContext.get_current()
     preserve_order = context.execution_options.preserve_order
     try:
-        # Small rows: (item, output name, prior record), named on the driver as run_job names them.
-        tasks = [{"task": (item, output, folder.done.prior(item.display) or b"")}
+        # One small row per input, named on the driver as run_job names them.
+        tasks = [{"task": _task_text(item, output, folder.done.prior(item.display) or b"")}
                  for item, output in _name_outputs(discover(inputs, follow_symlinks=follow_symlinks),
                                                    folder.state)]
         if tasks:
@@ -236,6 +239,17 @@ class _PlainInput:
         return plain_input(img, self.config)
 
 
+def _task_text(item: InputItem, output: str, prior: bytes) -> str:
+    """An input, its output name and its prior record as ASCII JSON: a plain Arrow string column, and file
+    names that are not valid UTF-8 survive as ``\\udcXX`` escapes."""
+    return json.dumps([str(item.path), item.display, item.rel, item.skip, output, prior.hex()])
+
+
+def _task(text: str) -> tuple[InputItem, str, bytes]:
+    path, display, rel, skip, output, prior = json.loads(text)
+    return InputItem(Path(path), display, rel, skip), output, bytes.fromhex(prior)
+
+
 def _objects(values: list[Any]) -> np.ndarray:
     """A 1-D object array: ``np.array`` would try to stack the arrays inside."""
     array = np.empty(len(values), dtype=object)
@@ -248,7 +262,7 @@ def _decode(batch: dict[str, np.ndarray], *, out_dir: Path, to_input: MakeInput,
     """A CPU task: each input's resume decision and, when it must be encoded, its views ``(V, S, S, 3)``."""
     return {"prepared": _objects([
         prepare_input(item, output, out_dir, prior, to_input, job_key, error_key, exif_transpose, max_pixels)
-        for item, output, prior in batch["task"]
+        for item, output, prior in map(_task, batch["task"])
     ])}
 
 
