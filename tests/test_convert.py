@@ -8,11 +8,11 @@ import gguf
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_PROJECTOR, TINY_VISION
-from format_fixtures import NORM, write_hf_folder, write_ollama_blob, write_siglip_folder
 from gguf import GGMLQuantizationType as Q
 from safetensors.torch import load_file
 
+from conftest import TINY_PROJECTOR, TINY_VISION
+from format_fixtures import NORM, write_hf_folder, write_ollama_blob, write_siglip_folder
 from gemma3_vision.cli import main
 from gemma3_vision.convert import convert
 from gemma3_vision.errors import ConfigError

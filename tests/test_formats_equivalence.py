@@ -9,6 +9,9 @@ import warnings
 import pytest
 import torch
 from click.testing import CliRunner
+from gguf import GGMLQuantizationType as Q
+
+import gemma3_vision as g3
 from conftest import TINY_PROJECTOR, TINY_VISION, TOL, max_abs
 from format_fixtures import (
     populate_hf_cache,
@@ -19,9 +22,6 @@ from format_fixtures import (
     write_ollama_store,
     write_siglip_folder,
 )
-from gguf import GGMLQuantizationType as Q
-
-import gemma3_vision as g3
 from gemma3_vision.cli import main
 from gemma3_vision.config import ProjectorConfig, VisionConfig
 from gemma3_vision.errors import ConfigError, WeightsError
@@ -151,8 +151,9 @@ def test_mlx_patch_conv_layout_ambiguity_is_refused(tmp_path):
                           num_hidden_layers=1, patch_size=14, num_channels=14)
     folder = tmp_path / "mlx"
     folder.mkdir()
-    from format_fixtures import gemma3_config_dict
     from safetensors.torch import save_file
+
+    from format_fixtures import gemma3_config_dict
 
     projector = ProjectorConfig(text_hidden_size=96, mm_tokens_per_image=4)
     (folder / "config.json").write_text(json.dumps(gemma3_config_dict(vision, projector)))

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from format_fixtures import populate_hf_cache, write_hf_folder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+from format_fixtures import populate_hf_cache, write_hf_folder
 from gemma3_vision.config import PRESETS
 from gemma3_vision.errors import ConfigError, FormatError, ModelNotFoundError, WeightsError
 from gemma3_vision.format_safetensors import MAX_HEADER_BYTES, list_shards, load_hf_folder, read_header

@@ -12,9 +12,9 @@ from pathlib import Path
 import huggingface_hub.errors as hf_errors
 import pytest
 import torch
+
 from conftest import TINY_PROJECTOR, TINY_VISION
 from format_fixtures import populate_hf_cache, write_hf_folder
-
 from gemma3_vision import hub
 from gemma3_vision.errors import ModelNotFoundError
 from gemma3_vision.resolve import resolve

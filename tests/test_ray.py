@@ -149,9 +149,8 @@ def test_ray_is_imported_only_for_ray_jobs():
 @pytest.mark.slow  # ~8 s: one Ray job whose actor fails to start
 def test_a_model_the_actors_cannot_load_stops_the_job_with_one_line(ray_cluster, images, tmp_path):
     # Headers are fine, so the driver (which reads no weights) accepts it; each actor's strict load finds the NaN.
-    from format_fixtures import write_hf_folder
-
     from conftest import TINY_PROJECTOR, TINY_VISION, random_state
+    from format_fixtures import write_hf_folder
 
     state = dict(random_state("tiny"))
     name = "vision_tower.encoder.layers.1.mlp.fc2.weight"
