@@ -340,7 +340,9 @@ def load(model: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
     """Load a Gemma 3 vision tower and projector.
 
     Args:
-        model: a checkpoint folder, or ``random`` / ``random:tiny`` for seeded random weights.
+        model: a Hugging Face folder or hub id, a GGUF file (llama.cpp mmproj or Ollama blob), an Ollama model
+            name, an MLX or SigLIP folder, or ``random`` / ``random:tiny`` for seeded random weights (the
+            resolution order is in ``resolve.py`` and the README).
         dtype: ``float32``, ``bfloat16`` or ``float16``; ``None`` picks bfloat16 where it is fast, else float32.
         device: ``cpu``, ``cuda``, ...; ``None`` picks CUDA when available.
         image_size: input side in pixels, overriding the checkpoint's (e.g. 448 or 1344 for Gemma 3, whose

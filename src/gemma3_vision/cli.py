@@ -21,6 +21,9 @@ import click
 
 from . import __version__
 
+MODEL_HELP = ("A Hugging Face folder or hub id (org/name), a GGUF file (llama.cpp mmproj, Ollama blob), an Ollama "
+              "name (gemma3:4b), an MLX or SigLIP folder, or random / random:tiny for seeded random weights.")
+
 EXIT_OK = 0
 EXIT_CANNOT_RUN = 1
 EXIT_USAGE = 2
@@ -86,7 +89,7 @@ def main(debug: bool) -> None:
 @main.command()
 @click.argument("inputs", nargs=-1)
 @click.option("-m", "--model", required=True,
-              help="Checkpoint folder, or random / random:tiny for seeded random weights.")
+              help=MODEL_HELP)
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder: one .npy per image plus index.jsonl.")
 @click.option("--from-file", "lists", multiple=True, metavar="LIST",
@@ -291,7 +294,7 @@ def _int_pair(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 @main.command()
 @click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-m", "--model", required=True, help="Checkpoint, or random / random:tiny for seeded random weights.")
+@click.option("-m", "--model", required=True, help=MODEL_HELP)
 @click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="PNG to write.")
 @click.option("--layer", "features_layer", type=click.IntRange(min=0), default=None,
