@@ -89,8 +89,8 @@ def write_checkpoint(folder: Path, text_bytes: int) -> tuple[Path, list[tuple[in
                     left -= min(left, _CHUNK)
                 text_ranges.append((base + begin, base + end))
             else:
-                f.write(source.tensors[vision_keys[key]].read().to(torch.bfloat16).contiguous().numpy()
-                        .view("uint16").tobytes())
+                t = source.tensors[vision_keys[key]].read().to(torch.bfloat16).contiguous()
+                f.write(t.view(torch.int16).numpy().tobytes())  # numpy has no bfloat16: write the raw bits
                 vision_ranges.append((base + begin, base + end))
         f.flush()
         os.fsync(f.fileno())
