@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from gemma3_vision.cli import EXIT_CANNOT_RUN, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, main
-from gemma3_vision.pipeline import INDEX_NAME, LOCK_NAME, TMP_DIR_NAME, OutputFolder
+from gemma3_vision.output_folder import INDEX_NAME, LOCK_NAME, TMP_DIR_NAME, OutputFolder
 
 
 def png(path: Path, seed: int = 0, size: tuple[int, int] = (20, 16)) -> Path:

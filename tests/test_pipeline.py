@@ -15,17 +15,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from gemma3_vision.discovery import discover, read_list
 from gemma3_vision.errors import OutputError
-from gemma3_vision.pipeline import (
+from gemma3_vision.output_folder import (
     INDEX_NAME,
     PREVIOUS_INDEX_NAME,
     TMP_DIR_NAME,
     OutputFolder,
-    discover,
     load_index,
-    read_list,
-    run_job,
 )
+from gemma3_vision.pipeline import run_job
 from gemma3_vision.preprocess import PreprocessConfig
 
 SMALL = PreprocessConfig(image_size=28)
@@ -334,7 +333,7 @@ def test_discovery_streams(tmp_path):
             (root / f"d{d:02d}" / f"{i:03d}.jpg").touch()
     script = (
         "import sys, tracemalloc\n"
-        "from gemma3_vision.pipeline import discover\n"
+        "from gemma3_vision.discovery import discover\n"
         "tracemalloc.start()\n"
         "n = sum(1 for _ in discover([sys.argv[1]]))\n"
         "print(n, tracemalloc.get_traced_memory()[1])\n"

@@ -17,7 +17,7 @@ from PIL import Image
 
 from gemma3_vision.cli import EXIT_CANNOT_RUN, EXIT_SOME_FAILED, EXIT_USAGE, main
 from gemma3_vision.errors import ConfigError
-from gemma3_vision.pipeline import INDEX_NAME, TMP_DIR_NAME
+from gemma3_vision.output_folder import INDEX_NAME, TMP_DIR_NAME
 from gemma3_vision.ray_encode import RayResources, plan_resources
 
 

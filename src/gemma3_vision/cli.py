@@ -159,9 +159,10 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
     from PIL import Image
 
     from .api import load
+    from .discovery import discover, read_list
     from .job import EncodeOptions, check_options, encode_batch_for, job_key, make_input_for
     from .pan_and_scan import PanAndScanConfig
-    from .pipeline import discover, read_list, run_job
+    from .pipeline import run_job
     from .preprocess import DEFAULT_MAX_PIXELS
 
     if not inputs and not lists:

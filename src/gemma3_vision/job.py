@@ -17,8 +17,9 @@ from PIL import Image
 
 from .api import Gemma3Vision
 from .errors import ConfigError
+from .output_folder import checkpoint_identity, fingerprint
 from .pan_and_scan import PanAndScanConfig
-from .pipeline import EncodeBatch, MakeInput, checkpoint_identity, fingerprint
+from .pipeline import EncodeBatch, MakeInput
 from .preprocess import PreprocessConfig
 
 

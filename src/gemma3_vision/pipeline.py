@@ -4,17 +4,7 @@ Three stages overlap so the model never waits: a thread pool opens, hashes, deco
 model (Pillow and hashlib release the GIL), the calling thread runs the model one batch at a time, and a writer
 thread saves arrays and appends index records. A bad input becomes an ``error`` record; the job carries on.
 
-What makes the job safe to kill and re-run:
-
-- every ``.npy`` is written under ``OUT/.gemma3-vision-tmp/`` and renamed into place, and its ``ok`` record is
-  appended only after the rename: an ``ok`` record always names a complete file;
-- records are appended one ``write`` per line to an ``O_APPEND`` descriptor; a torn last line (a kill mid-write)
-  is dropped on the next run before anything is appended;
-- on the next run each input is looked up in the index by what the user named it: it is skipped when its last
-  record has the same job key (model identity and output-affecting options) and either the same size and
-  modification time, or the same content hash; an ``ok`` record also needs its output file to exist. Unchanged
-  inputs that failed are not retried (same bytes, same failure) but still count as failed;
-- a lock file keeps two jobs from writing one folder, and the temporary folder is emptied when a job starts.
+What makes it safe to kill and re-run is in ``output_folder.py``.
 
 Memory stays flat in the number of inputs: discovery streams, only a bounded window of inputs is in flight, and
 the resume state is one small bytes value per indexed input.
@@ -23,405 +13,30 @@ the resume state is one small bytes value per indexed input.
 from __future__ import annotations
 
 import collections
-import fnmatch
 import functools
-import hashlib
-import json
 import os
 import queue
-import shutil
-import stat
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from .checkpoint import Checkpoint
-from .errors import Gemma3VisionError, OutputError
+from .discovery import InputItem
+from .errors import Gemma3VisionError
+from .output_folder import OutputFolder, ResumeState, content_digest, fingerprint, short_hash
 from .preprocess import (
     DEFAULT_MAX_PIXELS,
     PreprocessConfig,
     decode_image,
-    file_kind,
     open_regular_file,
     pil_to_input,
 )
-
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif",
-                            ".tiff"})
-INDEX_NAME = "index.jsonl"
-PREVIOUS_INDEX_NAME = "index.jsonl.prev"
-TMP_DIR_NAME = ".gemma3-vision-tmp"
-LOCK_NAME = ".gemma3-vision.lock"
-_GLOB_MAGIC = frozenset("*?[")
-
-
-# ----------------------------------------------------------------------------------------------------- discovery
-
-@dataclass(frozen=True)
-class InputItem:
-    """One input: where it is, how the user would recognise it, and its path under the output folder (less
-    ``.npy``). ``skip`` is set when discovery decided, without opening it, that it must not be read."""
-
-    path: Path
-    display: str  # the argument, or argument/relative path: the input's identity in index.jsonl
-    rel: str  # relative path that names the output
-    skip: str | None = None
-
-
-def read_list(source: str, stdin: TextIO | None = None) -> Iterator[str]:
-    """Paths from a list file, one per line (``-`` reads standard input); blank lines are ignored."""
-    if source == "-":
-        yield from _lines(stdin or sys.stdin)
-        return
-    with open(source, encoding="utf-8", errors="surrogateescape") as f:
-        yield from _lines(f)
-
-
-def _lines(f: TextIO) -> Iterator[str]:
-    for line in f:
-        line = line.rstrip("\r\n")
-        if line.strip():
-            yield line
-
-
-def discover(arguments: Iterable[str], *, follow_symlinks: bool = False) -> Iterator[InputItem]:
-    """Every input named by ``arguments``, lazily and in a deterministic order.
-
-    - a file (or a link the user named): taken as is, whatever its suffix;
-    - a folder: recursed depth first with names sorted, keeping image suffixes; links leaving the folder, links to
-      folders and broken links are skipped with a reason unless ``follow_symlinks`` (cycles are never followed);
-    - a pattern with ``*``, ``?``, ``[`` or ``**`` that names no existing path: matched below its fixed leading
-      folder, in the same order (matching nothing, it fails like a missing file);
-    - anything else: an input that will fail with "cannot read".
-
-    FIFOs, sockets, devices and folders met where an image is expected are skipped with a reason; nothing is opened.
-    """
-    for arg in arguments:
-        if os.path.isdir(arg):
-            yield from _walk(Path(arg), _display_root(arg), follow_symlinks, pattern=None)
-        elif not os.path.lexists(arg) and _GLOB_MAGIC & set(arg):
-            matched = False
-            for item in _glob(arg, follow_symlinks):
-                matched = True
-                yield item
-            if not matched:  # recorded as a missing input, so a mistyped pattern is not a silent no-op
-                yield InputItem(Path(arg), arg, Path(arg).name)
-        else:
-            path = Path(arg)
-            yield InputItem(path, arg, path.name, _special_file_reason(path))
-
-
-def _display_root(arg: str) -> str:
-    return arg.rstrip("/\\") or arg
-
-
-def _special_file_reason(path: Path) -> str | None:
-    """Why an existing non-regular file must not be opened; None for regular files and missing paths."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return None  # reported by the reader, with the OS's reason
-    if stat.S_ISREG(mode):
-        return None
-    return f"{file_kind(mode)}, not a regular file: not opened"
-
-
-def _glob(pattern: str, follow_symlinks: bool) -> Iterator[InputItem]:
-    parts = pattern.replace(os.sep, "/").split("/")
-    fixed = 0  # leading components without wildcards: the folder to walk
-    while fixed < len(parts) - 1 and not _GLOB_MAGIC & set(parts[fixed]):
-        fixed += 1
-    base = "/".join(parts[:fixed]) or ("/" if pattern.startswith("/") else "")
-    if os.path.isdir(base or "."):
-        yield from _walk(Path(base or "."), base, follow_symlinks, pattern=[p for p in parts[fixed:] if p])
-
-
-def _match(parts: list[str], pattern: list[str], *, full: bool) -> bool:
-    """Glob-match path components; ``**`` spans any number of them. ``full=False``: could a path strictly below
-    ``parts`` match? As in the shell, wildcards do not match names starting with a dot."""
-    if not parts:
-        return all(p == "**" for p in pattern) if full else bool(pattern)
-    if not pattern:
-        return False
-    head, name = pattern[0], parts[0]
-    if name.startswith(".") and not head.startswith("."):
-        return False
-    if head == "**":
-        return _match(parts, pattern[1:], full=full) or _match(parts[1:], pattern, full=full)
-    return fnmatch.fnmatchcase(name, head) and _match(parts[1:], pattern[1:], full=full)
-
-
-def _walk(root: Path, root_display: str, follow_symlinks: bool, pattern: list[str] | None) -> Iterator[InputItem]:
-    """Depth first, names sorted. An explicit stack, so no tree is too deep; one folder's entries at a time."""
-    real_root = os.path.realpath(root)
-
-    def item(path: str, rel: str, skip: str | None = None) -> InputItem:
-        display = rel if not root_display else f"{root_display.rstrip('/')}/{rel}"
-        return InputItem(Path(path), display, rel, skip)
-
-    def wanted(rel_parts: list[str], name: str) -> bool:
-        if pattern is None:
-            return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
-        return _match(rel_parts, pattern, full=True)
-
-    try:
-        root_stat = os.stat(root)
-    except OSError as e:
-        yield item(str(root), "", f"cannot list folder ({e.strerror or e})")
-        return
-    # Each frame: (entries left, relative parts of this folder, identities of the folders above and this one)
-    stack: list[tuple[Iterator[os.DirEntry[str]], list[str], frozenset[tuple[int, int]]]] = []
-
-    def push(path: str, rel_parts: list[str], ancestors: frozenset[tuple[int, int]]) -> Iterator[InputItem]:
-        try:
-            with os.scandir(path) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as e:
-            rel = "/".join(rel_parts)
-            yield item(path, rel, f"cannot list folder ({e.strerror or e})")
-            return
-        stack.append((iter(entries), rel_parts, ancestors))
-
-    yield from push(str(root), [], frozenset({(root_stat.st_dev, root_stat.st_ino)}))
-    while stack:
-        entries, rel_parts, ancestors = stack[-1]
-        entry = next(entries, None)
-        if entry is None:
-            stack.pop()
-            continue
-        parts = [*rel_parts, entry.name]
-        rel = "/".join(parts)
-        try:
-            is_link = entry.is_symlink()
-            is_dir = entry.is_dir(follow_symlinks=False)
-        except OSError:
-            is_link = is_dir = False
-        if is_link:
-            target = os.path.realpath(entry.path)
-            try:
-                st = os.stat(entry.path)
-            except OSError:
-                if wanted(parts, entry.name):
-                    yield item(entry.path, rel, f"broken symbolic link to {target}: not followed")
-                continue
-            inside = target == real_root or target.startswith(real_root.rstrip(os.sep) + os.sep)
-            if stat.S_ISDIR(st.st_mode):
-                ident = (st.st_dev, st.st_ino)
-                if pattern is not None and not _match(parts, pattern, full=False):
-                    continue
-                if not follow_symlinks:
-                    yield item(entry.path, rel, "link to a folder: not followed (use --follow-symlinks)")
-                elif ident in ancestors:
-                    yield item(entry.path, rel, "link to a folder above it (a cycle): not followed")
-                else:
-                    yield from push(entry.path, parts, ancestors | {ident})
-                continue
-            if not wanted(parts, entry.name):
-                continue
-            if not inside and not follow_symlinks:
-                yield item(entry.path, rel, f"link to {target}, outside {root_display or '.'}: not followed "
-                                            "(use --follow-symlinks)")
-                continue
-            yield item(entry.path, rel, None if stat.S_ISREG(st.st_mode) else
-                       f"link to {file_kind(st.st_mode)}, not a regular file: not opened")
-        elif is_dir:
-            if pattern is not None and not _match(parts, pattern, full=False):
-                if _match(parts, pattern, full=True):
-                    yield item(entry.path, rel, "a folder, not a regular file: not opened")
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError as e:
-                yield item(entry.path, rel, f"cannot list folder ({e.strerror or e})")
-                continue
-            yield from push(entry.path, parts, ancestors | {(st.st_dev, st.st_ino)})
-        elif wanted(parts, entry.name):
-            try:
-                regular = entry.is_file(follow_symlinks=False)
-                mode = 0 if regular else entry.stat(follow_symlinks=False).st_mode
-            except OSError:
-                regular, mode = True, 0  # vanished or unreadable: the reader reports it
-            yield item(entry.path, rel, None if regular else f"{file_kind(mode)}, not a regular file: not opened")
-
-
-# ------------------------------------------------------------------------------------------------------ identity
-
-def fingerprint(*parts: Any) -> str:
-    """A short, stable hex digest of JSON-able parts (dataclasses and paths included)."""
-    data = json.dumps(parts, sort_keys=True, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__")
-                      else str(o))
-    return hashlib.blake2b(data.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
-
-
-def checkpoint_identity(checkpoint: Checkpoint) -> dict[str, Any]:
-    """What identifies a model cheaply: its name, format and configs, and each file's name, size and mtime
-    (a re-downloaded or converted file is taken as a different model; nothing is hashed)."""
-    files = []
-    for path in checkpoint.files:
-        try:
-            st = os.stat(path)
-            files.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
-        except OSError:
-            files.append([os.path.abspath(path), None, None])
-    return {"description": checkpoint.description, "format": checkpoint.format, "vision": checkpoint.vision,
-            "projector": checkpoint.projector, "preprocess": checkpoint.preprocess,
-            "conventions": checkpoint.conventions, "files": files}
-
-
-def _h8(*parts: object) -> bytes:
-    return hashlib.blake2b(repr(parts).encode("utf-8", "surrogatepass"), digest_size=8).digest()
-
-
-def _content_digest(f: Any) -> str:
-    return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
-
-
-# -------------------------------------------------------------------------------------------------- resume state
-
-class ResumeState:
-    """The index's last word per input, compactly: ``{h(input): status + h(size, mtime, job) + h(content, job) +
-    output}`` (about 100 bytes an input), plus the set of output names already taken."""
-
-    OK, ERROR, SKIPPED = b"o", b"e", b"s"
-
-    def __init__(self) -> None:
-        self._last: dict[bytes, bytes] = {}
-        self.taken: set[bytes] = set()  # h(casefolded output name)
-        self.bad_lines = 0
-
-    def __len__(self) -> int:
-        return len(self._last)
-
-    def add(self, record: dict[str, Any]) -> None:
-        status, name = record.get("status"), record.get("input")
-        if not isinstance(name, str):
-            self.bad_lines += 1
-            return
-        if status == "ok" and isinstance(record.get("output"), str):
-            output = record["output"]
-            self.taken.add(_h8(output.casefold()))
-            value = (self.OK + _h8(record.get("bytes"), record.get("mtime_ns"), record.get("job"))
-                     + _h8(record.get("content"), record.get("job")) + output.encode("utf-8", "surrogatepass"))
-        elif status == "error":
-            value = (self.ERROR + _h8(record.get("bytes"), record.get("mtime_ns"), record.get("job"))
-                     + _h8(record.get("content"), record.get("job")))
-        elif status == "skipped":
-            value = self.SKIPPED + _h8(record.get("reason"))
-        else:
-            self.bad_lines += 1
-            return
-        self._last[_h8(name)] = value
-
-    def prior(self, display: str) -> bytes | None:
-        return self._last.get(_h8(display))
-
-    @staticmethod
-    def output_of(prior: bytes) -> str:
-        return prior[17:].decode("utf-8", "surrogatepass")
-
-
-def load_index(path: Path) -> tuple[ResumeState, int]:
-    """Read ``index.jsonl`` line by line. Returns the state and the byte length of its complete lines (a torn last
-    line, from a kill mid-write, lies beyond it)."""
-    state = ResumeState()
-    good_end = 0
-    try:
-        f = open(path, "rb")  # noqa: SIM115
-    except FileNotFoundError:
-        return state, 0
-    with f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break  # torn: never acted on, cut before appending
-            good_end += len(line)
-            try:
-                record = json.loads(line)
-            except ValueError:
-                state.bad_lines += 1
-                continue
-            if isinstance(record, dict):
-                state.add(record)
-            else:
-                state.bad_lines += 1
-    return state, good_end
-
-
-class OutputFolder:
-    """The output folder held for one job: locked, torn index tail cut, stale temporaries removed."""
-
-    def __init__(self, out_dir: Path, *, overwrite: bool = False):
-        self.dir = out_dir
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            self._lock = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise OutputError(f"{out_dir}: cannot use as the output folder ({e.strerror or e})") from None
-        try:
-            import fcntl
-
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # no flock (Windows): one job per folder is then the user's to ensure
-            pass
-        except OSError:
-            os.close(self._lock)
-            raise OutputError(f"{out_dir}: another encode job is writing to this folder") from None
-        try:
-            self.tmp = out_dir / TMP_DIR_NAME
-            shutil.rmtree(self.tmp, ignore_errors=True)  # left by a killed job; no job holds the lock
-            self.tmp.mkdir()
-            index = out_dir / INDEX_NAME
-            self.state, good_end = load_index(index)
-            if overwrite:
-                if index.exists():
-                    os.replace(index, out_dir / PREVIOUS_INDEX_NAME)
-                self.done = ResumeState()  # nothing counts as done; the names already taken stay taken
-                self.done.taken = self.state.taken
-            else:
-                self.done = self.state
-            self._index = os.open(index, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            if not overwrite and os.fstat(self._index).st_size > good_end:
-                os.ftruncate(self._index, good_end)  # drop only the torn partial line
-        except OSError as e:
-            self.close()
-            raise OutputError(f"{out_dir}: cannot use as the output folder ({e.strerror or e}: "
-                              f"{e.filename or ''})") from None
-        self._counter = 0
-
-    def append(self, record: dict[str, Any]) -> None:
-        """One record, one ``write`` call; ASCII JSON, so undecodable file names survive as escapes."""
-        os.write(self._index, (json.dumps(record) + "\n").encode("ascii"))
-
-    def save(self, rel: str, array: np.ndarray) -> None:
-        """Write ``rel`` (a safe relative path) through the temporary folder, then rename into place."""
-        self._counter += 1
-        save_npy(self.dir, rel, array, self.tmp / f"{os.getpid()}-{self._counter}.npy")
-
-    def close(self) -> None:
-        for fd in ("_index", "_lock"):
-            if hasattr(self, fd):
-                os.close(getattr(self, fd))
-                delattr(self, fd)
-        if hasattr(self, "tmp"):
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def save_npy(out_dir: Path, rel: str, array: np.ndarray, tmp: Path) -> None:
-    """Write ``out_dir/rel`` by saving to ``tmp`` (a unique name on the same file system) and renaming it into
-    place: a reader, or a later run, never sees a partial file."""
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    target = out_dir / rel
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, target)
-
 
 # ---------------------------------------------------------------------------------------------------------- job
 
@@ -561,7 +176,7 @@ def _name_outputs(items: Iterable[InputItem], state: ResumeState) -> Iterator[tu
     made distinct (case-insensitively) from every name taken so far. Inputs named twice come once."""
     seen: set[bytes] = set()
     for item in items:
-        key = _h8(item.display)
+        key = short_hash(item.display)
         if key in seen:
             yield item, ""
             continue
@@ -572,10 +187,10 @@ def _name_outputs(items: Iterable[InputItem], state: ResumeState) -> Iterator[tu
             continue
         base = item.rel or os.path.basename(item.display.rstrip("/")) or "input"
         name, n = base + ".npy", 1
-        while _h8(name.casefold()) in state.taken:
+        while short_hash(name.casefold()) in state.taken:
             n += 1
             name = f"{base}~{n}.npy"
-        state.taken.add(_h8(name.casefold()))
+        state.taken.add(short_hash(name.casefold()))
         yield item, name
 
 
@@ -662,7 +277,7 @@ def _prepare(item: InputItem, output: str, out_dir: Path, prior: bytes, to_input
     if not output:
         return _Prepared(item, output, "duplicate")
     if item.skip is not None:
-        same = prior == ResumeState.SKIPPED + _h8(item.skip)
+        same = prior == ResumeState.SKIPPED + short_hash(item.skip)
         return _Prepared(item, output, "skipped_before" if same else "skip", reason=item.skip)
     # What an unchanged input would be, and the key its record must carry.
     verdict, key = {ResumeState.OK: ("done", job_key), ResumeState.ERROR: ("failed_before", error_key)}.get(
@@ -674,13 +289,13 @@ def _prepare(item: InputItem, output: str, out_dir: Path, prior: bytes, to_input
         facts: dict[str, Any] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "content": None}
     except OSError:
         facts = {"bytes": None, "mtime_ns": None, "content": None}  # missing: a failure until it appears
-    if verdict and prior[1:9] == _h8(facts["bytes"], facts["mtime_ns"], key):
+    if verdict and prior[1:9] == short_hash(facts["bytes"], facts["mtime_ns"], key):
         return _Prepared(item, output, verdict)
     try:
         with open_regular_file(item.path) as f:
             st = os.fstat(f.fileno())
-            facts = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "content": _content_digest(f)}
-            if verdict and prior[9:17] == _h8(facts["content"], key):
+            facts = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "content": content_digest(f)}
+            if verdict and prior[9:17] == short_hash(facts["content"], key):
                 return _Prepared(item, output, verdict)  # touched, not changed
             f.seek(0)
             img = decode_image(f, item.display, exif_transpose=exif_transpose, max_pixels=max_pixels)

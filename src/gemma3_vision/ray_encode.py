@@ -38,23 +38,20 @@ import numpy as np
 import torch
 
 from .api import Gemma3Vision, RandomWeightsWarning, load, resolve_dtype
+from .discovery import InputItem, discover
 from .errors import ConfigError, Gemma3VisionError
 from .job import EncodeOptions, check_options, encode_batch_for, job_key, make_input_for
+from .output_folder import TMP_DIR_NAME, OutputFolder, save_npy
 from .pipeline import (
-    TMP_DIR_NAME,
-    InputItem,
     JobSummary,
     MakeInput,
-    OutputFolder,
     _name_outputs,
     _Prepared,
-    discover,
     encode_prepared,
     error_key_for,
     finish_input,
     plain_input,
     prepare_input,
-    save_npy,
     split_outputs,
 )
 from .preprocess import DEFAULT_MAX_PIXELS

@@ -1,0 +1,212 @@
+"""Finding the inputs of an encode job: files, folders, globs and lists, streamed in a deterministic order.
+
+Folders are walked depth first with names sorted, so every run sees the same order. Links that leave a folder,
+links to folders and broken links are not followed unless asked; FIFOs, sockets and devices are reported as
+skipped without ever being opened (a FIFO would block, ``/dev/zero`` never ends).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import stat
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from .preprocess import (
+    file_kind,
+)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif",
+                            ".tiff"})
+_GLOB_MAGIC = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input: where it is, how the user would recognise it, and its path under the output folder (less
+    ``.npy``). ``skip`` is set when discovery decided, without opening it, that it must not be read."""
+
+    path: Path
+    display: str  # the argument, or argument/relative path: the input's identity in index.jsonl
+    rel: str  # relative path that names the output
+    skip: str | None = None
+
+
+def read_list(source: str, stdin: TextIO | None = None) -> Iterator[str]:
+    """Paths from a list file, one per line (``-`` reads standard input); blank lines are ignored."""
+    if source == "-":
+        yield from _lines(stdin or sys.stdin)
+        return
+    with open(source, encoding="utf-8", errors="surrogateescape") as f:
+        yield from _lines(f)
+
+
+def _lines(f: TextIO) -> Iterator[str]:
+    for line in f:
+        line = line.rstrip("\r\n")
+        if line.strip():
+            yield line
+
+
+def discover(arguments: Iterable[str], *, follow_symlinks: bool = False) -> Iterator[InputItem]:
+    """Every input named by ``arguments``, lazily and in a deterministic order.
+
+    - a file (or a link the user named): taken as is, whatever its suffix;
+    - a folder: recursed depth first with names sorted, keeping image suffixes; links leaving the folder, links to
+      folders and broken links are skipped with a reason unless ``follow_symlinks`` (cycles are never followed);
+    - a pattern with ``*``, ``?``, ``[`` or ``**`` that names no existing path: matched below its fixed leading
+      folder, in the same order (matching nothing, it fails like a missing file);
+    - anything else: an input that will fail with "cannot read".
+
+    FIFOs, sockets, devices and folders met where an image is expected are skipped with a reason; nothing is opened.
+    """
+    for arg in arguments:
+        if os.path.isdir(arg):
+            yield from _walk(Path(arg), _display_root(arg), follow_symlinks, pattern=None)
+        elif not os.path.lexists(arg) and _GLOB_MAGIC & set(arg):
+            matched = False
+            for item in _glob(arg, follow_symlinks):
+                matched = True
+                yield item
+            if not matched:  # recorded as a missing input, so a mistyped pattern is not a silent no-op
+                yield InputItem(Path(arg), arg, Path(arg).name)
+        else:
+            path = Path(arg)
+            yield InputItem(path, arg, path.name, _special_file_reason(path))
+
+
+def _display_root(arg: str) -> str:
+    return arg.rstrip("/\\") or arg
+
+
+def _special_file_reason(path: Path) -> str | None:
+    """Why an existing non-regular file must not be opened; None for regular files and missing paths."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # reported by the reader, with the OS's reason
+    if stat.S_ISREG(mode):
+        return None
+    return f"{file_kind(mode)}, not a regular file: not opened"
+
+
+def _glob(pattern: str, follow_symlinks: bool) -> Iterator[InputItem]:
+    parts = pattern.replace(os.sep, "/").split("/")
+    fixed = 0  # leading components without wildcards: the folder to walk
+    while fixed < len(parts) - 1 and not _GLOB_MAGIC & set(parts[fixed]):
+        fixed += 1
+    base = "/".join(parts[:fixed]) or ("/" if pattern.startswith("/") else "")
+    if os.path.isdir(base or "."):
+        yield from _walk(Path(base or "."), base, follow_symlinks, pattern=[p for p in parts[fixed:] if p])
+
+
+def _match(parts: list[str], pattern: list[str], *, full: bool) -> bool:
+    """Glob-match path components; ``**`` spans any number of them. ``full=False``: could a path strictly below
+    ``parts`` match? As in the shell, wildcards do not match names starting with a dot."""
+    if not parts:
+        return all(p == "**" for p in pattern) if full else bool(pattern)
+    if not pattern:
+        return False
+    head, name = pattern[0], parts[0]
+    if name.startswith(".") and not head.startswith("."):
+        return False
+    if head == "**":
+        return _match(parts, pattern[1:], full=full) or _match(parts[1:], pattern, full=full)
+    return fnmatch.fnmatchcase(name, head) and _match(parts[1:], pattern[1:], full=full)
+
+
+def _walk(root: Path, root_display: str, follow_symlinks: bool, pattern: list[str] | None) -> Iterator[InputItem]:
+    """Depth first, names sorted. An explicit stack, so no tree is too deep; one folder's entries at a time."""
+    real_root = os.path.realpath(root)
+
+    def item(path: str, rel: str, skip: str | None = None) -> InputItem:
+        display = rel if not root_display else f"{root_display.rstrip('/')}/{rel}"
+        return InputItem(Path(path), display, rel, skip)
+
+    def wanted(rel_parts: list[str], name: str) -> bool:
+        if pattern is None:
+            return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+        return _match(rel_parts, pattern, full=True)
+
+    try:
+        root_stat = os.stat(root)
+    except OSError as e:
+        yield item(str(root), "", f"cannot list folder ({e.strerror or e})")
+        return
+    # Each frame: (entries left, relative parts of this folder, identities of the folders above and this one)
+    stack: list[tuple[Iterator[os.DirEntry[str]], list[str], frozenset[tuple[int, int]]]] = []
+
+    def push(path: str, rel_parts: list[str], ancestors: frozenset[tuple[int, int]]) -> Iterator[InputItem]:
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            rel = "/".join(rel_parts)
+            yield item(path, rel, f"cannot list folder ({e.strerror or e})")
+            return
+        stack.append((iter(entries), rel_parts, ancestors))
+
+    yield from push(str(root), [], frozenset({(root_stat.st_dev, root_stat.st_ino)}))
+    while stack:
+        entries, rel_parts, ancestors = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
+            continue
+        parts = [*rel_parts, entry.name]
+        rel = "/".join(parts)
+        try:
+            is_link = entry.is_symlink()
+            is_dir = entry.is_dir(follow_symlinks=False)
+        except OSError:
+            is_link = is_dir = False
+        if is_link:
+            target = os.path.realpath(entry.path)
+            try:
+                st = os.stat(entry.path)
+            except OSError:
+                if wanted(parts, entry.name):
+                    yield item(entry.path, rel, f"broken symbolic link to {target}: not followed")
+                continue
+            inside = target == real_root or target.startswith(real_root.rstrip(os.sep) + os.sep)
+            if stat.S_ISDIR(st.st_mode):
+                ident = (st.st_dev, st.st_ino)
+                if pattern is not None and not _match(parts, pattern, full=False):
+                    continue
+                if not follow_symlinks:
+                    yield item(entry.path, rel, "link to a folder: not followed (use --follow-symlinks)")
+                elif ident in ancestors:
+                    yield item(entry.path, rel, "link to a folder above it (a cycle): not followed")
+                else:
+                    yield from push(entry.path, parts, ancestors | {ident})
+                continue
+            if not wanted(parts, entry.name):
+                continue
+            if not inside and not follow_symlinks:
+                yield item(entry.path, rel, f"link to {target}, outside {root_display or '.'}: not followed "
+                                            "(use --follow-symlinks)")
+                continue
+            yield item(entry.path, rel, None if stat.S_ISREG(st.st_mode) else
+                       f"link to {file_kind(st.st_mode)}, not a regular file: not opened")
+        elif is_dir:
+            if pattern is not None and not _match(parts, pattern, full=False):
+                if _match(parts, pattern, full=True):
+                    yield item(entry.path, rel, "a folder, not a regular file: not opened")
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError as e:
+                yield item(entry.path, rel, f"cannot list folder ({e.strerror or e})")
+                continue
+            yield from push(entry.path, parts, ancestors | {(st.st_dev, st.st_ino)})
+        elif wanted(parts, entry.name):
+            try:
+                regular = entry.is_file(follow_symlinks=False)
+                mode = 0 if regular else entry.stat(follow_symlinks=False).st_mode
+            except OSError:
+                regular, mode = True, 0  # vanished or unreadable: the reader reports it
+            yield item(entry.path, rel, None if regular else f"{file_kind(mode)}, not a regular file: not opened")

@@ -1,0 +1,206 @@
+"""The output folder of an encode job: its lock, its append-only index, atomic ``.npy`` writes, and the resume
+state read back from the index.
+
+What makes the job safe to kill and re-run:
+
+- every ``.npy`` is written under ``OUT/.gemma3-vision-tmp/`` and renamed into place, and its ``ok`` record is
+  appended only after the rename: an ``ok`` record always names a complete file;
+- records are appended one ``write`` per line to an ``O_APPEND`` descriptor; a torn last line (a kill mid-write)
+  is dropped on the next run before anything is appended;
+- on the next run each input is looked up in the index by what the user named it: it is skipped when its last
+  record has the same job key (model identity and output-affecting options) and either the same size and
+  modification time, or the same content hash; an ``ok`` record also needs its output file to exist. Unchanged
+  inputs that failed are not retried (same bytes, same failure) but still count as failed;
+- a lock file keeps two jobs from writing one folder, and the temporary folder is emptied when a job starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .errors import OutputError
+
+INDEX_NAME = "index.jsonl"
+PREVIOUS_INDEX_NAME = "index.jsonl.prev"
+TMP_DIR_NAME = ".gemma3-vision-tmp"
+LOCK_NAME = ".gemma3-vision.lock"
+
+
+# ------------------------------------------------------------------------------------------------------ identity
+
+def fingerprint(*parts: Any) -> str:
+    """A short, stable hex digest of JSON-able parts (dataclasses and paths included)."""
+    data = json.dumps(parts, sort_keys=True, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__")
+                      else str(o))
+    return hashlib.blake2b(data.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
+def checkpoint_identity(checkpoint: Checkpoint) -> dict[str, Any]:
+    """What identifies a model cheaply: its name, format and configs, and each file's name, size and mtime
+    (a re-downloaded or converted file is taken as a different model; nothing is hashed)."""
+    files = []
+    for path in checkpoint.files:
+        try:
+            st = os.stat(path)
+            files.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
+        except OSError:
+            files.append([os.path.abspath(path), None, None])
+    return {"description": checkpoint.description, "format": checkpoint.format, "vision": checkpoint.vision,
+            "projector": checkpoint.projector, "preprocess": checkpoint.preprocess,
+            "conventions": checkpoint.conventions, "files": files}
+
+
+def short_hash(*parts: object) -> bytes:
+    return hashlib.blake2b(repr(parts).encode("utf-8", "surrogatepass"), digest_size=8).digest()
+
+
+def content_digest(f: Any) -> str:
+    return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+
+
+# -------------------------------------------------------------------------------------------------- resume state
+
+class ResumeState:
+    """The index's last word per input, compactly: ``{h(input): status + h(size, mtime, job) + h(content, job) +
+    output}`` (about 100 bytes an input), plus the set of output names already taken."""
+
+    OK, ERROR, SKIPPED = b"o", b"e", b"s"
+
+    def __init__(self) -> None:
+        self._last: dict[bytes, bytes] = {}
+        self.taken: set[bytes] = set()  # h(casefolded output name)
+        self.bad_lines = 0
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def add(self, record: dict[str, Any]) -> None:
+        status, name = record.get("status"), record.get("input")
+        if not isinstance(name, str):
+            self.bad_lines += 1
+            return
+        if status == "ok" and isinstance(record.get("output"), str):
+            output = record["output"]
+            self.taken.add(short_hash(output.casefold()))
+            value = (self.OK + short_hash(record.get("bytes"), record.get("mtime_ns"), record.get("job"))
+                     + short_hash(record.get("content"), record.get("job")) + output.encode("utf-8", "surrogatepass"))
+        elif status == "error":
+            value = (self.ERROR + short_hash(record.get("bytes"), record.get("mtime_ns"), record.get("job"))
+                     + short_hash(record.get("content"), record.get("job")))
+        elif status == "skipped":
+            value = self.SKIPPED + short_hash(record.get("reason"))
+        else:
+            self.bad_lines += 1
+            return
+        self._last[short_hash(name)] = value
+
+    def prior(self, display: str) -> bytes | None:
+        return self._last.get(short_hash(display))
+
+    @staticmethod
+    def output_of(prior: bytes) -> str:
+        return prior[17:].decode("utf-8", "surrogatepass")
+
+
+def load_index(path: Path) -> tuple[ResumeState, int]:
+    """Read ``index.jsonl`` line by line. Returns the state and the byte length of its complete lines (a torn last
+    line, from a kill mid-write, lies beyond it)."""
+    state = ResumeState()
+    good_end = 0
+    try:
+        f = open(path, "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        return state, 0
+    with f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break  # torn: never acted on, cut before appending
+            good_end += len(line)
+            try:
+                record = json.loads(line)
+            except ValueError:
+                state.bad_lines += 1
+                continue
+            if isinstance(record, dict):
+                state.add(record)
+            else:
+                state.bad_lines += 1
+    return state, good_end
+
+
+class OutputFolder:
+    """The output folder held for one job: locked, torn index tail cut, stale temporaries removed."""
+
+    def __init__(self, out_dir: Path, *, overwrite: bool = False):
+        self.dir = out_dir
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputError(f"{out_dir}: cannot use as the output folder ({e.strerror or e})") from None
+        try:
+            import fcntl
+
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no flock (Windows): one job per folder is then the user's to ensure
+            pass
+        except OSError:
+            os.close(self._lock)
+            raise OutputError(f"{out_dir}: another encode job is writing to this folder") from None
+        try:
+            self.tmp = out_dir / TMP_DIR_NAME
+            shutil.rmtree(self.tmp, ignore_errors=True)  # left by a killed job; no job holds the lock
+            self.tmp.mkdir()
+            index = out_dir / INDEX_NAME
+            self.state, good_end = load_index(index)
+            if overwrite:
+                if index.exists():
+                    os.replace(index, out_dir / PREVIOUS_INDEX_NAME)
+                self.done = ResumeState()  # nothing counts as done; the names already taken stay taken
+                self.done.taken = self.state.taken
+            else:
+                self.done = self.state
+            self._index = os.open(index, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            if not overwrite and os.fstat(self._index).st_size > good_end:
+                os.ftruncate(self._index, good_end)  # drop only the torn partial line
+        except OSError as e:
+            self.close()
+            raise OutputError(f"{out_dir}: cannot use as the output folder ({e.strerror or e}: "
+                              f"{e.filename or ''})") from None
+        self._counter = 0
+
+    def append(self, record: dict[str, Any]) -> None:
+        """One record, one ``write`` call; ASCII JSON, so undecodable file names survive as escapes."""
+        os.write(self._index, (json.dumps(record) + "\n").encode("ascii"))
+
+    def save(self, rel: str, array: np.ndarray) -> None:
+        """Write ``rel`` (a safe relative path) through the temporary folder, then rename into place."""
+        self._counter += 1
+        save_npy(self.dir, rel, array, self.tmp / f"{os.getpid()}-{self._counter}.npy")
+
+    def close(self) -> None:
+        for fd in ("_index", "_lock"):
+            if hasattr(self, fd):
+                os.close(getattr(self, fd))
+                delattr(self, fd)
+        if hasattr(self, "tmp"):
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def save_npy(out_dir: Path, rel: str, array: np.ndarray, tmp: Path) -> None:
+    """Write ``out_dir/rel`` by saving to ``tmp`` (a unique name on the same file system) and renaming it into
+    place: a reader, or a later run, never sees a partial file."""
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    target = out_dir / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, target)
