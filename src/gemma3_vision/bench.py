@@ -211,7 +211,7 @@ def build_transformers(vision: VisionConfig, state: dict[str, torch.Tensor], dty
     config._attn_implementation = "sdpa"
     model = transformers.SiglipVisionModel(config)
     model.load_state_dict(state, strict=True)  # transformers 5.x: no vision_model. prefix
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)  # type: ignore[call-arg]  # transformers wraps .to()
 
 
 def _compiled(module: torch.nn.Module) -> Callable[..., Any]:

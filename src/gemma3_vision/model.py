@@ -92,7 +92,9 @@ class Embeddings(nn.Module):
         patches = patches.reshape(B, gh * gw, P * P * C)  # (B, N, P*P*C)
         weight = self.patch_embedding.weight  # (D, C, P, P)
         weight = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)  # (D, P*P*C), same order as patches
-        return F.linear(patches, weight.to(patches.dtype), self.patch_embedding.bias.to(patches.dtype))
+        bias = self.patch_embedding.bias
+        assert bias is not None  # built with bias=True
+        return F.linear(patches, weight.to(patches.dtype), bias.to(patches.dtype))
 
     def forward(self, pixels: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """NHWC pixels → ``(B, N, D)`` float32; the patch matmul runs in ``dtype`` (default: the weights')."""

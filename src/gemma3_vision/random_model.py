@@ -8,7 +8,7 @@ deterministic, finite and of sensible scale; they are not a trained model, and e
 from __future__ import annotations
 
 import zlib
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 
@@ -74,10 +74,8 @@ def random_checkpoint(name: str) -> Checkpoint:
             f"unknown random model {name!r}: expected 'random' or 'random:NAME' with NAME one of {', '.join(PRESETS)}"
         )
     vision, projector = PRESETS[preset]
-    tensors = {
-        key: TensorSource(key, shape, "F32", key, lambda key=key, shape=shape: _make(key, shape))
-        for key, shape in expected_shapes(vision, projector).items()
-    }
+    tensors = {key: TensorSource(key, shape, "F32", key, partial(_make, key, shape))
+               for key, shape in expected_shapes(vision, projector).items()}
     return Checkpoint(
         format="random", files=[], vision=vision, projector=projector,
         preprocess=PreprocessConfig(image_size=vision.image_size), tensors=tensors,
