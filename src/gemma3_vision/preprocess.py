@@ -93,8 +93,9 @@ def decode_image(fp: BinaryIO, name: str, *, exif_transpose: bool = True,
         check_pixel_count(img.size, max_pixels, name)
         img.load()
         if exif_transpose:
-            # Inside the try: a TIFF reads its EXIF from the file, and a malformed block raises anything.
-            img = ImageOps.exif_transpose(img)
+            # Inside the try: a TIFF reads its EXIF from the file, and a malformed block raises anything. In place:
+            # the image is ours, and the default returns a full copy even when there is nothing to rotate.
+            ImageOps.exif_transpose(img, in_place=True)
     except ImageError:
         raise
     except Image.UnidentifiedImageError:
@@ -125,7 +126,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     16-bit greyscale (``I;16*``, and ``I`` taken as 16-bit) keeps its high byte (``>> 8``), as Pillow itself does
     for 16-bit RGB PNGs; Pillow's ``convert`` would clamp it instead (1000 → 255), turning a 16-bit ramp almost
     white. This is a deliberate difference from the reference. Float images (mode ``F``) have no defined range
-    and are refused.
+    and are refused. An RGB image without transparency is returned as it is, not copied.
 
     Raises:
         ImageError: a mode with no defined conversion to RGB.
@@ -139,7 +140,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert would copy an RGB image
 
 
 def _sixteen_bit_to_8(img: Image.Image) -> Image.Image:
