@@ -1,0 +1,247 @@
+"""Does the whole ``encode`` pipeline keep the encoder busy? One process, same model, same batch size:
+
+(a) encode only: ``Gemma3Vision.encode_pixels`` over already-preprocessed batches, images/s;
+(b) the pipeline: ``pipeline.run_job`` over a folder of generated JPEG/PNG files, built exactly as the ``encode``
+    CLI builds it (``discover``, ``job.encode_batch_for``, ``job.make_input_for``, ``job.job_key``), writing
+    ``.npy`` files and ``index.jsonl`` into a fresh temporary folder, images/s from the wall time of the call.
+
+The two are timed in alternation after a warm-up; the ratio is median(b) / median(a). Issue 4's target is 90%.
+It also times each stage alone on one thread (hash, decode, preprocess, encode, save), so a ratio below target
+can be read against what the stages cost.
+
+Examples:
+    python benchmarks/pipeline_bench.py --json benchmarks/results_pipeline_cpu.json
+    python benchmarks/pipeline_bench.py --model tiny --images 32 --repeats 2          # quick look
+    python benchmarks/pipeline_bench.py --model gemma3:2 --batch 1                      # full width, 2 layers
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from gemma3_vision.api import Gemma3Vision, load
+from gemma3_vision.bench import machine_info
+from gemma3_vision.discovery import discover
+from gemma3_vision.job import EncodeOptions, check_options, encode_batch_for, job_key, make_input_for
+from gemma3_vision.output_folder import content_digest, save_npy
+from gemma3_vision.pipeline import run_job
+from gemma3_vision.preprocess import decode_image, pil_to_input
+from gemma3_vision.random_model import random_checkpoint
+from gemma3_vision.weights import expected_shapes, load_model
+
+# Image sets: (name, width, height, formats cycled through the files).
+IMAGE_SETS = {"640x480": (640, 480, ("JPEG", "PNG")), "2000x1500": (2000, 1500, ("JPEG",))}
+
+
+# ------------------------------------------------------------------------------------------------------- inputs
+
+def photo_like(width: int, height: int, seed: int) -> Image.Image:
+    """A seeded RGB image that compresses like a photo: smooth shapes, edges and sensor-like noise."""
+    rng = np.random.default_rng(seed)
+    # Built at a quarter size and upscaled: smooth gradients at photo scale, cheap to make.
+    h4, w4 = height // 4, width // 4
+    y, x = np.mgrid[0:h4, 0:w4].astype(np.float32)  # (h4, w4)
+    channels = []
+    for c in range(3):
+        fx, fy, phase = rng.uniform(0.005, 0.05, 2).tolist() + [rng.uniform(0, 6.3)]
+        channels.append(128 + 90 * np.sin(x * fx + phase) * np.cos(y * fy - c))
+    base = np.stack(channels, -1)  # (h4, w4, 3)
+    for _ in range(6):  # a few flat-coloured rectangles: hard edges for the DCT
+        x0, y0 = rng.integers(0, w4 - 8), rng.integers(0, h4 - 8)
+        base[y0:y0 + rng.integers(8, h4 // 2), x0:x0 + rng.integers(8, w4 // 2)] = rng.uniform(0, 255, 3)
+    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).resize((width, height), Image.Resampling.BICUBIC)
+    noisy = np.asarray(img, np.float32) + rng.normal(0, 6, (height, width, 3)).astype(np.float32)  # (H, W, 3)
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def make_folder(root: Path, image_set: str, count: int) -> list[Path]:
+    """``count`` seeded images of ``image_set`` under ``root/image_set``; the files are written once."""
+    width, height, formats = IMAGE_SETS[image_set]
+    folder = root / image_set
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        fmt = formats[i % len(formats)]
+        path = folder / f"img{i:04d}.{'jpg' if fmt == 'JPEG' else 'png'}"
+        if not path.exists():
+            photo_like(width, height, seed=i).save(path, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+        paths.append(path)
+    return paths
+
+
+# -------------------------------------------------------------------------------------------------------- model
+
+def build_encoder(model: str) -> Gemma3Vision:
+    """``tiny``: ``random:tiny``. ``gemma3:L``: the full-width Gemma 3 tower (896 px, 4B projector) with random
+    weights, truncated to its first L layers (every layer costs the same, so the depth only scales encode time)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "random weights" warnings: known and wanted here
+        if model == "tiny":
+            return load("random:tiny", dtype="float32", device="cpu")
+        name, _, layers = model.partition(":")
+        if name != "gemma3" or not layers.isdigit():
+            raise SystemExit(f"--model: expected 'tiny' or 'gemma3:LAYERS', got {model!r}")
+        full = random_checkpoint("random")
+        vision = replace(full.vision, num_hidden_layers=int(layers))
+        wanted = expected_shapes(vision, full.projector)
+        checkpoint = replace(full, vision=vision, tensors={k: v for k, v in full.tensors.items() if k in wanted},
+                             description=f"random (first {layers} of {full.vision.num_hidden_layers} layers)")
+        vision_model = load_model(checkpoint, dtype=torch.float32, device="cpu", check_finite=False)
+        return Gemma3Vision(vision_model, checkpoint, torch.float32, torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------------------------------- timing
+
+def preprocessed_batches(encoder: Gemma3Vision, paths: list[Path], batch: int) -> list[torch.Tensor]:
+    """The inputs as the pipeline hands them to the model: float32 NHWC ``(B, S, S, 3)`` per batch."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        pixels = [pil_to_input(decode_image(open(p, "rb"), str(p)), encoder.preprocess_config) for p in paths]
+    return [torch.from_numpy(np.stack(pixels[i:i + batch])) for i in range(0, len(pixels), batch)]
+
+
+def time_encode_only(encoder: Gemma3Vision, batches: list[torch.Tensor]) -> float:
+    """Seconds to encode every batch, output copied to NumPy as ``encode_batch_for`` does."""
+    start = time.perf_counter()
+    for x in batches:
+        encoder.encode_pixels(x).float().cpu().numpy()
+    return time.perf_counter() - start
+
+
+def time_pipeline(encoder: Gemma3Vision, inputs: list[str], batch: int, workers: int) -> dict[str, float]:
+    """One ``run_job`` over ``inputs`` (a folder, or files) into a fresh output folder, built as the ``encode``
+    CLI builds it: its wall seconds, images encoded, and the process's user and system CPU seconds."""
+    options = check_options(encoder, EncodeOptions(batch_size=batch))
+    with tempfile.TemporaryDirectory(prefix="pipeline-bench-out-") as out:
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        start = time.perf_counter()
+        summary = run_job(discover(inputs), Path(out), encode_batch_for(encoder, options),
+                          encoder.preprocess_config, make_input=make_input_for(encoder.preprocess_config, options),
+                          job_key=job_key(encoder, options), batch_size=batch, workers=workers)
+        seconds = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_SELF)
+    if summary.failed or summary.skipped:
+        raise RuntimeError(f"pipeline run did not encode every image: {summary.line()}")
+    return {"seconds": seconds, "encoded": summary.encoded, "user_s": after.ru_utime - before.ru_utime,
+            "sys_s": after.ru_stime - before.ru_stime}
+
+
+def stage_costs(encoder: Gemma3Vision, paths: list[Path]) -> dict[str, float]:
+    """Milliseconds per image of each input-side stage run alone on this thread (median over the files): what
+    the decode workers and the writer need per image, to read against the encoder's time per image."""
+    hash_ms, decode_ms, prep_ms, save_ms = [], [], [], []
+    out = np.zeros((encoder.tokens_per_image(), encoder.projector_config.text_hidden_size), np.float32)
+    with tempfile.TemporaryDirectory(prefix="pipeline-bench-stage-") as tmp:
+        for i, p in enumerate(paths):
+            data = p.read_bytes()
+            t0 = time.perf_counter()
+            content_digest(io.BytesIO(data))
+            t1 = time.perf_counter()
+            img = decode_image(io.BytesIO(data), str(p))
+            t2 = time.perf_counter()
+            pil_to_input(img, encoder.preprocess_config)
+            t3 = time.perf_counter()
+            save_npy(Path(tmp), f"{i}.npy", out, Path(tmp) / "tmp.npy")
+            t4 = time.perf_counter()
+            hash_ms.append(t1 - t0)
+            decode_ms.append(t2 - t1)
+            prep_ms.append(t3 - t2)
+            save_ms.append(t4 - t3)
+    return {"hash_ms": 1e3 * statistics.median(hash_ms), "decode_ms": 1e3 * statistics.median(decode_ms),
+            "preprocess_ms": 1e3 * statistics.median(prep_ms), "save_ms": 1e3 * statistics.median(save_ms)}
+
+
+def bench_one(encoder: Gemma3Vision, model: str, paths: list[Path], image_set: str, batch: int, workers: int,
+              repeats: int) -> dict[str, Any]:
+    """Encode-only and pipeline passes over the same files, alternating; the ratio is the median over repeats of
+    pipeline images/s over the encode-only images/s of the pass just before it (adjacent passes see the same
+    machine, which on a shared VM drifts by tens of percent over minutes)."""
+    batches = preprocessed_batches(encoder, paths, batch)
+    n = len(paths)
+    time_encode_only(encoder, batches[:1])  # warm-up: first-call allocations
+    time_pipeline(encoder, [str(p) for p in paths[:2 * batch]], batch, workers)  # warm-up: page cache, pools
+    encode_ips, runs = [], []
+    for _ in range(repeats):
+        encode_ips.append(n / time_encode_only(encoder, batches))
+        runs.append(time_pipeline(encoder, [str(paths[0].parent)], batch, workers))
+    pipeline_ips = [r["encoded"] / r["seconds"] for r in runs]
+    pair_ratios = [p / e for p, e in zip(pipeline_ips, encode_ips, strict=True)]
+    return {
+        "model": model, "image_size": encoder.image_size, "layers": encoder.vision_config.num_hidden_layers,
+        "dtype": "float32", "batch": batch, "workers": workers, "torch_threads": torch.get_num_threads(),
+        "images": image_set, "files": n, "encode_only_ips": encode_ips, "pipeline_ips": pipeline_ips,
+        "encode_only_median_ips": statistics.median(encode_ips), "pipeline_median_ips": statistics.median(pipeline_ips),
+        "ratio": statistics.median(pair_ratios), "pair_ratios": pair_ratios,
+        "ratio_of_medians": statistics.median(pipeline_ips) / statistics.median(encode_ips),
+        "pipeline_cpu_ms_per_image": {"user": 1e3 * statistics.median(r["user_s"] / r["encoded"] for r in runs),
+                                      "sys": 1e3 * statistics.median(r["sys_s"] / r["encoded"] for r in runs)},
+        "stages": {**stage_costs(encoder, paths[:8]), "encode_ms": 1e3 / statistics.median(encode_ips)},
+    }
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'model':<10} {'px':>4} {'images':<10} {'batch':>5} {'encode img/s':>13} {'pipeline img/s':>15} "
+            f"{'ratio':>6}   stages ms/img (1 thread): hash decode prep save | encode | pipeline CPU ms/img usr+sys")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        s = r["stages"]
+        lines.append(
+            f"{r['model']:<10} {r['image_size']:>4} {r['images']:<10} {r['batch']:>5} "
+            f"{r['encode_only_median_ips']:>13.2f} {r['pipeline_median_ips']:>15.2f} {100 * r['ratio']:>5.1f}%   "
+            f"{s['hash_ms']:.1f} {s['decode_ms']:.1f} {s['preprocess_ms']:.1f} {s['save_ms']:.1f} | {s['encode_ms']:.1f} | "
+            f"{r['pipeline_cpu_ms_per_image']['user']:.1f}+{r['pipeline_cpu_ms_per_image']['sys']:.1f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", action="append", help="tiny, or gemma3:LAYERS (default: tiny and gemma3:1)")
+    p.add_argument("--batch", type=int, action="append", help="default: 1 and 4")
+    p.add_argument("--image-set", action="append", choices=sorted(IMAGE_SETS), help="default: both")
+    p.add_argument("--workers", type=int, default=2, help="decode workers, as encode --workers")
+    p.add_argument("--torch-threads", type=int, help="torch.set_num_threads (default: torch's, one per core)")
+    p.add_argument("--images", type=int, help="files per folder (default: 96 for tiny, 8 for gemma3)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--files-dir", type=Path, help="where the generated images live (default: a temporary folder)")
+    p.add_argument("--json", type=Path, help="write the results here")
+    a = p.parse_args(argv)
+    if a.torch_threads:
+        torch.set_num_threads(a.torch_threads)
+    models, batches = a.model or ["tiny", "gemma3:1"], a.batch or [1, 4]
+    image_sets = a.image_set or list(IMAGE_SETS)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="pipeline-bench-files-") as tmp:
+        root = a.files_dir or Path(tmp)
+        for model in models:
+            encoder = build_encoder(model)
+            count = a.images or (96 if model == "tiny" else 8)
+            for image_set in image_sets:
+                paths = make_folder(root / f"n{count}", image_set, count)
+                for batch in batches:
+                    print(f"{model} {image_set} batch {batch}: {count} files, {a.repeats} repeats", file=sys.stderr)
+                    rows.append(bench_one(encoder, model, paths, image_set, batch, a.workers, a.repeats))
+                    print(format_table(rows[-1:]).splitlines()[-1], file=sys.stderr)
+    print(format_table(rows))
+    if a.json:
+        a.json.write_text(json.dumps({"machine": machine_info(torch.device("cpu")), "results": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
