@@ -169,6 +169,12 @@ class Gemma3Vision:
     def has_projector(self) -> bool:
         return self.model.multi_modal_projector is not None
 
+    def require_projector(self) -> None:
+        """Raises ConfigError when there is nothing to project with (a standalone SigLIP tower)."""
+        if not self.has_projector:
+            raise ConfigError(f"{self.checkpoint.description} has no multimodal projector (a standalone SigLIP "
+                              "tower): use project=False / --no-project")
+
     def check_image_size(self, image_size: int, *, project: bool) -> None:
         """Refuse an input size the tower (or, projecting, the projector's fixed k×k merge) cannot take.
 
@@ -203,9 +209,8 @@ class Gemma3Vision:
     def encode_pixels(self, pixels: torch.Tensor, *, project: bool = True) -> torch.Tensor:
         """NHWC pixels ``(B, H, W, 3)`` → ``(B, T, text_hidden)`` projected, or ``(B, N, hidden)`` with
         ``project=False``."""
-        if project and not self.has_projector:
-            raise ConfigError(f"{self.checkpoint.description} has no multimodal projector (a standalone SigLIP "
-                              "tower): use project=False / --no-project")
+        if project:
+            self.require_projector()
         x = self.model.vision_tower(pixels.to(self.device, non_blocking=True))
         if project:
             assert self.model.multi_modal_projector is not None
@@ -289,9 +294,8 @@ class Gemma3Vision:
     def encode_views(self, pixels: torch.Tensor, *, project: bool = True, layers: Sequence[int] = (),
                      pool: str | None = None, normalize: bool = False) -> list[ViewEncoding]:
         """NHWC pixels ``(V, S, S, 3)`` → one ``ViewEncoding`` per row (boxes left empty for the caller)."""
-        if project and not self.has_projector:
-            raise ConfigError(f"{self.checkpoint.description} has no multimodal projector (a standalone SigLIP "
-                              "tower): use project=False / --no-project")
+        if project:
+            self.require_projector()
         x = pixels.to(self.device, non_blocking=True)
         hidden: tuple[torch.Tensor, ...] = ()
         if layers:

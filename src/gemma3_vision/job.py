@@ -43,9 +43,8 @@ def check_options(encoder: Gemma3Vision, options: EncodeOptions) -> EncodeOption
         ConfigError: projecting without a projector, an input size the model cannot take, a layer out of range,
             ``normalize`` without ``pool``.
     """
-    if options.project and not encoder.has_projector:
-        raise ConfigError(f"{encoder.checkpoint.description} has no multimodal projector (a standalone SigLIP "
-                          "tower): use --no-project")
+    if options.project:
+        encoder.require_projector()
     if options.normalize and options.pool is None:
         raise ConfigError("normalize applies to pooled vectors: set pool='mean' (--pool mean) as well")
     encoder.check_image_size(encoder.image_size, project=options.project)
