@@ -1,36 +1,91 @@
 #!/usr/bin/env bash
-# One prepared GPU session: every GPU check and benchmark of issue 4 (target 6) and issue 6 part 5, in one go.
-# Run from the repository root on a CUDA machine with the package and transformers installed:
+# One prepared GPU session: every GPU check and benchmark of issue 4 (target 6), in one go, inside ~6 minutes.
+# Run from the repository root on a CUDA machine where python3 has torch, transformers and this package (or
+# PYTHONPATH=src and the gguf package):
 #     OUT=/some/folder bash benchmarks/gpu_check.sh
-# Writes into $OUT: nvidia-smi.txt, gpu_tests.txt (pytest -m gpu), bench_bf16_b32.{txt,json} (bf16 batch 32, ours vs
-# transformers, plain and compiled, with the bf16 GEMM peak measured on the spot), bench_fp16_b32.{txt,json}.
+# Writes into $OUT (at most 8 files, so that all of them come back from a lent machine):
+#   log.txt                 everything printed, in order
+#   nvidia-smi.txt          the card, driver and clocks
+#   kernels.json            GEMM rate on the tower's linear shapes and on 8192³ (the peak); every attention kernel
+#                           on the tower's attention (benchmarks/gpu_kernels.py)
+#   bench_bf16.json         bf16, batch 1 and 32: ours (as load() sets it up), ours allowed one attention kernel
+#                           each, transformers (sdpa); full tower, same weights, alternating
+#   bench_bf16_compile.json bf16, batch 32: ours and transformers, plain and under torch.compile (freezing on)
+#   bench_fp16.json         fp16, batch 32: ours and transformers, outputs checked finite
 # Targets: bf16 batch 32 >= 55% of the measured GEMM peak and >= 1.3x transformers; fp16 and bf16 without inf/NaN.
+# PRESET=tiny DEVICE=cpu (random:tiny) runs the same steps small, without a GPU, to check the script itself.
 set -u
 OUT=${OUT:-gpu_results}
+PY=${PYTHON:-python3}
+PRESET=${PRESET:-gemma3-4b}
+DEVICE=${DEVICE:-cuda}
+export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; print(torch.__version__, torch.cuda.get_device_name())" \
-    | tee "$OUT/device.txt" || exit 1
-# Correctness first (fast): half precision finite and close to fp32, including weights scaled to overflow fp16.
-python -m pytest -q -m gpu tests/test_model.py -rs 2>&1 | tail -20 | tee "$OUT/gpu_tests.txt"
-# bf16, batch 32, the full tower: ours vs transformers (sdpa), both plain and under torch.compile.
-timeout 420 python benchmarks/bench.py --device cuda --dtype bfloat16 --batch 32 --repeats 5 \
-    --json "$OUT/bench_bf16_b32.json" 2>&1 | tee "$OUT/bench_bf16_b32.txt"
-# fp16: no inf/NaN (the report's cosine against ours and a finite max|diff| show it); plain only, to save time.
-timeout 240 python benchmarks/bench.py --device cuda --dtype float16 --batch 32 --repeats 3 --no-compile \
-    --json "$OUT/bench_fp16_b32.json" 2>&1 | tee "$OUT/bench_fp16_b32.txt"
-python - "$OUT" <<'PY'
+exec > >(tee -a "$OUT/log.txt") 2>&1
+step() { echo; echo "=== $(date +%T) $*"; }
+
+step "device"
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 && head -15 "$OUT/nvidia-smi.txt"
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
+'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())" || exit 1
+
+step "correctness: GPU tests (half precision finite and close to fp32, weights scaled to overflow fp16)"
+timeout 150 $PY -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_model.py
+
+MODEL=random
+[ "$PRESET" != gemma3-4b ] && MODEL="random:$PRESET"
+step "the encode command end to end on $DEVICE (random weights, bf16 and fp16, the example images)"
+for dtype in bfloat16 float16; do
+    timeout 90 $PY -m gemma3_vision encode examples/images --model "$MODEL" --device "$DEVICE" \
+        --dtype $dtype --batch-size 2 --out "/tmp/gpu_check_encode_$dtype" && $PY -c "
+import glob, numpy as np
+arrays = [np.load(p) for p in sorted(glob.glob('/tmp/gpu_check_encode_$dtype/**/*.npy', recursive=True))]
+print('$dtype:', len(arrays), 'arrays', arrays[0].shape if arrays else None,
+      'all finite:', all(np.isfinite(a.astype(np.float32)).all() for a in arrays))"
+done
+
+if [ "$DEVICE" = cuda ]; then
+    step "kernels: GEMM shapes and attention kernels, bf16, batch 32"
+    timeout 90 $PY benchmarks/gpu_kernels.py --batch 32 --json "$OUT/kernels.json"
+fi
+
+step "bf16, batch 1 and 32, plain: ours, ours per attention kernel, transformers"
+ATTENTION="--attention flash --attention efficient"
+[ "$DEVICE" = cuda ] && ATTENTION="$ATTENTION --attention cudnn"
+timeout 200 $PY benchmarks/bench.py --preset "$PRESET" --device "$DEVICE" --dtype bfloat16 --batch 1 --batch 32 \
+    --repeats 5 --no-compile $ATTENTION --json "$OUT/bench_bf16.json"
+
+step "fp16, batch 32, plain: no inf/NaN"
+timeout 90 $PY benchmarks/bench.py --preset "$PRESET" --device "$DEVICE" --dtype float16 --batch 32 --repeats 3 \
+    --no-compile --json "$OUT/bench_fp16.json"
+
+# The attention kernel that made our whole tower fastest at batch 32 above goes first for the compiled run.
+BEST=$($PY -c "
+import json, sys
+c = [c for c in json.load(open('$OUT/bench_bf16.json'))['configs'] if c['batch'] == 32][0]
+runs = [r for r in c['runners'] if r['name'].startswith('ours[')]
+print(min(runs, key=lambda r: r['median_s'])['name'][5:-1])" 2>/dev/null)
+step "bf16, batch 32, plain and torch.compile (compile time reported), attention first: ${BEST:-default}"
+timeout 300 $PY benchmarks/bench.py --preset "$PRESET" --device "$DEVICE" --dtype bfloat16 --batch 32 --repeats 3 \
+    ${BEST:+--attention-first $BEST} --json "$OUT/bench_bf16_compile.json"
+
+step "summary"
+$PY - "$OUT" <<'PY'
 import json, math, sys
 out = sys.argv[1]
-for name in ("bench_bf16_b32", "bench_fp16_b32"):
+for name in ("bench_bf16", "bench_fp16", "bench_bf16_compile"):
     try:
         report = json.load(open(f"{out}/{name}.json"))
     except OSError:
-        print(name, "missing"); continue
+        print(f"{name}: missing (timed out or failed: see log.txt)")
+        continue
     for c in report["configs"]:
-        runners = {r["name"]: r for r in c["runners"]}
-        ours = runners["ours"]
-        finite = all(r["max_abs_diff"] is None or math.isfinite(r["max_abs_diff"]) for r in runners.values())
-        print(f"{name}: {ours['median_s']*1e3:.1f} ms/image, {100*ours['peak_fraction']:.0f}% of the measured "
-              f"{c['gemm_peak_tflops']:.0f} TFLOP/s GEMM peak, ratios {c['ratios']}, outputs finite: {finite}")
+        finite = all(r["max_abs_diff"] is None or math.isfinite(r["max_abs_diff"]) for r in c["runners"])
+        print(f"{name}, {c['dtype']} batch {c['batch']}: GEMM peak {c['gemm_peak_tflops']:.0f} TFLOP/s, "
+              f"outputs finite: {finite}")
+        for r in c["runners"]:
+            print(f"  {r['name']:<24}{r['median_s'] * 1e3:8.2f} ms/image {r['tflops']:7.1f} TFLOP/s "
+                  f"{100 * r['peak_fraction']:4.0f}% of peak")
+        for ratio, value in c["ratios"].items():
+            print(f"  {ratio}: {value:.2f}x")
 PY

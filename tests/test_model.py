@@ -191,3 +191,35 @@ def test_gpu_half_precision_finite_and_close(tiny_state, dtype):
         assert torch.isfinite(out).all(), f"{dtype} on CUDA, MLP x{scale}: inf/NaN"
         c = cosine(out, ref)
         assert c >= 0.999, f"{dtype} on CUDA, MLP x{scale}: cosine {c:.6f} < 0.999"
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("kernel", ["default", "flash", "efficient", "cudnn"])
+@torch.inference_mode()
+def test_gpu_attention_kernels_match_fp32(kernel):
+    """Each SDPA kernel on the real head width (72), bf16 on CUDA, against the fp32 CPU tower."""
+    from dataclasses import replace
+
+    from gemma3_vision.bench import ATTENTION_KERNELS
+    from gemma3_vision.config import VisionConfig
+
+    config = replace(VisionConfig(), num_hidden_layers=2, image_size=224)  # 256 tokens, 16 heads of 72
+    torch.manual_seed(0)
+    ref_tower = VisionTower(config).eval()
+    x = pixels(2, size=224, seed=11)
+    ref = ref_tower(x)
+    t = VisionTower(config).eval()
+    t.load_state_dict(ref_tower.state_dict())
+    t = t.to("cuda", torch.bfloat16)
+    t.attention_backends = (api.attention_backends_for(torch.device("cuda")) if kernel == "default"
+                            else (ATTENTION_KERNELS[kernel],))
+    try:
+        out = t(x.cuda()).float().cpu()
+    except RuntimeError as e:
+        if kernel == "default":
+            raise
+        pytest.skip(f"the {kernel} attention kernel cannot run on this GPU / torch build: {str(e)[:160]}")
+    c = cosine(out, ref)
+    assert torch.isfinite(out).all(), f"{kernel}: inf/NaN"
+    assert c >= 0.999, f"{kernel} attention, bf16 on CUDA: cosine {c:.6f} to the fp32 tower < 0.999"

@@ -22,20 +22,26 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.nn.attention import SDPBackend
 
 from .config import PRESETS, VisionConfig
 
+if TYPE_CHECKING:
+    from .model import VisionTower
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTENTION_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                     "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
 
 
 @dataclass
 class RunnerResult:
     """One implementation in one configuration."""
 
-    name: str  # "ours", "ours+compile", "transformers", "transformers+compile"
+    name: str  # "ours", "ours+compile", "transformers", "transformers+compile"; "ours[cudnn]": one attention kernel
     seconds_per_image: list[float]  # every timed run, divided by the batch
     median_s: float
     min_s: float
@@ -60,7 +66,8 @@ class ConfigResult:
     layers: int  # encoder layers run
     full_layers: int  # the preset's depth (27 for Gemma 3): fewer layers run means a truncated tower
     gflop_per_image: float
-    gemm_peak_tflops: float  # best of the dtype and fp32 GEMM rate, on the tower's fc1 shape, measured now
+    gemm_peak_tflops: float  # best GEMM rate measured now: dtype and fp32, the fc1 shape (and 8192³ on a GPU)
+    attention: str = "torch's choice"  # the SDPA kernels "ours" allowed, in priority order
     runners: list[RunnerResult] = field(default_factory=list)
     ratios: dict[str, float] = field(default_factory=dict)  # "vs transformers": their median / ours, ...
 
@@ -185,15 +192,36 @@ def random_tower_state(preset: str, layers: int) -> dict[str, torch.Tensor]:
 
 
 def build_ours(vision: VisionConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
-               device: torch.device) -> torch.nn.Module:
-    from .api import compute_dtype_for
+               device: torch.device) -> VisionTower:
+    """Our tower as ``load()`` sets it up for ``device``: compute dtype and attention kernels included."""
+    from .api import attention_backends_for, compute_dtype_for
     from .model import VisionTower
 
     with torch.device("meta"):
         tower = VisionTower(vision)
     tower.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
     tower.compute_dtype = compute_dtype_for(dtype, device)
+    tower.attention_backends = attention_backends_for(device)
     return tower.eval().requires_grad_(False)
+
+
+def _attention_label(backends: Sequence[SDPBackend] | None) -> str:
+    if backends is None:
+        return "torch's choice"
+    names = {kernel: name for name, kernel in ATTENTION_KERNELS.items()}
+    return " > ".join(names.get(b, str(b)) for b in backends)
+
+
+def _only_kernel(tower: VisionTower, kernel: str, pixels: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """A runner of ``tower`` allowed exactly one attention kernel (it raises where that kernel cannot run)."""
+    def run() -> torch.Tensor:
+        saved = tower.attention_backends
+        tower.attention_backends = (ATTENTION_KERNELS[kernel],)
+        try:
+            return tower(pixels)
+        finally:
+            tower.attention_backends = saved
+    return run
 
 
 def build_transformers(vision: VisionConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
@@ -227,10 +255,17 @@ def _time_runners(runners: dict[str, Callable[[], torch.Tensor]], repeats: int, 
     """Warm each runner once (timed apart), then run them in alternation ``repeats`` times."""
     first: dict[str, float] = {}
     outputs: dict[str, torch.Tensor] = {}
-    for name, run in runners.items():
+    for name, run in list(runners.items()):
         _sync(device)
         t = time.perf_counter()
-        outputs[name] = run().float().cpu()
+        try:
+            outputs[name] = run().float().cpu()
+        except RuntimeError as e:  # a single-kernel variant whose kernel does not support this device or shape
+            if "[" not in name:
+                raise
+            print(f"{name}: cannot run here ({str(e).splitlines()[0][:200]}); left out", file=sys.stderr)
+            del runners[name]
+            continue
         _sync(device)
         first[name] = time.perf_counter() - t
     times: dict[str, list[float]] = {name: [] for name in runners}
@@ -250,8 +285,13 @@ def _time_runners(runners: dict[str, Callable[[], torch.Tensor]], repeats: int, 
 
 def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype: str, batch: int, threads: int,
                  device: torch.device, repeats: int, compile: bool, reference: bool, full_layers: int,
+                 attention: Sequence[str] = (), attention_first: str | None = None,
                  progress: Callable[[str], None] = lambda s: None) -> ConfigResult:
-    """Time ours (and transformers) in one configuration."""
+    """Time ours (and transformers) in one configuration.
+
+    ``attention`` adds a runner of ours per named SDPA kernel, allowed that kernel alone (``ours[cudnn]``);
+    ``attention_first`` puts one kernel first in the priority order of "ours" (and "ours+compile").
+    """
     torch_dtype = _DTYPES[dtype]
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
@@ -260,8 +300,13 @@ def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype:
     pixels_nchw = pixels.permute(0, 3, 1, 2).contiguous().to(torch_dtype)  # transformers'
 
     ours = build_ours(vision, state, torch_dtype, device)
+    if attention_first is not None:
+        ours.attention_backends = (ATTENTION_KERNELS[attention_first],
+                                   *(k for k in ATTENTION_KERNELS.values() if k != ATTENTION_KERNELS[attention_first]))
     compute = ours.compute_dtype or torch_dtype
     runners: dict[str, Callable[[], torch.Tensor]] = {"ours": lambda: ours(pixels)}
+    for kernel in attention:
+        runners[f"ours[{kernel}]"] = _only_kernel(ours, kernel, pixels)
     if compile:
         ours_c = _compiled(ours)
         runners["ours+compile"] = lambda: ours_c(pixels)
@@ -276,7 +321,8 @@ def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype:
     rows = min(batch * vision.num_patches, 2048 if device.type == "cpu" else 32768)  # a GPU needs big ones
     shape = (rows, vision.hidden_size, vision.intermediate_size)  # the fc1 product
     peak = max(gemm_tflops(torch_dtype, device, *shape),
-               gemm_tflops(torch.float32, device, *shape) if torch_dtype != torch.float32 else 0.0)
+               gemm_tflops(torch.float32, device, *shape) if torch_dtype != torch.float32 else 0.0,
+               gemm_tflops(torch_dtype, device, 8192, 8192, 8192) if device.type == "cuda" else 0.0)
     progress(f"{dtype} batch {batch}: warm-up and {repeats} alternating runs of {', '.join(runners)}")
     with torch.inference_mode():
         times, first, peaks, outputs = _time_runners(runners, repeats, batch, device)
@@ -285,7 +331,8 @@ def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype:
     result = ConfigResult(dtype=dtype, compute_dtype=str(compute).replace("torch.", ""), batch=batch, threads=threads,
                           device=str(device), image_size=vision.image_size, layers=vision.num_hidden_layers,
                           full_layers=full_layers,
-                          gflop_per_image=gflop, gemm_peak_tflops=peak)
+                          gflop_per_image=gflop, gemm_peak_tflops=peak,
+                          attention=_attention_label(ours.attention_backends))
     for name, ts in times.items():
         median = statistics.median(ts)
         compile_s = first[name] - median * batch
@@ -300,9 +347,8 @@ def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype:
     medians = {r.name: r.median_s for r in result.runners}
     for name in ("transformers", "transformers+compile"):
         if name in medians:
-            result.ratios[f"ours vs {name}"] = medians[name] / medians["ours"]
-            if "ours+compile" in medians:
-                result.ratios[f"ours+compile vs {name}"] = medians[name] / medians["ours+compile"]
+            for mine in (m for m in medians if m.startswith("ours")):
+                result.ratios[f"{mine} vs {name}"] = medians[name] / medians[mine]
     return result
 
 
@@ -351,7 +397,8 @@ def measure_memory(model: str, dtype: str, batch: int, image_size: int | None = 
 def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float32",), batches: Sequence[int] = (1,),
                   threads: int | None = None, device: str | None = None, layers: int | None = None,
                   image_size: int | None = None, repeats: int = 3, compile: bool = True, reference: bool = True,
-                  memory: bool = False, progress: Callable[[str], None] = lambda s: None) -> BenchReport:
+                  memory: bool = False, attention: Sequence[str] = (), attention_first: str | None = None,
+                  progress: Callable[[str], None] = lambda s: None) -> BenchReport:
     """Benchmark ours against transformers for every (dtype, batch).
 
     Args:
@@ -366,6 +413,8 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
         compile: also time both under ``torch.compile`` (inductor, freezing on).
         reference: also time transformers (when it is installed).
         memory: also measure peak RSS of ours alone in a fresh process (CPU only).
+        attention: SDPA kernels (``flash``, ``efficient``, ``cudnn``, ``math``) to time ours with, one runner each.
+        attention_first: the SDPA kernel "ours" tries first (default: what ``load()`` uses on the device).
 
     Returns:
         A ``BenchReport``; ``format_report`` prints it, ``to_json`` records it.
@@ -374,6 +423,9 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
     for d in dtypes:
         if d not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {d!r}")
+    for kernel in [*attention, *([attention_first] if attention_first else [])]:
+        if kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention kernel must be one of {', '.join(ATTENTION_KERNELS)}, got {kernel!r}")
     vision = PRESETS[preset][0]
     if layers is not None:
         vision = replace(vision, num_hidden_layers=layers)
@@ -395,6 +447,7 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
             report.configs.append(bench_config(vision, state, dtype=d, batch=b, threads=n_threads, device=dev,
                                                repeats=repeats, compile=compile, reference=reference,
                                                full_layers=PRESETS[preset][0].num_hidden_layers,
+                                               attention=attention, attention_first=attention_first,
                                                progress=progress))
     if memory and dev.type == "cpu":
         for d in dtypes:
@@ -415,7 +468,7 @@ def format_report(report: BenchReport) -> str:
         lines.append("")
         lines.append(f"{c.dtype} (our matmuls in {c.compute_dtype}), batch {c.batch}, {c.threads} threads, "
                      f"{c.device}, {c.image_size} px, {depth}: {c.gflop_per_image:.0f} GFLOP/image, "
-                     f"GEMM peak {c.gemm_peak_tflops:.3f} TFLOP/s")
+                     f"GEMM peak {c.gemm_peak_tflops:.3f} TFLOP/s; our attention: {c.attention}")
         lines.append(f"  {'runner':<22}{'median s/img':>13}{'min':>9}{'max':>9}{'TFLOP/s':>9}{'% peak':>8}"
                      f"{'peak MB':>9}{'compile s':>10}{'max|diff|':>11}{'cosine':>11}")
         for r in c.runners:
@@ -450,12 +503,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-reference", action="store_true", help="skip transformers")
     p.add_argument("--memory", action="store_true", help="also probe peak RSS of ours in a fresh process")
+    p.add_argument("--attention", action="append", choices=sorted(ATTENTION_KERNELS), default=[],
+                   help="repeatable: also time ours allowed only this SDPA kernel")
+    p.add_argument("--attention-first", choices=sorted(ATTENTION_KERNELS),
+                   help="the SDPA kernel ours tries first (default: what load() uses on the device)")
     p.add_argument("--json", help="write the report here")
     a = p.parse_args(argv)
     report = run_benchmark(preset=a.preset, dtypes=a.dtype or ["float32"], batches=a.batch or [1],
                            threads=a.threads, device=a.device, layers=a.layers, image_size=a.image_size,
                            repeats=a.repeats, compile=not a.no_compile, reference=not a.no_reference,
-                           memory=a.memory, progress=lambda s: print(s, file=sys.stderr, flush=True))
+                           memory=a.memory, attention=a.attention, attention_first=a.attention_first,
+                           progress=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_report(report))
     if a.json:
         with open(a.json, "w", encoding="utf-8") as f:

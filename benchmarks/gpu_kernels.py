@@ -1,0 +1,97 @@
+"""The tower's kernels one by one on a GPU: each attention kernel and each linear shape, in TFLOP/s.
+
+Where ``bench.py`` times the whole tower, this says where its time goes: the GEMM rate on the tower's four linear
+shapes and on 8192³ (the peak), and every ``scaled_dot_product_attention`` kernel on the tower's attention (4096
+tokens, 16 heads of 72), fed as the tower feeds it (strided views of one fused q/k/v product), and on head widths
+padded to 80, 96 and 128 for comparison. Usage (on a CUDA machine)::
+
+    python benchmarks/gpu_kernels.py --batch 32 --json kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
+
+from gemma3_vision.bench import ATTENTION_KERNELS
+from gemma3_vision.config import PRESETS
+
+
+def cuda_seconds(fn, iters: int = 10) -> float:
+    """Median of ``iters`` timed calls after two warm-ups, by CUDA events."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def gemm_rates(rows: int, dtype: torch.dtype) -> dict[str, float]:
+    D, M = PRESETS["gemma3-4b"][0].hidden_size, PRESETS["gemma3-4b"][0].intermediate_size
+    shapes = {"qkv": (rows, D, 3 * D), "out_proj": (rows, D, D), "fc1": (rows, D, M), "fc2": (rows, M, D),
+              "8192^3": (8192, 8192, 8192)}
+    rates = {}
+    for name, (m, k, n) in shapes.items():
+        a = torch.randn(m, k, device="cuda", dtype=dtype)
+        w = torch.randn(n, k, device="cuda", dtype=dtype)
+        bias = torch.randn(n, device="cuda", dtype=dtype)
+        rates[name] = 2 * m * k * n / cuda_seconds(lambda: F.linear(a, w, bias)) / 1e12  # noqa: B023
+    return rates
+
+
+def attention_rates(batch: int, dtype: torch.dtype) -> dict[str, float | str]:
+    vision = PRESETS["gemma3-4b"][0]
+    N, H, Dh = vision.num_patches, vision.num_attention_heads, vision.head_dim
+    flop = 4 * batch * H * N * N * Dh  # q·kᵀ and a·v, at the true head width
+    rates: dict[str, float | str] = {}
+    for width in (Dh, 80, 96, 128):
+        qkv = torch.randn(batch, N, 3, H, width, device="cuda", dtype=dtype)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, width) each, strided as in the tower
+        for name, kernel in ATTENTION_KERNELS.items():
+            if name == "math":
+                continue  # materialises (B, H, N, N): tens of GB at batch 32
+            label = f"{name} d{width}"
+            try:
+                with sdpa_kernel(kernel):
+                    seconds = cuda_seconds(lambda: F.scaled_dot_product_attention(q, k, v, scale=Dh**-0.5))  # noqa: B023
+                rates[label] = flop / seconds / 1e12  # useful work: a padded width does more for the same result
+            except RuntimeError as e:
+                rates[label] = f"cannot run: {str(e).splitlines()[0][:120]}"
+    return rates
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--json")
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 1
+    dtype = getattr(torch, a.dtype)
+    rows = a.batch * PRESETS["gemma3-4b"][0].num_patches
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": a.batch, "dtype": a.dtype,
+              "gemm_tflops": gemm_rates(rows, dtype), "attention_tflops": attention_rates(a.batch, dtype)}
+    for group in ("gemm_tflops", "attention_tflops"):
+        for name, rate in report[group].items():
+            print(f"{group:<17}{name:<16}{rate if isinstance(rate, str) else f'{rate:8.1f}'}")
+    if a.json:
+        with open(a.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
