@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from conftest import TINY_VISION, TOL, cosine, max_abs
 from gemma3_vision import api
+from gemma3_vision.errors import ConfigError
 from gemma3_vision.model import Attention, VisionTower
 
 CPU = torch.device("cpu")
@@ -223,3 +224,19 @@ def test_gpu_attention_kernels_match_fp32(kernel):
     c = cosine(out, ref)
     assert torch.isfinite(out).all(), f"{kernel}: inf/NaN"
     assert c >= 0.999, f"{kernel} attention, bf16 on CUDA: cosine {c:.6f} to the fp32 tower < 0.999"
+
+
+@torch.inference_mode()
+def test_bf16_residual_stream_stays_bf16_and_close(tiny_state):
+    """``residual_dtype = bfloat16`` (the bench's transformers-like variant) keeps the stream in bf16, fp32 products."""
+    ref = tower(tiny_state)
+    t = tower(tiny_state, torch.bfloat16, compute=torch.float32)
+    t.residual_dtype = torch.bfloat16
+    x = pixels(2, seed=12)
+    out = t(x, output_hidden_states=True)
+    assert all(h.dtype == torch.bfloat16 for h in out.hidden_states)
+    c = cosine(out.last_hidden_state, ref(x))
+    assert c >= 0.999, f"bf16 residual vs fp32 tower: cosine {c:.6f} < 0.999"
+    t.residual_dtype = torch.float16
+    with pytest.raises(ConfigError, match="residual_dtype must be float32 or bfloat16"):
+        t(x)

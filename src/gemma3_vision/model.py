@@ -6,11 +6,11 @@ with a prefix strip and every other format maps onto these names.
 
 Input is pixels NHWC ``(B, H, W, C)`` in [-1, 1]; output is ``(B, num_patches, hidden)`` in the parameters' dtype.
 
-Precision: the residual stream and every LayerNorm run in float32, whatever the stored dtype; the matmuls and the
-attention run in ``VisionTower.compute_dtype`` (default: the parameters' dtype). Stored weights are cast to it one
-layer at a time, so bf16 weights can be computed in fp32 on a CPU without native bf16 (8x faster there than emulated
-bf16) while memory stays at the bf16 size. In float16 a product that overflows (SigLIP activations can pass 65504)
-is redone in float32: see ``fp16_safe``.
+Precision: the residual stream and every LayerNorm run in float32 (``VisionTower.residual_dtype``), whatever the
+stored dtype; the matmuls and the attention run in ``VisionTower.compute_dtype`` (default: the parameters' dtype).
+Stored weights are cast to it one layer at a time, so bf16 weights can be computed in fp32 on a CPU without native
+bf16 (8x faster there than emulated bf16) while memory stays at the bf16 size. In float16 a product that overflows
+(SigLIP activations can pass 65504) is redone in float32: see ``fp16_safe``.
 """
 
 from __future__ import annotations
@@ -53,10 +53,10 @@ class Linear(nn.Linear):
 
 
 class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` computed in float32 on the float32 residual stream, whatever the stored dtype."""
+    """``nn.LayerNorm`` computed in the residual stream's dtype (float32 by default), whatever the stored dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+        return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
 def fp16_safe(fn: Callable[..., torch.Tensor], dtype: torch.dtype, *inputs: torch.Tensor) -> torch.Tensor:
@@ -164,7 +164,7 @@ class MLP(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Pre-norm: ``x + attn(LN1(x))``, then ``x + mlp(LN2(x))``; x is the float32 residual stream."""
+    """Pre-norm: ``x + attn(LN1(x))``, then ``x + mlp(LN2(x))``; x is the residual stream (float32 by default)."""
 
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -174,8 +174,9 @@ class EncoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), dtype)
-        return x + self.mlp(self.layer_norm2(x), dtype)
+        # (a + b).to(a.dtype): one kernel that also casts back where the products ran wider than the stream
+        x = (x + self.self_attn(self.layer_norm1(x), dtype)).to(x.dtype)
+        return (x + self.mlp(self.layer_norm2(x), dtype)).to(x.dtype)
 
 
 class Encoder(nn.Module):
@@ -206,6 +207,9 @@ class VisionTower(nn.Module):
         # dtype of the matmuls and attention; None: the parameters' dtype. load() sets float32 for bf16/fp16
         # weights on a CPU without native support for them.
         self.compute_dtype: torch.dtype | None = None
+        # dtype of the residual stream and the LayerNorms: float32 keeps the sum of 27 layers close to the fp32
+        # reference; bfloat16 (what transformers does in a bf16 run) moves half the bytes between the matmuls.
+        self.residual_dtype = torch.float32
         # scaled_dot_product_attention kernels allowed, in priority order; None: torch's own choice. load() picks
         # the measured fastest for head_dim 72 on CUDA (see api.attention_backends_for).
         self.attention_backends: Sequence[SDPBackend] | None = None
@@ -230,11 +234,13 @@ class VisionTower(nn.Module):
         out_dtype = self.embeddings.patch_embedding.weight.dtype
         dtype = self.compute_dtype or out_dtype
         hidden_dtype = torch.float32 if out_dtype == torch.float16 else out_dtype
-        x = self.embeddings(pixels, dtype)  # (B, N, D) float32
+        if self.residual_dtype not in (torch.float32, torch.bfloat16):  # fp16 cannot hold SigLIP's residuals
+            raise ConfigError(f"residual_dtype must be float32 or bfloat16, got {self.residual_dtype}")
+        x = self.embeddings(pixels, dtype).to(self.residual_dtype)  # (B, N, D)
         hidden_states = [x.to(hidden_dtype)] if output_hidden_states else []
         with self.attention_kernels():
             for layer in self.encoder.layers:
-                x = layer(x, dtype)  # (B, N, D) float32
+                x = layer(x, dtype)  # (B, N, D) residual_dtype
                 if output_hidden_states:
                     hidden_states.append(x.to(hidden_dtype))
         x = self.post_layernorm(x).to(out_dtype)  # (B, N, D)
