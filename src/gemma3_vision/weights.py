@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .checkpoint import Checkpoint
 from .config import ProjectorConfig, VisionConfig
@@ -21,19 +27,47 @@ class VisionModel(nn.Module):
         self.multi_modal_projector = MultiModalProjector(vision, projector) if projector is not None else None
 
 
+# The random fills that modules run in __init__ (Linear/Conv2d: kaiming_uniform_ and uniform_, Embedding: normal_).
+_RANDOM_INITS = frozenset({nn.init.normal_, nn.init.uniform_, nn.init.kaiming_uniform_, nn.init.kaiming_normal_,
+                           nn.init.xavier_uniform_, nn.init.xavier_normal_, nn.init.trunc_normal_,
+                           torch.Tensor.normal_, torch.Tensor.uniform_})
+
+
+class _SkipRandomInit(TorchFunctionMode):
+    """Turns the random fills above into no-ops while a model is built on the meta device.
+
+    They compute nothing there, yet torch runs a meta ``normal_`` through a Python decomposition whose first call
+    imports ``torch._dynamo``: about 3 s of a first ``load``, and a third of every later meta build.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _RANDOM_INITS:
+            return args[0] if args else kwargs["tensor"]  # nn.init passes the tensor by keyword
+        return func(*args, **kwargs)
+
+
 def empty_model(vision: VisionConfig, projector: ProjectorConfig | None) -> VisionModel:
     """The model with no storage behind its parameters: shapes only, instant even at full size."""
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipRandomInit():
         return VisionModel(vision, projector)
 
 
 def expected_shapes(vision: VisionConfig, projector: ProjectorConfig | None) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(t.shape) for name, t in empty_model(vision, projector).state_dict().items()}
+    return _shapes(empty_model(vision, projector))
 
 
-def check_tensors(checkpoint: Checkpoint) -> None:
-    """Every missing, unexpected and wrongly shaped tensor, listed in one error (nothing is read)."""
-    expected = expected_shapes(checkpoint.vision, checkpoint.projector)
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def check_tensors(checkpoint: Checkpoint, expected: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Every missing, unexpected and wrongly shaped tensor, listed in one error (nothing is read).
+
+    ``expected`` (name → shape) defaults to the model that the checkpoint's configs describe.
+    """
+    if expected is None:
+        expected = expected_shapes(checkpoint.vision, checkpoint.projector)
     found = checkpoint.tensors
     missing = sorted(set(expected) - set(found))
     unexpected = sorted([*(set(found) - set(expected)), *checkpoint.unexpected])
@@ -52,15 +86,31 @@ def check_tensors(checkpoint: Checkpoint) -> None:
         raise WeightsError("\n".join(lines))
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """True when no element of the float tensor ``t`` is NaN or ±Inf.
+
+    Its min and max are finite exactly then: aminmax propagates NaN (documented) and an infinity is an extreme. One
+    pass with no temporary, about 2.5x faster on bf16 than ``abs().amax()`` and 15x faster than
+    ``isfinite().all()``; an empty tensor has nothing to check.
+    """
+    if not t.numel():
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(lo.item()) and math.isfinite(hi.item())  # .item(): a torch op per scalar costs more
+
+
 def load_model(checkpoint: Checkpoint, *, dtype: torch.dtype, device: torch.device | str = "cpu",
                check_finite: bool = True) -> VisionModel:
     """Read every tensor once, cast it, and assign it into a model built on the meta device.
 
+    A tensor already in ``dtype`` on ``device`` is kept as read: for safetensors, a view of the memory-mapped file,
+    so loading costs about one read of the vision bytes, paged in by the finite check.
+
     Raises:
         WeightsError: a missing, unexpected, wrongly shaped or non-finite tensor.
     """
-    check_tensors(checkpoint)
     model = empty_model(checkpoint.vision, checkpoint.projector)
+    check_tensors(checkpoint, _shapes(model))
     state: dict[str, torch.Tensor] = {}
     for name, source in checkpoint.tensors.items():
         t = source.read()
@@ -68,9 +118,27 @@ def load_model(checkpoint: Checkpoint, *, dtype: torch.dtype, device: torch.devi
             raise WeightsError(f"{source.source_name}: header says {source.shape}, data is {tuple(t.shape)}")
         if not t.is_floating_point():
             raise WeightsError(f"{source.source_name}: expected a float tensor, found {t.dtype}")
-        # max |t| is inf or NaN iff some element is: one reduction, ~5x faster than isfinite().all() on bf16
-        if check_finite and t.numel() and not bool(torch.isfinite(t.abs().amax())):
-            raise WeightsError(f"{source.source_name} ({name}) holds NaN or Inf values")
-        state[name] = t.to(device=device, dtype=dtype)
+        if check_finite:
+            with _one_thread():  # the first touch of a memory-mapped tensor: see _one_thread
+                finite = all_finite(t)
+            if not finite:
+                raise WeightsError(f"{source.source_name} ({name}) holds NaN or Inf values")
+        state[name] = t.to(device=device, dtype=dtype)  # no-op when already so: the file's view is kept
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run the calling thread's torch ops single-threaded; the previous thread count is restored on exit.
+
+    A reduction over memory-mapped weights page-faults the file in. Split across threads, every fault stalls the
+    whole team at its barrier, and when another process holds a core the waiting threads spin on it: the finite
+    check over 0.84 GB took 1.3 s on two threads against 0.13 s on one, with the pages already cached.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
