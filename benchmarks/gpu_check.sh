@@ -7,9 +7,10 @@
 #   log.txt                 everything printed, in order
 #   nvidia-smi.txt          the card, driver and clocks
 #   kernels.json            GEMM rate on the tower's linear shapes and on 8192³ (the peak); every attention kernel
-#                           on the tower's attention (benchmarks/gpu_kernels.py)
+#                           on the tower's attention; GPU time by kernel of one forward (benchmarks/gpu_kernels.py)
 #   bench_bf16.json         bf16, batch 1 and 32: ours (as load() sets it up), ours with a bf16 residual stream,
-#                           ours allowed one attention kernel each, transformers (sdpa); full tower, same weights
+#                           ours with heads padded 72 -> 80, ours allowed one attention kernel each, transformers
+#                           (sdpa); full tower, same weights
 #   bench_bf16_compile.json bf16, batch 32: ours and transformers, plain and under torch.compile (freezing on)
 #   bench_fp16.json         fp16, batch 32: ours and transformers, outputs checked finite
 # Targets: bf16 batch 32 >= 55% of the measured GEMM peak and >= 1.3x transformers; fp16 and bf16 without inf/NaN.
@@ -46,15 +47,15 @@ print('$dtype:', len(arrays), 'arrays', arrays[0].shape if arrays else None,
 done
 
 if [ "$DEVICE" = cuda ]; then
-    step "kernels: GEMM shapes and attention kernels, bf16, batch 32"
-    timeout 60 $PY benchmarks/gpu_kernels.py --batch 32 --json "$OUT/kernels.json"
+    step "kernels: GEMM shapes and attention kernels, bf16, batch 32; GPU time by kernel of one forward"
+    timeout 90 $PY benchmarks/gpu_kernels.py --batch 32 --profile --json "$OUT/kernels.json"
 fi
 
 step "bf16, batch 1 and 32, plain: ours, ours per attention kernel, transformers"
-ATTENTION="--attention flash --attention efficient --bf16-residual"
+ATTENTION="--attention flash --bf16-residual --head-padding 8"
 [ "$DEVICE" = cuda ] && ATTENTION="$ATTENTION --attention cudnn"
 timeout 150 $PY benchmarks/bench.py --preset "$PRESET" --device "$DEVICE" --dtype bfloat16 --batch 1 --batch 32 \
-    --repeats 5 --no-compile $ATTENTION --json "$OUT/bench_bf16.json"
+    --repeats 7 --no-compile $ATTENTION --json "$OUT/bench_bf16.json"
 
 step "fp16, batch 32, plain: no inf/NaN"
 timeout 60 $PY benchmarks/bench.py --preset "$PRESET" --device "$DEVICE" --dtype float16 --batch 32 --repeats 3 \

@@ -3,9 +3,10 @@
 Where ``bench.py`` times the whole tower, this says where its time goes: the GEMM rate on the tower's four linear
 shapes and on 8192³ (the peak), and every ``scaled_dot_product_attention`` kernel on the tower's attention (4096
 tokens, 16 heads of 72), fed as the tower feeds it (strided views of one fused q/k/v product), and on head widths
-padded to 80, 96 and 128 for comparison. Usage (on a CUDA machine)::
+padded to 80, 96 and 128 for comparison. ``--profile`` adds where one forward of our whole tower spends its GPU time,
+by kernel. Usage (on a CUDA machine)::
 
-    python benchmarks/gpu_kernels.py --batch 32 --json kernels.json
+    python benchmarks/gpu_kernels.py --batch 32 --profile --json kernels.json
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
-from gemma3_vision.bench import ATTENTION_KERNELS
+from gemma3_vision.bench import ATTENTION_KERNELS, build_ours, random_tower_state
 from gemma3_vision.config import PRESETS
 
 
@@ -71,10 +72,31 @@ def attention_rates(batch: int, dtype: torch.dtype) -> dict[str, float | str]:
     return rates
 
 
+def profile_tower(batch: int, dtype: torch.dtype) -> list[dict[str, float | str]]:
+    """GPU time per kernel of one forward of our tower as ``load()`` sets it up, most expensive first."""
+    vision = PRESETS["gemma3-4b"][0]
+    tower = build_ours(vision, random_tower_state("gemma3-4b", vision.num_hidden_layers), dtype,
+                       torch.device("cuda"))
+    pixels = torch.rand(batch, vision.image_size, vision.image_size, 3, device="cuda") * 2 - 1
+    with torch.inference_mode():
+        tower(pixels)  # warm-up: kernel selection, allocator
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            tower(pixels)
+            torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        device_us = event.self_device_time_total  # self: a kernel counted once, not again in its caller
+        if device_us:
+            rows.append({"kernel": event.key[:110], "calls": event.count, "ms_per_image": device_us / 1e3 / batch})
+    return sorted(rows, key=lambda r: -float(r["ms_per_image"]))[:25]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--profile", action="store_true", help="also profile one forward of the whole tower")
     p.add_argument("--json")
     a = p.parse_args()
     if not torch.cuda.is_available():
@@ -87,10 +109,21 @@ def main() -> int:
     for group in ("gemm_tflops", "attention_tflops"):
         for name, rate in report[group].items():
             print(f"{group:<17}{name:<16}{rate if isinstance(rate, str) else f'{rate:8.1f}'}")
-    if a.json:
-        with open(a.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+    write(report, a.json)
+    if a.profile:
+        report["profile"] = rows = profile_tower(a.batch, dtype)
+        total = sum(float(r["ms_per_image"]) for r in rows)
+        print(f"one forward, batch {a.batch}: GPU time by kernel (top {len(rows)}: {total:.2f} ms/image)")
+        for r in rows:
+            print(f"  {float(r['ms_per_image']):7.3f} ms/image {r['calls']:5} calls  {r['kernel']}")
+    write(report, a.json)
     return 0
+
+
+def write(report: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":

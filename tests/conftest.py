@@ -75,7 +75,8 @@ class Reference:
 def random_state(preset: str) -> dict[str, torch.Tensor]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", g3.RandomWeightsWarning)
-        return {k: v.float() for k, v in g3.load(f"random:{preset}", dtype="float32").model.state_dict().items()}
+        model = g3.load(f"random:{preset}", dtype="float32", device="cpu").model  # CPU also where CUDA is
+        return {k: v.float() for k, v in model.state_dict().items()}
 
 
 @pytest.fixture(scope="session")

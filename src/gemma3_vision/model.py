@@ -16,6 +16,7 @@ bf16 (8x faster there than emulated bf16) while memory stays at the bf16 size. I
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -59,14 +60,19 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
+# Set while VisionTower.forward redoes a float16 pass that overflowed: fp16_safe then checks every product.
+_CHECK_EACH_PRODUCT = contextvars.ContextVar("check_each_fp16_product", default=False)
+
+
 def fp16_safe(fn: Callable[..., torch.Tensor], dtype: torch.dtype, *inputs: torch.Tensor) -> torch.Tensor:
     """``fn(*inputs)`` with the inputs cast to ``dtype``.
 
-    In float16 only, a result holding inf/NaN (an overflow: fp16 ends at 65504) is computed again from the
-    uncast inputs in float32, and returned in float32. This costs one reduction and a host sync per call.
+    In float16, during the tower's second pass after an overflow (fp16 ends at 65504), a result holding inf/NaN is
+    computed again from the uncast inputs in float32, and returned in float32. That check costs one reduction and
+    a host sync per product, so the first pass skips it and the tower checks its output once instead.
     """
     y = fn(*(t.to(dtype) for t in inputs))
-    if dtype == torch.float16 and not bool(torch.isfinite(y).all()):
+    if dtype == torch.float16 and _CHECK_EACH_PRODUCT.get() and not bool(torch.isfinite(y).all()):
         y = fn(*(t.float() for t in inputs))
     return y
 
@@ -119,17 +125,33 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
         self.fused = True  # scaled_dot_product_attention; False runs the plain softmax path below
+        # Zeros appended to each head (VisionTower.head_padding): q·k and a·v are unchanged, and some attention
+        # kernels run a wider head faster (cuDNN: 80 vs 72 on an H200, see the README's GPU section).
+        self.head_pad = 0
         self.q_proj = Linear(D, D)
         self.k_proj = Linear(D, D)
         self.v_proj = Linear(D, D)
         self.out_proj = Linear(D, D)
 
     def qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, N, D)`` → ``(B, N, 3D)``: q, k and v as one matmul (one pass over x; the concat is ~0.3% of it)."""
+        """``(B, N, D)`` → ``(B, N, 3 * H * Dp)``: q, k and v as one matmul (one pass over x; the concat is ~0.3%
+        of it), each head ``Dp = head_dim + head_pad`` wide, its padding zero."""
         q, k, v = self.q_proj, self.k_proj, self.v_proj
-        weight = torch.cat([q.weight, k.weight, v.weight]).to(x.dtype)  # (3D, D)
-        bias = torch.cat([q.bias, k.bias, v.bias]).to(x.dtype)  # (3D,)
-        return F.linear(x, weight, bias)
+        weight = torch.cat([q.weight, k.weight, v.weight])  # (3D, D)
+        bias = torch.cat([q.bias, k.bias, v.bias])  # (3D,)
+        if self.head_pad:
+            H, Dh, D = self.num_heads, self.head_dim, x.shape[-1]
+            weight = F.pad(weight.view(3, H, Dh, D), (0, 0, 0, self.head_pad)).view(-1, D)  # (3 H Dp, D)
+            bias = F.pad(bias.view(3, H, Dh), (0, self.head_pad)).view(-1)  # (3 H Dp,)
+        return F.linear(x, weight.to(x.dtype), bias.to(x.dtype))
+
+    def project_out(self, out: torch.Tensor) -> torch.Tensor:
+        """``(B, N, H * Dp)`` → ``(B, N, D)``; the padded columns meet zero weights."""
+        weight, bias = self.out_proj.weight, self.out_proj.bias
+        if self.head_pad:
+            D, H, Dh = weight.shape[0], self.num_heads, self.head_dim
+            weight = F.pad(weight.view(D, H, Dh), (0, self.head_pad)).view(D, -1)  # (D, H Dp)
+        return F.linear(out, weight.to(out.dtype), bias.to(out.dtype))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``(B, H, N, Dh)`` each → ``(B, H, N, Dh)``."""
@@ -142,11 +164,12 @@ class Attention(nn.Module):
         """``(B, N, D)`` → ``(B, N, D)``, the products in ``dtype`` (default: x's)."""
         B, N, D = x.shape
         dtype = dtype or x.dtype
-        qkv = fp16_safe(self.qkv, dtype, x)  # (B, N, 3D)
-        qkv = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, Dh)
-        out = fp16_safe(self.attend, qkv.dtype, *qkv.unbind(0))  # (B, H, N, Dh)
-        out = out.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
-        return fp16_safe(self.out_proj, dtype, out)
+        Dp = self.head_dim + self.head_pad
+        qkv = fp16_safe(self.qkv, dtype, x)  # (B, N, 3 H Dp)
+        qkv = qkv.view(B, N, 3, self.num_heads, Dp).permute(2, 0, 3, 1, 4)  # (3, B, H, N, Dp)
+        out = fp16_safe(self.attend, qkv.dtype, *qkv.unbind(0))  # (B, H, N, Dp)
+        out = out.transpose(1, 2).reshape(B, N, self.num_heads * Dp)  # (B, N, H Dp)
+        return fp16_safe(self.project_out, dtype, out)  # (B, N, D)
 
 
 class MLP(nn.Module):
@@ -213,6 +236,18 @@ class VisionTower(nn.Module):
         # scaled_dot_product_attention kernels allowed, in priority order; None: torch's own choice. load() picks
         # the measured fastest for head_dim 72 on CUDA (see api.attention_backends_for).
         self.attention_backends: Sequence[SDPBackend] | None = None
+        self._head_padding = 0
+
+    @property
+    def head_padding(self) -> int:
+        """Zeros appended to every attention head (0: none); the result is the same, some kernels run faster."""
+        return self._head_padding
+
+    @head_padding.setter
+    def head_padding(self, pad: int) -> None:
+        self._head_padding = pad
+        for layer in self.encoder.layers:
+            layer.self_attn.head_pad = pad  # type: ignore[union-attr]  # ModuleList items are EncoderLayers
 
     def attention_kernels(self) -> contextlib.AbstractContextManager[object]:
         if self.attention_backends is None:
@@ -231,8 +266,24 @@ class VisionTower(nn.Module):
 
     def forward(self, pixels: torch.Tensor, *, output_hidden_states: bool = False) -> torch.Tensor | TowerOutput:
         self.check_pixels(pixels)
+        dtype = self.compute_dtype or self.embeddings.patch_embedding.weight.dtype
+        result = self.run(pixels, dtype, output_hidden_states)
+        if dtype == torch.float16 and not _CHECK_EACH_PRODUCT.get():
+            # An overflow anywhere leaves inf/NaN in the output (the float32 residual stream carries it to the
+            # last LayerNorm), so one check here stands in for one per product. Then every product is redone
+            # with its own check, and those that overflow run in float32.
+            last = result.last_hidden_state if isinstance(result, TowerOutput) else result
+            if not bool(torch.isfinite(last).all()):
+                token = _CHECK_EACH_PRODUCT.set(True)
+                try:
+                    result = self.run(pixels, dtype, output_hidden_states)
+                finally:
+                    _CHECK_EACH_PRODUCT.reset(token)
+        return result
+
+    def run(self, pixels: torch.Tensor, dtype: torch.dtype, output_hidden_states: bool) -> torch.Tensor | TowerOutput:
+        """One pass, the products in ``dtype``."""
         out_dtype = self.embeddings.patch_embedding.weight.dtype
-        dtype = self.compute_dtype or out_dtype
         hidden_dtype = torch.float32 if out_dtype == torch.float16 else out_dtype
         if self.residual_dtype not in (torch.float32, torch.bfloat16):  # fp16 cannot hold SigLIP's residuals
             raise ConfigError(f"residual_dtype must be float32 or bfloat16, got {self.residual_dtype}")
