@@ -61,17 +61,9 @@ step "fp16, batch 32, plain: no inf/NaN"
 timeout 60 $PY benchmarks/bench.py --preset "$PRESET" --device "$DEVICE" --dtype float16 --batch 32 --repeats 3 \
     --no-compile --json "$OUT/bench_fp16.json"
 
-# The attention kernel that made our whole tower fastest at batch 32 above goes first for the compiled run.
-BEST=$($PY -c "
-import json, sys
-c = [c for c in json.load(open('$OUT/bench_bf16.json'))['configs'] if c['batch'] == 32][0]
-runs = [r for r in c['runners'] if r['name'][5:-1] in ('flash', 'efficient', 'cudnn')]
-print(min(runs, key=lambda r: r['median_s'])['name'][5:-1])" 2>/dev/null)
-step "bf16, batch 32, plain and torch.compile (compile time reported), attention first: ${BEST:-default}, \
-$((BUDGET - SECONDS)) s left"
+step "bf16, batch 32, plain and torch.compile (compile time reported), $((BUDGET - SECONDS)) s left"
 timeout $((BUDGET - SECONDS)) $PY benchmarks/bench.py --preset "$PRESET" --device "$DEVICE" --dtype bfloat16 \
-    --batch 32 --repeats 3 \
-    ${BEST:+--attention-first $BEST} --json "$OUT/bench_bf16_compile.json"
+    --batch 32 --repeats 3 --json "$OUT/bench_bf16_compile.json"
 
 step "summary"
 $PY - "$OUT" <<'PY'

@@ -214,8 +214,7 @@ def test_gpu_attention_kernels_match_fp32(kernel):
     t.load_state_dict(ref_tower.state_dict())
     t = t.to("cuda", torch.bfloat16)
     name, _, pad = kernel.partition("+pad")
-    t.attention_backends = (api.attention_backends_for(torch.device("cuda")) if name == "default"
-                            else (ATTENTION_KERNELS[name],))
+    t.attention_backends = None if name == "default" else (ATTENTION_KERNELS[name],)
     t.head_padding = int(pad or 0)
     try:
         out = t(x.cuda()).float().cpu()
@@ -272,3 +271,19 @@ def test_head_padding_changes_nothing(tiny_state, fused):
     d = max_abs(plain, padded)
     assert d <= 1e-5, f"heads padded by 8 vs unpadded: max abs diff {d:.3g} > 1e-5"
     assert t.head_padding == 8 and all(layer.self_attn.head_pad == 8 for layer in t.encoder.layers)
+
+
+@torch.inference_mode()
+def test_choosing_attention_kernels_leaves_torch_global_order_alone(tiny_state, monkeypatch):
+    """Setting a priority order, even inside torch's context manager, loses the cuDNN-first order that torch sets
+    up lazily on Hopper for every later caller in the process (seen on an H200: transformers fell back to flash)."""
+    from torch.nn.attention import SDPBackend
+
+    calls = []
+    monkeypatch.setattr(torch._C, "_set_sdp_priority_order", lambda order: calls.append(order))
+    flags = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())
+    t = tower(tiny_state)
+    t.attention_backends = (SDPBackend.MATH,)
+    t(pixels(1))
+    assert not calls, f"the tower changed torch's SDPA priority order: {calls}"
+    assert (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()) == flags

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-from torch.nn.attention import SDPBackend
 
 from .checkpoint import Checkpoint
 from .errors import ConfigError
@@ -67,18 +66,6 @@ def compute_dtype_for(dtype: torch.dtype, device: torch.device) -> torch.dtype:
         if (dtype == torch.bfloat16 and not cpu_has_fast_bf16()) or (dtype == torch.float16 and not cpu_has_fast_fp16()):
             return torch.float32
     return dtype
-
-
-# SDPA kernels for the tower on CUDA, fastest first for its (4096 tokens, head_dim 72) attention; the others stay
-# allowed as fallbacks. Measured by benchmarks/gpu_kernels.py on an H200, bf16, batch 32: cuDNN 360 TFLOP/s, flash
-# 234, memory-efficient 97 (README: GPU).
-CUDA_ATTENTION: tuple[SDPBackend, ...] | None = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                                                 SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
-
-
-def attention_backends_for(device: torch.device) -> tuple[SDPBackend, ...] | None:
-    """The ``scaled_dot_product_attention`` kernels, in priority order, that the tower uses on ``device``."""
-    return CUDA_ATTENTION if device.type == "cuda" else None
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -378,5 +365,4 @@ def load(model: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
                       RandomWeightsWarning, stacklevel=2)
     vision_model = load_model(checkpoint, dtype=run_dtype, device=device, check_finite=not checkpoint.is_random)
     vision_model.vision_tower.compute_dtype = compute_dtype_for(run_dtype, device)
-    vision_model.vision_tower.attention_backends = attention_backends_for(device)
     return Gemma3Vision(vision_model, checkpoint, run_dtype, device, image_size=image_size)

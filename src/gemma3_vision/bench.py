@@ -194,14 +194,13 @@ def random_tower_state(preset: str, layers: int) -> dict[str, torch.Tensor]:
 def build_ours(vision: VisionConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
                device: torch.device) -> VisionTower:
     """Our tower as ``load()`` sets it up for ``device``: compute dtype and attention kernels included."""
-    from .api import attention_backends_for, compute_dtype_for
+    from .api import compute_dtype_for
     from .model import VisionTower
 
     with torch.device("meta"):
         tower = VisionTower(vision)
     tower.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
     tower.compute_dtype = compute_dtype_for(dtype, device)
-    tower.attention_backends = attention_backends_for(device)
     return tower.eval().requires_grad_(False)
 
 
@@ -287,12 +286,11 @@ def _time_runners(runners: dict[str, Callable[[], torch.Tensor]], repeats: int, 
 
 def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype: str, batch: int, threads: int,
                  device: torch.device, repeats: int, compile: bool, reference: bool, full_layers: int,
-                 attention: Sequence[str] = (), attention_first: str | None = None, bf16_residual: bool = False,
+                 attention: Sequence[str] = (), bf16_residual: bool = False,
                  head_padding: int = 0, progress: Callable[[str], None] = lambda s: None) -> ConfigResult:
     """Time ours (and transformers) in one configuration.
 
     ``attention`` adds a runner of ours per named SDPA kernel, allowed that kernel alone (``ours[cudnn]``);
-    ``attention_first`` puts one kernel first in the priority order of "ours" (and "ours+compile");
     ``bf16_residual`` adds ours with its residual stream and LayerNorms in bf16, as transformers runs them;
     ``head_padding`` adds ours with that many zeros appended to every attention head (``ours[heads +8]``).
     """
@@ -304,9 +302,6 @@ def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype:
     pixels_nchw = pixels.permute(0, 3, 1, 2).contiguous().to(torch_dtype)  # transformers'
 
     ours = build_ours(vision, state, torch_dtype, device)
-    if attention_first is not None:
-        ours.attention_backends = (ATTENTION_KERNELS[attention_first],
-                                   *(k for k in ATTENTION_KERNELS.values() if k != ATTENTION_KERNELS[attention_first]))
     compute = ours.compute_dtype or torch_dtype
     runners: dict[str, Callable[[], torch.Tensor]] = {"ours": lambda: ours(pixels)}
     for kernel in attention:
@@ -405,7 +400,7 @@ def measure_memory(model: str, dtype: str, batch: int, image_size: int | None = 
 def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float32",), batches: Sequence[int] = (1,),
                   threads: int | None = None, device: str | None = None, layers: int | None = None,
                   image_size: int | None = None, repeats: int = 3, compile: bool = True, reference: bool = True,
-                  memory: bool = False, attention: Sequence[str] = (), attention_first: str | None = None,
+                  memory: bool = False, attention: Sequence[str] = (),
                   bf16_residual: bool = False, head_padding: int = 0, progress: Callable[[str], None] = lambda s: None) -> BenchReport:
     """Benchmark ours against transformers for every (dtype, batch).
 
@@ -422,7 +417,6 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
         reference: also time transformers (when it is installed).
         memory: also measure peak RSS of ours alone in a fresh process (CPU only).
         attention: SDPA kernels (``flash``, ``efficient``, ``cudnn``, ``math``) to time ours with, one runner each.
-        attention_first: the SDPA kernel "ours" tries first (default: what ``load()`` uses on the device).
         bf16_residual: also time ours with a bf16 residual stream (what our float32 one costs).
         head_padding: also time ours with this many zeros appended to each attention head.
 
@@ -433,7 +427,7 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
     for d in dtypes:
         if d not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {d!r}")
-    for kernel in [*attention, *([attention_first] if attention_first else [])]:
+    for kernel in attention:
         if kernel not in ATTENTION_KERNELS:
             raise ValueError(f"attention kernel must be one of {', '.join(ATTENTION_KERNELS)}, got {kernel!r}")
     vision = PRESETS[preset][0]
@@ -457,7 +451,7 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
             report.configs.append(bench_config(vision, state, dtype=d, batch=b, threads=n_threads, device=dev,
                                                repeats=repeats, compile=compile, reference=reference,
                                                full_layers=PRESETS[preset][0].num_hidden_layers,
-                                               attention=attention, attention_first=attention_first,
+                                               attention=attention,
                                                bf16_residual=bf16_residual, head_padding=head_padding,
                                                progress=progress))
     if memory and dev.type == "cpu":
@@ -516,8 +510,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--memory", action="store_true", help="also probe peak RSS of ours in a fresh process")
     p.add_argument("--attention", action="append", choices=sorted(ATTENTION_KERNELS), default=[],
                    help="repeatable: also time ours allowed only this SDPA kernel")
-    p.add_argument("--attention-first", choices=sorted(ATTENTION_KERNELS),
-                   help="the SDPA kernel ours tries first (default: what load() uses on the device)")
     p.add_argument("--bf16-residual", action="store_true",
                    help="also time ours with its residual stream and LayerNorms in bf16, as transformers runs them")
     p.add_argument("--head-padding", type=int, default=0,
@@ -527,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = run_benchmark(preset=a.preset, dtypes=a.dtype or ["float32"], batches=a.batch or [1],
                            threads=a.threads, device=a.device, layers=a.layers, image_size=a.image_size,
                            repeats=a.repeats, compile=not a.no_compile, reference=not a.no_reference,
-                           memory=a.memory, attention=a.attention, attention_first=a.attention_first,
+                           memory=a.memory, attention=a.attention,
                            bf16_residual=a.bf16_residual, head_padding=a.head_padding,
                            progress=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_report(report))

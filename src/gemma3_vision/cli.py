@@ -348,8 +348,6 @@ def show(image: Path, model: str, out: Path, features_layer: int | None, attenti
 @click.option("--memory", is_flag=True, help="Also probe peak RSS of ours alone in a fresh process.")
 @click.option("--attention", "attention", multiple=True, type=click.Choice(["flash", "efficient", "cudnn", "math"]),
               help="Repeatable: also time ours allowed only this attention kernel (CUDA has all four).")
-@click.option("--attention-first", type=click.Choice(["flash", "efficient", "cudnn", "math"]), default=None,
-              help="The attention kernel ours tries first. Default: what loading picks for the device.")
 @click.option("--bf16-residual", is_flag=True,
               help="Also time ours with its residual stream and LayerNorms in bf16, as transformers runs them.")
 @click.option("--head-padding", type=click.IntRange(min=0), default=0,
@@ -359,7 +357,7 @@ def show(image: Path, model: str, out: Path, features_layer: int | None, attenti
 @reports_errors
 def bench(preset: str, dtypes: tuple[str, ...], batches: tuple[int, ...], threads: int | None, device: str | None,
           layers: int | None, image_size: int | None, repeats: int, no_compile: bool, no_reference: bool,
-          memory: bool, attention: tuple[str, ...], attention_first: str | None, bf16_residual: bool,
+          memory: bool, attention: tuple[str, ...], bf16_residual: bool,
           head_padding: int, json_path: Path | None) -> None:
     """Time our tower against transformers' (same random weights, one process, alternating).
 
@@ -370,7 +368,7 @@ def bench(preset: str, dtypes: tuple[str, ...], batches: tuple[int, ...], thread
     report = run_benchmark(preset=preset, dtypes=dtypes or ("float32",), batches=batches or (1,), threads=threads,
                            device=device, layers=layers, image_size=image_size, repeats=repeats,
                            compile=not no_compile, reference=not no_reference, memory=memory, attention=attention,
-                           attention_first=attention_first, bf16_residual=bf16_residual, head_padding=head_padding,
+                           bf16_residual=bf16_residual, head_padding=head_padding,
                            progress=lambda s: click.echo(s, err=True))
     click.echo(format_report(report))
     if json_path is not None:

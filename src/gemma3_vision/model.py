@@ -233,8 +233,8 @@ class VisionTower(nn.Module):
         # dtype of the residual stream and the LayerNorms: float32 keeps the sum of 27 layers close to the fp32
         # reference; bfloat16 (what transformers does in a bf16 run) moves half the bytes between the matmuls.
         self.residual_dtype = torch.float32
-        # scaled_dot_product_attention kernels allowed, in priority order; None: torch's own choice. load() picks
-        # the measured fastest for head_dim 72 on CUDA (see api.attention_backends_for).
+        # scaled_dot_product_attention kernels allowed (torch picks among them in its own order); None: all.
+        # On Hopper and Blackwell torch already puts cuDNN first, the fastest at head_dim 72 (README: GPU).
         self.attention_backends: Sequence[SDPBackend] | None = None
         self._head_padding = 0
 
@@ -252,7 +252,9 @@ class VisionTower(nn.Module):
     def attention_kernels(self) -> contextlib.AbstractContextManager[object]:
         if self.attention_backends is None:
             return contextlib.nullcontext()
-        return sdpa_kernel(list(self.attention_backends), set_priority=True)
+        # No set_priority: on exit, torch restores a priority order read before its own lazy first-call set-up,
+        # which drops the cuDNN-first order it gives Hopper GPUs, for every later caller in the process.
+        return sdpa_kernel(list(self.attention_backends))
 
     def check_pixels(self, pixels: torch.Tensor) -> None:
         c, P = self.config, self.config.patch_size
