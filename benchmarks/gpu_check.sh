@@ -9,8 +9,7 @@
 #   kernels.json            GEMM rate on the tower's linear shapes and on 8192³ (the peak); every attention kernel
 #                           on the tower's attention; GPU time by kernel of one forward (benchmarks/gpu_kernels.py)
 #   bench_bf16.json         bf16, batch 1 and 32: ours (as load() sets it up), ours with a bf16 residual stream,
-#                           ours with heads padded 72 -> 80, ours allowed one attention kernel each, transformers
-#                           (sdpa); full tower, same weights
+#                           ours allowed one attention kernel each, transformers (sdpa); full tower, same weights
 #   bench_bf16_compile.json bf16, batch 32: ours and transformers, plain and under torch.compile (freezing on)
 #   bench_fp16.json         fp16, batch 32: ours and transformers, outputs checked finite
 # Targets: bf16 batch 32 >= 55% of the measured GEMM peak and >= 1.3x transformers; fp16 and bf16 without inf/NaN.
@@ -52,7 +51,7 @@ if [ "$DEVICE" = cuda ]; then
 fi
 
 step "bf16, batch 1 and 32, plain: ours, ours per attention kernel, transformers"
-ATTENTION="--attention flash --bf16-residual --head-padding 8"
+ATTENTION="--attention flash --bf16-residual"
 [ "$DEVICE" = cuda ] && ATTENTION="$ATTENTION --attention cudnn"
 timeout 150 $PY benchmarks/bench.py --preset "$PRESET" --device "$DEVICE" --dtype bfloat16 --batch 1 --batch 32 \
     --repeats 7 --no-compile $ATTENTION --json "$OUT/bench_bf16.json"

@@ -196,7 +196,7 @@ def test_gpu_half_precision_finite_and_close(tiny_state, dtype):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("kernel", ["default", "flash", "efficient", "cudnn", "cudnn+pad8"])
+@pytest.mark.parametrize("kernel", ["default", "flash", "efficient", "cudnn"])
 @torch.inference_mode()
 def test_gpu_attention_kernels_match_fp32(kernel):
     """Each SDPA kernel on the real head width (72), bf16 on CUDA, against the fp32 CPU tower."""
@@ -213,9 +213,7 @@ def test_gpu_attention_kernels_match_fp32(kernel):
     t = VisionTower(config).eval()
     t.load_state_dict(ref_tower.state_dict())
     t = t.to("cuda", torch.bfloat16)
-    name, _, pad = kernel.partition("+pad")
-    t.attention_backends = None if name == "default" else (ATTENTION_KERNELS[name],)
-    t.head_padding = int(pad or 0)
+    t.attention_backends = None if kernel == "default" else (ATTENTION_KERNELS[kernel],)
     try:
         out = t(x.cuda()).float().cpu()
     except RuntimeError as e:
@@ -256,21 +254,6 @@ def test_fp16_checks_once_per_forward_and_per_product_only_after_an_overflow(tin
     tower(tiny_state, torch.float16, compute=torch.float16, scale_mlp=200.0)(x)
     products = 1 + TINY_VISION.num_hidden_layers * 5  # patchify; qkv, attention, out, fc1, fc2 per layer
     assert len(calls) == 1 + products, f"{len(calls)} finite checks after an overflow, expected 1 + {products}"
-
-
-@pytest.mark.parametrize("fused", [True, False])
-@torch.inference_mode()
-def test_head_padding_changes_nothing(tiny_state, fused):
-    """Zero-padded heads (a faster width for some attention kernels) give the unpadded result."""
-    t = tower(tiny_state)
-    set_fused(t, fused)
-    x = pixels(2, seed=14)
-    plain = t(x)
-    t.head_padding = 8
-    padded = t(x)
-    d = max_abs(plain, padded)
-    assert d <= 1e-5, f"heads padded by 8 vs unpadded: max abs diff {d:.3g} > 1e-5"
-    assert t.head_padding == 8 and all(layer.self_attn.head_pad == 8 for layer in t.encoder.layers)
 
 
 @torch.inference_mode()

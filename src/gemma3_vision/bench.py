@@ -287,12 +287,11 @@ def _time_runners(runners: dict[str, Callable[[], torch.Tensor]], repeats: int, 
 def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype: str, batch: int, threads: int,
                  device: torch.device, repeats: int, compile: bool, reference: bool, full_layers: int,
                  attention: Sequence[str] = (), bf16_residual: bool = False,
-                 head_padding: int = 0, progress: Callable[[str], None] = lambda s: None) -> ConfigResult:
+                 progress: Callable[[str], None] = lambda s: None) -> ConfigResult:
     """Time ours (and transformers) in one configuration.
 
     ``attention`` adds a runner of ours per named SDPA kernel, allowed that kernel alone (``ours[cudnn]``);
-    ``bf16_residual`` adds ours with its residual stream and LayerNorms in bf16, as transformers runs them;
-    ``head_padding`` adds ours with that many zeros appended to every attention head (``ours[heads +8]``).
+    ``bf16_residual`` adds ours with its residual stream and LayerNorms in bf16, as transformers runs them.
     """
     torch_dtype = _DTYPES[dtype]
     torch.set_num_threads(threads)
@@ -308,8 +307,6 @@ def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype:
         runners[f"ours[{kernel}]"] = _variant(ours, pixels, attention_backends=(ATTENTION_KERNELS[kernel],))
     if bf16_residual:
         runners["ours[bf16 residual]"] = _variant(ours, pixels, residual_dtype=torch.bfloat16)
-    if head_padding:
-        runners[f"ours[heads +{head_padding}]"] = _variant(ours, pixels, head_padding=head_padding)
     if compile:
         ours_c = _compiled(ours)
         runners["ours+compile"] = lambda: ours_c(pixels)
@@ -401,7 +398,7 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
                   threads: int | None = None, device: str | None = None, layers: int | None = None,
                   image_size: int | None = None, repeats: int = 3, compile: bool = True, reference: bool = True,
                   memory: bool = False, attention: Sequence[str] = (),
-                  bf16_residual: bool = False, head_padding: int = 0, progress: Callable[[str], None] = lambda s: None) -> BenchReport:
+                  bf16_residual: bool = False, progress: Callable[[str], None] = lambda s: None) -> BenchReport:
     """Benchmark ours against transformers for every (dtype, batch).
 
     Args:
@@ -418,7 +415,6 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
         memory: also measure peak RSS of ours alone in a fresh process (CPU only).
         attention: SDPA kernels (``flash``, ``efficient``, ``cudnn``, ``math``) to time ours with, one runner each.
         bf16_residual: also time ours with a bf16 residual stream (what our float32 one costs).
-        head_padding: also time ours with this many zeros appended to each attention head.
 
     Returns:
         A ``BenchReport``; ``format_report`` prints it, ``to_json`` records it.
@@ -452,7 +448,7 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
                                                repeats=repeats, compile=compile, reference=reference,
                                                full_layers=PRESETS[preset][0].num_hidden_layers,
                                                attention=attention,
-                                               bf16_residual=bf16_residual, head_padding=head_padding,
+                                               bf16_residual=bf16_residual,
                                                progress=progress))
     if memory and dev.type == "cpu":
         for d in dtypes:
@@ -512,15 +508,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="repeatable: also time ours allowed only this SDPA kernel")
     p.add_argument("--bf16-residual", action="store_true",
                    help="also time ours with its residual stream and LayerNorms in bf16, as transformers runs them")
-    p.add_argument("--head-padding", type=int, default=0,
-                   help="also time ours with this many zeros appended to each attention head (same result)")
     p.add_argument("--json", help="write the report here")
     a = p.parse_args(argv)
     report = run_benchmark(preset=a.preset, dtypes=a.dtype or ["float32"], batches=a.batch or [1],
                            threads=a.threads, device=a.device, layers=a.layers, image_size=a.image_size,
                            repeats=a.repeats, compile=not a.no_compile, reference=not a.no_reference,
                            memory=a.memory, attention=a.attention,
-                           bf16_residual=a.bf16_residual, head_padding=a.head_padding,
+                           bf16_residual=a.bf16_residual,
                            progress=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_report(report))
     if a.json:

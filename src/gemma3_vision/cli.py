@@ -350,15 +350,13 @@ def show(image: Path, model: str, out: Path, features_layer: int | None, attenti
               help="Repeatable: also time ours allowed only this attention kernel (CUDA has all four).")
 @click.option("--bf16-residual", is_flag=True,
               help="Also time ours with its residual stream and LayerNorms in bf16, as transformers runs them.")
-@click.option("--head-padding", type=click.IntRange(min=0), default=0,
-              help="Also time ours with this many zeros appended to each attention head (same result).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the report as JSON here.")
 @reports_errors
 def bench(preset: str, dtypes: tuple[str, ...], batches: tuple[int, ...], threads: int | None, device: str | None,
           layers: int | None, image_size: int | None, repeats: int, no_compile: bool, no_reference: bool,
           memory: bool, attention: tuple[str, ...], bf16_residual: bool,
-          head_padding: int, json_path: Path | None) -> None:
+          json_path: Path | None) -> None:
     """Time our tower against transformers' (same random weights, one process, alternating).
 
     Example: gemma3-vision bench --dtype float32 --dtype bfloat16 --layers 2 --json bench.json
@@ -368,7 +366,7 @@ def bench(preset: str, dtypes: tuple[str, ...], batches: tuple[int, ...], thread
     report = run_benchmark(preset=preset, dtypes=dtypes or ("float32",), batches=batches or (1,), threads=threads,
                            device=device, layers=layers, image_size=image_size, repeats=repeats,
                            compile=not no_compile, reference=not no_reference, memory=memory, attention=attention,
-                           bf16_residual=bf16_residual, head_padding=head_padding,
+                           bf16_residual=bf16_residual,
                            progress=lambda s: click.echo(s, err=True))
     click.echo(format_report(report))
     if json_path is not None:

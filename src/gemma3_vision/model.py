@@ -125,33 +125,17 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
         self.fused = True  # scaled_dot_product_attention; False runs the plain softmax path below
-        # Zeros appended to each head (VisionTower.head_padding): q·k and a·v are unchanged, and some attention
-        # kernels run a wider head faster (cuDNN: 80 vs 72 on an H200, see the README's GPU section).
-        self.head_pad = 0
         self.q_proj = Linear(D, D)
         self.k_proj = Linear(D, D)
         self.v_proj = Linear(D, D)
         self.out_proj = Linear(D, D)
 
     def qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, N, D)`` → ``(B, N, 3 * H * Dp)``: q, k and v as one matmul (one pass over x; the concat is ~0.3%
-        of it), each head ``Dp = head_dim + head_pad`` wide, its padding zero."""
+        """``(B, N, D)`` → ``(B, N, 3D)``: q, k and v as one matmul (one pass over x; the concat is ~0.3% of it)."""
         q, k, v = self.q_proj, self.k_proj, self.v_proj
-        weight = torch.cat([q.weight, k.weight, v.weight])  # (3D, D)
-        bias = torch.cat([q.bias, k.bias, v.bias])  # (3D,)
-        if self.head_pad:
-            H, Dh, D = self.num_heads, self.head_dim, x.shape[-1]
-            weight = F.pad(weight.view(3, H, Dh, D), (0, 0, 0, self.head_pad)).view(-1, D)  # (3 H Dp, D)
-            bias = F.pad(bias.view(3, H, Dh), (0, self.head_pad)).view(-1)  # (3 H Dp,)
-        return F.linear(x, weight.to(x.dtype), bias.to(x.dtype))
-
-    def project_out(self, out: torch.Tensor) -> torch.Tensor:
-        """``(B, N, H * Dp)`` → ``(B, N, D)``; the padded columns meet zero weights."""
-        weight, bias = self.out_proj.weight, self.out_proj.bias
-        if self.head_pad:
-            D, H, Dh = weight.shape[0], self.num_heads, self.head_dim
-            weight = F.pad(weight.view(D, H, Dh), (0, self.head_pad)).view(D, -1)  # (D, H Dp)
-        return F.linear(out, weight.to(out.dtype), bias.to(out.dtype))
+        weight = torch.cat([q.weight, k.weight, v.weight]).to(x.dtype)  # (3D, D)
+        bias = torch.cat([q.bias, k.bias, v.bias]).to(x.dtype)  # (3D,)
+        return F.linear(x, weight, bias)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``(B, H, N, Dh)`` each → ``(B, H, N, Dh)``."""
@@ -164,12 +148,11 @@ class Attention(nn.Module):
         """``(B, N, D)`` → ``(B, N, D)``, the products in ``dtype`` (default: x's)."""
         B, N, D = x.shape
         dtype = dtype or x.dtype
-        Dp = self.head_dim + self.head_pad
-        qkv = fp16_safe(self.qkv, dtype, x)  # (B, N, 3 H Dp)
-        qkv = qkv.view(B, N, 3, self.num_heads, Dp).permute(2, 0, 3, 1, 4)  # (3, B, H, N, Dp)
-        out = fp16_safe(self.attend, qkv.dtype, *qkv.unbind(0))  # (B, H, N, Dp)
-        out = out.transpose(1, 2).reshape(B, N, self.num_heads * Dp)  # (B, N, H Dp)
-        return fp16_safe(self.project_out, dtype, out)  # (B, N, D)
+        qkv = fp16_safe(self.qkv, dtype, x)  # (B, N, 3D)
+        qkv = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, Dh)
+        out = fp16_safe(self.attend, qkv.dtype, *qkv.unbind(0))  # (B, H, N, Dh)
+        out = out.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
+        return fp16_safe(self.out_proj, dtype, out)
 
 
 class MLP(nn.Module):
@@ -236,18 +219,6 @@ class VisionTower(nn.Module):
         # scaled_dot_product_attention kernels allowed (torch picks among them in its own order); None: all.
         # On Hopper and Blackwell torch already puts cuDNN first, the fastest at head_dim 72 (README: GPU).
         self.attention_backends: Sequence[SDPBackend] | None = None
-        self._head_padding = 0
-
-    @property
-    def head_padding(self) -> int:
-        """Zeros appended to every attention head (0: none); the result is the same, some kernels run faster."""
-        return self._head_padding
-
-    @head_padding.setter
-    def head_padding(self, pad: int) -> None:
-        self._head_padding = pad
-        for layer in self.encoder.layers:
-            layer.self_attn.head_pad = pad  # type: ignore[union-attr]  # ModuleList items are EncoderLayers
 
     def attention_kernels(self) -> contextlib.AbstractContextManager[object]:
         if self.attention_backends is None:
