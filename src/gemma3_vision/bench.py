@@ -67,7 +67,8 @@ class ConfigResult:
     full_layers: int  # the preset's depth (27 for Gemma 3): fewer layers run means a truncated tower
     gflop_per_image: float
     gemm_peak_tflops: float  # best GEMM rate measured now: dtype and fp32, the fc1 shape (and 8192³ on a GPU)
-    attention: str = "torch's choice"  # the SDPA kernels "ours" allowed, in priority order
+    attention: str = "torch's choice"  # the SDPA kernels "ours" allowed
+    compile_mode: str = "default"  # torch.compile's mode for the +compile runners
     runners: list[RunnerResult] = field(default_factory=list)
     ratios: dict[str, float] = field(default_factory=dict)  # "vs transformers": their median / ours, ...
 
@@ -208,7 +209,7 @@ def _attention_label(backends: Sequence[SDPBackend] | None) -> str:
     if backends is None:
         return "torch's choice"
     names = {kernel: name for name, kernel in ATTENTION_KERNELS.items()}
-    return " > ".join(names.get(b, str(b)) for b in backends)
+    return ", ".join(names.get(b, str(b)) for b in backends)
 
 
 def _variant(tower: VisionTower, pixels: torch.Tensor, **settings: Any) -> Callable[[], torch.Tensor]:
@@ -243,11 +244,15 @@ def build_transformers(vision: VisionConfig, state: dict[str, torch.Tensor], dty
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)  # type: ignore[call-arg]  # transformers wraps .to()
 
 
-def _compiled(module: torch.nn.Module) -> Callable[..., Any]:
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _compiled(module: torch.nn.Module, mode: str) -> Callable[..., Any]:
     import torch._inductor.config as inductor_config
 
     inductor_config.freezing = True  # constant-fold the weights (prepacking on CPU), as the issue's figures did
-    return torch.compile(module)
+    # max-autotune lets inductor use its own GEMM templates, into which it can fuse bias, GELU and residual adds
+    return torch.compile(module, mode=mode)
 
 
 def _time_runners(runners: dict[str, Callable[[], torch.Tensor]], repeats: int, batch: int,
@@ -286,6 +291,7 @@ def _time_runners(runners: dict[str, Callable[[], torch.Tensor]], repeats: int, 
 
 def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype: str, batch: int, threads: int,
                  device: torch.device, repeats: int, compile: bool, reference: bool, full_layers: int,
+                 compile_mode: str = "default",
                  attention: Sequence[str] = (), bf16_residual: bool = False,
                  progress: Callable[[str], None] = lambda s: None) -> ConfigResult:
     """Time ours (and transformers) in one configuration.
@@ -308,13 +314,13 @@ def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype:
     if bf16_residual:
         runners["ours[bf16 residual]"] = _variant(ours, pixels, residual_dtype=torch.bfloat16)
     if compile:
-        ours_c = _compiled(ours)
+        ours_c = _compiled(ours, compile_mode)
         runners["ours+compile"] = lambda: ours_c(pixels)
     theirs = build_transformers(vision, state, torch_dtype, device) if reference else None
     if theirs is not None:
         runners["transformers"] = lambda: theirs(pixel_values=pixels_nchw).last_hidden_state
         if compile:
-            theirs_c = _compiled(theirs)
+            theirs_c = _compiled(theirs, compile_mode)
             runners["transformers+compile"] = lambda: theirs_c(pixel_values=pixels_nchw).last_hidden_state
 
     progress(f"{dtype} batch {batch}, {threads} threads: measuring the GEMM peak")
@@ -332,7 +338,7 @@ def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype:
                           device=str(device), image_size=vision.image_size, layers=vision.num_hidden_layers,
                           full_layers=full_layers,
                           gflop_per_image=gflop, gemm_peak_tflops=peak,
-                          attention=_attention_label(ours.attention_backends))
+                          attention=_attention_label(ours.attention_backends), compile_mode=compile_mode)
     for name, ts in times.items():
         median = statistics.median(ts)
         compile_s = first[name] - median * batch
@@ -397,6 +403,7 @@ def measure_memory(model: str, dtype: str, batch: int, image_size: int | None = 
 def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float32",), batches: Sequence[int] = (1,),
                   threads: int | None = None, device: str | None = None, layers: int | None = None,
                   image_size: int | None = None, repeats: int = 3, compile: bool = True, reference: bool = True,
+                  compile_mode: str = "default",
                   memory: bool = False, attention: Sequence[str] = (),
                   bf16_residual: bool = False, progress: Callable[[str], None] = lambda s: None) -> BenchReport:
     """Benchmark ours against transformers for every (dtype, batch).
@@ -411,6 +418,7 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
         image_size: input side in pixels (the position table is interpolated, as transformers does).
         repeats: timed calls per runner, in alternation, after one warm-up call each.
         compile: also time both under ``torch.compile`` (inductor, freezing on).
+        compile_mode: ``torch.compile``'s mode for both, one of ``COMPILE_MODES``.
         reference: also time transformers (when it is installed).
         memory: also measure peak RSS of ours alone in a fresh process (CPU only).
         attention: SDPA kernels (``flash``, ``efficient``, ``cudnn``, ``math``) to time ours with, one runner each.
@@ -446,6 +454,7 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
         for b in batches:
             report.configs.append(bench_config(vision, state, dtype=d, batch=b, threads=n_threads, device=dev,
                                                repeats=repeats, compile=compile, reference=reference,
+                                               compile_mode=compile_mode,
                                                full_layers=PRESETS[preset][0].num_hidden_layers,
                                                attention=attention,
                                                bf16_residual=bf16_residual,
@@ -469,7 +478,8 @@ def format_report(report: BenchReport) -> str:
         lines.append("")
         lines.append(f"{c.dtype} (our matmuls in {c.compute_dtype}), batch {c.batch}, {c.threads} threads, "
                      f"{c.device}, {c.image_size} px, {depth}: {c.gflop_per_image:.0f} GFLOP/image, "
-                     f"GEMM peak {c.gemm_peak_tflops:.3f} TFLOP/s; our attention: {c.attention}")
+                     f"GEMM peak {c.gemm_peak_tflops:.3f} TFLOP/s; our attention: {c.attention}; "
+                     f"compile mode: {c.compile_mode}")
         lines.append(f"  {'runner':<22}{'median s/img':>13}{'min':>9}{'max':>9}{'TFLOP/s':>9}{'% peak':>8}"
                      f"{'peak MB':>9}{'compile s':>10}{'max|diff|':>11}{'cosine':>11}")
         for r in c.runners:
@@ -502,6 +512,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--image-size", type=int)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile mode for both towers (max-autotune: inductor's own GEMMs, fused epilogues)")
     p.add_argument("--no-reference", action="store_true", help="skip transformers")
     p.add_argument("--memory", action="store_true", help="also probe peak RSS of ours in a fresh process")
     p.add_argument("--attention", action="append", choices=sorted(ATTENTION_KERNELS), default=[],
@@ -513,6 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = run_benchmark(preset=a.preset, dtypes=a.dtype or ["float32"], batches=a.batch or [1],
                            threads=a.threads, device=a.device, layers=a.layers, image_size=a.image_size,
                            repeats=a.repeats, compile=not a.no_compile, reference=not a.no_reference,
+                           compile_mode=a.compile_mode,
                            memory=a.memory, attention=a.attention,
                            bf16_residual=a.bf16_residual,
                            progress=lambda s: print(s, file=sys.stderr, flush=True))

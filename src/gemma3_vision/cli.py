@@ -344,6 +344,9 @@ def show(image: Path, model: str, out: Path, features_layer: int | None, attenti
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="Timed calls per runner, in alternation, after a warm-up call.")
 @click.option("--no-compile", is_flag=True, help="Skip the torch.compile runners.")
+@click.option("--compile-mode", type=click.Choice(["default", "reduce-overhead", "max-autotune",
+                                                   "max-autotune-no-cudagraphs"]), default="default", show_default=True,
+              help="torch.compile mode for both towers (max-autotune: inductor's own GEMMs, with fused epilogues).")
 @click.option("--no-reference", is_flag=True, help="Skip transformers.")
 @click.option("--memory", is_flag=True, help="Also probe peak RSS of ours alone in a fresh process.")
 @click.option("--attention", "attention", multiple=True, type=click.Choice(["flash", "efficient", "cudnn", "math"]),
@@ -354,7 +357,8 @@ def show(image: Path, model: str, out: Path, features_layer: int | None, attenti
               help="Write the report as JSON here.")
 @reports_errors
 def bench(preset: str, dtypes: tuple[str, ...], batches: tuple[int, ...], threads: int | None, device: str | None,
-          layers: int | None, image_size: int | None, repeats: int, no_compile: bool, no_reference: bool,
+          layers: int | None, image_size: int | None, repeats: int, no_compile: bool, compile_mode: str,
+          no_reference: bool,
           memory: bool, attention: tuple[str, ...], bf16_residual: bool,
           json_path: Path | None) -> None:
     """Time our tower against transformers' (same random weights, one process, alternating).
@@ -365,7 +369,8 @@ def bench(preset: str, dtypes: tuple[str, ...], batches: tuple[int, ...], thread
 
     report = run_benchmark(preset=preset, dtypes=dtypes or ("float32",), batches=batches or (1,), threads=threads,
                            device=device, layers=layers, image_size=image_size, repeats=repeats,
-                           compile=not no_compile, reference=not no_reference, memory=memory, attention=attention,
+                           compile=not no_compile, compile_mode=compile_mode, reference=not no_reference,
+                           memory=memory, attention=attention,
                            bf16_residual=bf16_residual,
                            progress=lambda s: click.echo(s, err=True))
     click.echo(format_report(report))
