@@ -76,7 +76,8 @@ def random_state(preset: str) -> dict[str, torch.Tensor]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", g3.RandomWeightsWarning)
         model = g3.load(f"random:{preset}", dtype="float32", device="cpu").model  # CPU also where CUDA is
-        return {k: v.float() for k, v in model.state_dict().items()}
+        # clone(): random weights are overlapping windows of shared pools, which safetensors' save_file refuses
+        return {k: v.float().clone() for k, v in model.state_dict().items()}
 
 
 @pytest.fixture(scope="session")

@@ -357,7 +357,7 @@ def load(model: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
     """
     device = torch.device(device) if device is not None else default_device()
     run_dtype = resolve_dtype(dtype, device)
-    checkpoint = resolve(model)
+    checkpoint = resolve(model, dtype=run_dtype)  # random weights are made in it: nothing to cast
     if image_size is not None:
         check_input_size(image_size, checkpoint.vision.patch_size)  # before the weights are read
     if checkpoint.is_random:

@@ -11,6 +11,7 @@ model failure mid-job); 2 usage error; 3 the job ran but some inputs failed (eac
 from __future__ import annotations
 
 import functools
+import gc
 import sys
 import warnings
 from collections.abc import Callable
@@ -156,6 +157,7 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
 
     Example: gemma3-vision encode photos/ --model random:tiny --out embeddings/
     """
+    started = _pause_gc_during_start_up()
     from PIL import Image
 
     from .api import load
@@ -203,6 +205,7 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
 
     try:
         if ray_address is not None:
+            started()
             from .ray_encode import encode_with_ray
 
             summary = encode_with_ray(
@@ -212,6 +215,7 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
             )
         else:
             encoder = load(model, dtype=dtype, device=device, image_size=image_size)
+            started()
             options = check_options(encoder, options)
             summary = run_job(
                 discover(arguments(), follow_symlinks=follow_symlinks), out_dir, encode_batch_for(encoder, options),
@@ -224,6 +228,31 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
             progress.close()
     click.echo(summary.line(), err=True)
     sys.exit(EXIT_SOME_FAILED if summary.any_failed else EXIT_OK)
+
+
+def _pause_gc_during_start_up() -> Callable[[], None]:
+    """Turn the cyclic garbage collector off until the returned ``started()`` is called, once the model is loaded.
+
+    Importing torch and building the model make some 250k objects and almost no cyclic garbage (under 1 MB), yet
+    they set off ~400 collections that walk them: 0.3-0.5 s of a ~3 s start-up. ``started()`` freezes what exists
+    (later collections skip it) and turns collection back on. When the command ends, the objects are unfrozen and
+    the collector left as it was found, for in-process callers (tests).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+
+    def started() -> None:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+    def restore() -> None:
+        gc.unfreeze()
+        if enabled:
+            gc.enable()
+
+    click.get_current_context().call_on_close(restore)
+    return started
 
 
 def _progress_bar() -> Any:

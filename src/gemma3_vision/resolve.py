@@ -5,6 +5,9 @@
 2. a ``random[:preset]`` model;
 3. an Ollama model name (``gemma3:4b``, ``namespace/model:tag``) pulled in the local store;
 4. a Hugging Face hub id (``org/name``): the local cache first, then only the files the tower needs.
+
+The format readers are imported when a model needs them: ``gguf`` alone takes 0.2-0.3 s to import, a tenth of a
+``random`` model's start-up.
 """
 
 from __future__ import annotations
@@ -13,16 +16,20 @@ import os
 import struct
 from pathlib import Path
 
-from . import hub, ollama
+import torch
+
 from .checkpoint import Checkpoint
 from .errors import ModelNotFoundError
-from .format_gguf import load_gguf
-from .format_safetensors import load_hf_folder
 from .random_model import is_random_name, random_checkpoint
 
 
-def resolve(model: str | os.PathLike) -> Checkpoint:
+def resolve(model: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Checkpoint:
     """Resolve ``model`` to a checkpoint whose tensors are not read yet.
+
+    Args:
+        model: a path, ``random[:preset]``, an Ollama name or a Hugging Face id.
+        dtype: what a ``random`` model's weights are made in, so that loading them in it copies nothing. Files
+            keep their stored dtypes.
 
     Raises:
         ModelNotFoundError: nothing matches ``model`` (the message says where it looked).
@@ -33,7 +40,10 @@ def resolve(model: str | os.PathLike) -> Checkpoint:
         return load_path(path)
     name = str(model)
     if is_random_name(name):
-        return random_checkpoint(name)
+        return random_checkpoint(name, dtype)
+    from . import hub, ollama
+    from .format_safetensors import load_hf_folder
+
     found = ollama.find_model(name)
     if found is not None:
         return ollama.load_ollama(found)
@@ -64,6 +74,9 @@ def sniff(path: Path) -> str | None:
 
 
 def load_path(path: Path) -> Checkpoint:
+    from .format_gguf import load_gguf
+    from .format_safetensors import load_hf_folder
+
     if path.is_dir():
         return load_hf_folder(path)
     if not path.is_file():
