@@ -188,7 +188,7 @@ def random_tower_state(preset: str, layers: int) -> dict[str, torch.Tensor]:
         key = name[len(TOWER):]
         if key.startswith("encoder.layers.") and int(key.split(".")[2]) >= layers:
             continue
-        state[key] = source.read()
+        state[key] = source.read().clone()  # random weights are views of shared pools: each runner gets its own
     return state
 
 
@@ -372,6 +372,9 @@ def _memory_probe(model: str, dtype: str, batch: int, image_size: int | None, th
         encoder = api.load(model, dtype=dtype, device="cpu")
         load_s = time.perf_counter() - t
     tower = encoder.model.vision_tower
+    if encoder.checkpoint.is_random:  # views of a small shared pool: give each weight its memory, as a real load has
+        for p in tower.parameters():
+            p.data = p.data.clone()
     weights_mb = sum(p.numel() * p.element_size() for p in tower.parameters()) / 2**20
     loaded_mb = _proc_status_kb("VmRSS") / 1024
     size = image_size or encoder.vision_config.image_size
