@@ -374,3 +374,35 @@ def test_truncated_weights_file_is_a_clear_error_not_a_bus_error(tiny_state, tmp
     os.truncate(path, size - 1000)
     with pytest.raises(FormatError, match="truncated or padded file"):
         _load(folder)
+
+
+@pytest.mark.parametrize("change", ["truncated", "replaced"])
+def test_a_file_changed_between_validation_and_mapping_is_refused(tiny_state, tmp_path, change):
+    """The header is validated when the checkpoint is resolved, the file mapped when a tensor is first read: a file
+    cut short in between would SIGBUS, one swapped for another would be read at the first one's offsets."""
+    folder = write_hf_folder(tmp_path / "ckpt", tiny_state, TINY_VISION, TINY_PROJECTOR)
+    path = folder / "model.safetensors"
+    checkpoint = resolve(folder)
+    if change == "truncated":
+        os.truncate(path, path.stat().st_size - 1000)
+    else:  # same size, another file: a new inode under the old name
+        other = write_hf_folder(tmp_path / "other", {k: v + 1 for k, v in tiny_state.items()}, TINY_VISION,
+                                TINY_PROJECTOR) / "model.safetensors"
+        os.replace(other, path)
+    with pytest.raises(WeightsError, match="model.safetensors: the file changed after its header was validated"):
+        load_model(checkpoint, dtype=torch.float32)
+
+
+def test_misaligned_tensors_load_as_copies(tiny_state, tmp_path):
+    """The format lets data start at any byte (every writer pads the header to 8); a torch view needs alignment."""
+    folder = write_hf_folder(tmp_path / "ckpt", tiny_state, TINY_VISION, TINY_PROJECTOR)
+    path = folder / "model.safetensors"
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.dumps(json.loads(raw[8:8 + n]), separators=(",", ":")).encode()
+    header += b" " * ((1 - len(header)) % 4)  # data starts at 8 + len(header) = 1 (mod 4): every F32 misaligned
+    path.write_bytes(struct.pack("<Q", len(header)) + header + raw[8 + n:])
+    model = _load(folder)
+    for name, got in model.state_dict().items():
+        assert torch.equal(got, tiny_state[name]), name
+        assert got.data_ptr() % 4 == 0, f"{name} left misaligned"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import math
+import os
 import subprocess
 import sys
 import warnings
@@ -97,7 +99,7 @@ def _mapped_ranges(name: str) -> list[tuple[int, int]]:
     ranges = []
     with open("/proc/self/maps", encoding="utf-8") as f:
         for line in f:
-            if line.rstrip().endswith(name):
+            if line.rstrip().endswith(" " + name):
                 begin, end = line.split()[0].split("-")
                 ranges.append((int(begin, 16), int(end, 16)))
     return ranges
@@ -110,18 +112,30 @@ def _load(folder: Path, dtype: torch.dtype):
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/self/maps (Linux)")
-def test_weights_in_the_stored_dtype_stay_views_of_the_mapped_file(tiny_state, tmp_path):
+def test_weights_in_the_stored_dtype_stay_views_of_one_mapping_of_the_file(tiny_state, tmp_path):
     folder = write_hf_folder(tmp_path / "ckpt", tiny_state, TINY_VISION, TINY_PROJECTOR, dtype=torch.bfloat16)
+    shard = os.path.realpath(folder / "model.safetensors")
     model = _load(folder, torch.bfloat16)
-    mapped = _mapped_ranges("/model.safetensors")
+    mapped = _mapped_ranges(shard)
     assert mapped, "the shard is not memory-mapped"
     for name, p in model.state_dict().items():
         assert torch.equal(p, tiny_state[name].bfloat16()), name
         assert any(b <= p.data_ptr() < e for b, e in mapped), f"{name} was copied out of the file"
-    cast = _load(folder, torch.float32)  # a real cast: fresh fp32 memory, same values
-    for name, p in cast.state_dict().items():
+    assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) == 1, "one mapping per tensor"
+    del model, p
+    gc.collect()
+    assert not _mapped_ranges(shard), "the file stays mapped after the model is gone"
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/self/maps (Linux)")
+def test_cast_weights_leave_nothing_mapped(tiny_state, tmp_path):
+    # Cast on load, the model owns fresh memory: the file's pages must not stay mapped (and resident) beside it.
+    folder = write_hf_folder(tmp_path / "ckpt", tiny_state, TINY_VISION, TINY_PROJECTOR, dtype=torch.bfloat16)
+    model = _load(folder, torch.float32)
+    for name, p in model.state_dict().items():
         assert p.dtype == torch.float32 and torch.equal(p, tiny_state[name].bfloat16().float()), name
-        assert not any(b <= p.data_ptr() < e for b, e in mapped), f"{name} still points into the file"
+    gc.collect()
+    assert not _mapped_ranges(os.path.realpath(folder / "model.safetensors")), "the file is still mapped"
 
 
 def test_loading_restores_the_thread_count_even_when_it_fails(tiny_state, tmp_path):

@@ -1,7 +1,8 @@
 """Hugging Face safetensors checkpoints: Gemma 3 (every key layout), standalone SigLIP and mlx-community folders.
 
-Headers are validated here before the safetensors library memory-maps anything, shard names in an index are checked
-before any path is joined, and only the shards that hold vision or projector tensors are opened.
+Headers are validated here before anything is memory-mapped, shard names in an index are checked before any path is
+joined, and only the shards that hold vision or projector tensors are opened. Tensors are views of the mapped shard
+at the validated offsets: reading one costs nothing until its pages are touched.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import math
 import os
 import stat
 import struct
+import sys
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import torch
-from safetensors import safe_open
 
 from .checkpoint import PROJECTOR, TOWER, Checkpoint, TensorSource
 from .config import VisionConfig, configs_from_hf_dict
@@ -28,6 +31,7 @@ FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 _OTHER_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4,
                  "I64": 8, "U64": 8}
 _DTYPE_BYTES = {**FLOAT_DTYPES, **_OTHER_DTYPES}
+_TORCH_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -51,6 +55,16 @@ SIGLIP_IGNORED = ("vision_model.head.", "head.", "text_model.", "logit_scale", "
 Header = dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]
 
 
+@dataclass(frozen=True)
+class ShardFile:
+    """A safetensors file whose header passed ``read_header``, and the file it was then."""
+
+    path: Path
+    header: Header
+    data_start: int  # byte offset of the data section: 8 + header length
+    identity: tuple[int, int, int, int]  # (st_dev, st_ino, st_size, st_mtime_ns) when validated
+
+
 def read_header(path: Path) -> Header:
     """Parse and validate a safetensors header without trusting any of its numbers.
 
@@ -59,8 +73,14 @@ def read_header(path: Path) -> Header:
     Raises:
         FormatError: anything the safetensors format forbids (lying lengths, overlaps, overflow, bad dtypes).
     """
+    return read_shard(path).header
+
+
+def read_shard(path: Path) -> ShardFile:
+    """``read_header``, keeping where the data starts and which file was validated (for ``map_shard``)."""
     with _open_regular(path, "safetensors file") as f:
-        size = os.fstat(f.fileno()).st_size
+        st = os.fstat(f.fileno())
+        size = st.st_size
         if size < 8:
             raise FormatError(f"{path}: safetensors file must be at least 8 bytes, found {size}")
         (n,) = struct.unpack("<Q", f.read(8))
@@ -90,7 +110,48 @@ def read_header(path: Path) -> Header:
     if cursor != buffer_len:
         raise FormatError(f"{path}: tensors cover {cursor:,} bytes but the data section holds {buffer_len:,} "
                           "(truncated or padded file)")
-    return out
+    return ShardFile(path, out, 8 + n, (st.st_dev, st.st_ino, size, st.st_mtime_ns))
+
+
+def map_shard(shard: ShardFile) -> torch.UntypedStorage:
+    """The whole file memory-mapped copy-on-write (writes to its tensors never reach the file).
+
+    Raises:
+        WeightsError: the file is no longer the one whose header was validated (checked before and after mapping
+            it: one cut short would be SIGBUS on reading), or cannot be mapped.
+    """
+
+    def check_unchanged() -> None:
+        try:
+            st = os.stat(shard.path)
+        except OSError as e:
+            raise WeightsError(f"{shard.path}: cannot stat the file ({e.strerror or e})") from None
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != shard.identity:
+            raise WeightsError(f"{shard.path}: the file changed after its header was validated")
+
+    check_unchanged()
+    try:
+        storage = torch.UntypedStorage.from_file(str(shard.path), shared=False, nbytes=shard.identity[2])
+    except RuntimeError as e:
+        raise WeightsError(f"{shard.path}: cannot memory-map the file ({e})") from None
+    check_unchanged()
+    return cast(torch.UntypedStorage, storage)
+
+
+def tensor_at(storage: torch.UntypedStorage, offset: int, dtype: torch.dtype, shape: tuple[int, ...]
+              ) -> torch.Tensor:
+    """The tensor stored at byte ``offset`` of a mapped file: a view of it, or a copy where a view cannot be.
+
+    A view needs ``offset`` to be a multiple of the element size, which the format does not require (every writer
+    aligns). Safetensors data is little-endian: a big-endian host gets a byte-swapped copy.
+    """
+    size, n = dtype.itemsize, math.prod(shape)
+    if offset % size == 0 and sys.byteorder == "little":
+        return torch.empty(0, dtype=dtype).set_(storage, offset // size, (n,), (1,)).view(shape)
+    raw = torch.empty(0, dtype=torch.uint8).set_(storage, offset, (n * size,), (1,)).clone()
+    if sys.byteorder == "big":
+        raw = raw.view(-1, size).flip(1).reshape(-1)
+    return raw.view(dtype).view(shape)
 
 
 def _open_regular(path: Path, what: str) -> BinaryIO:
@@ -247,17 +308,24 @@ def load_hf_folder(folder: Path) -> Checkpoint:
         elif isinstance(name, str):
             wanted[name] = key
 
-    headers: dict[Path, Header] = {}
+    shards: dict[Path, ShardFile] = {}
     for path in sorted({shard_of[key] for key in wanted.values()}):
-        headers[path] = read_header(_regular_file(folder, path.name, "shard"))
+        shards[path] = read_shard(_regular_file(folder, path.name, "shard"))
+    headers = {path: shard.header for path, shard in shards.items()}
 
-    handles: dict[Path, Any] = {}
+    # One mapping per shard while any tensor read from it lives: the model's own weights when they are kept in the
+    # stored dtype; when they are cast, each tensor's mapping goes with it instead of staying resident all along.
+    mapped: weakref.WeakValueDictionary[Path, torch.UntypedStorage] = weakref.WeakValueDictionary()
 
     def reader(path: Path, key: str, fix: Callable[[torch.Tensor], torch.Tensor] | None) -> Callable[[], torch.Tensor]:
+        shard = shards[path]
+        dtype, shape, (begin, _) = shard.header[key]
+
         def read() -> torch.Tensor:
-            if path not in handles:
-                handles[path] = safe_open(str(path), framework="pt")
-            t = handles[path].get_tensor(key)
+            storage = mapped.get(path)
+            if storage is None:
+                storage = mapped[path] = map_shard(shard)
+            t = tensor_at(storage, shard.data_start + begin, _TORCH_FLOATS[dtype], shape)
             return fix(t) if fix else t
         return read
 
