@@ -1,16 +1,19 @@
 """Loading benchmark: a full-size Gemma 3 checkpoint whose shard also holds >= 4 GB of text-model tensors.
 
 Writes ``model.safetensors`` (text tensors, then the vision tower and projector, then more text tensors) and a
-``config.json`` into a temporary folder, drops the file from the page cache, loads it with ``gemma3_vision.load``
-and reports:
+``config.json`` into a temporary folder. Then, ``--repeat`` times and for each ``--dtype``, alternating: drops the file
+from the page cache, loads it with ``gemma3_vision.load`` in a fresh Python process (modules imported before the
+clock starts: a user's first ``load``, first-call costs included), and cold-reads exactly the vision bytes.
+It reports, per dtype, the median of:
 
-- which bytes of the file were read, from the page cache afterwards (``mincore``): vision vs text;
-- load time against the time to read exactly the vision bytes from a cold cache (target: <= 2x);
+- load time against the time to read the vision bytes from a cold cache (target: <= 2x);
+- which bytes of the file were read, from the page cache after loading (``mincore``): vision vs text;
 - RSS after loading.
 
-The folder is deleted at the end (``--keep`` keeps it). Usage::
+``--dtype default`` is what ``load(folder)`` picks without one (bfloat16 where the CPU runs it fast, else float32).
+The folder is deleted at the end (``--keep`` keeps it, ``--reuse`` measures a kept one). Usage::
 
-    python benchmarks/load_bench.py --dir /tmp --text-gb 4.5 --dtype bfloat16 --json benchmarks/load.json
+    python benchmarks/load_bench.py --dir /tmp --text-gb 4.5 --dtype bfloat16 --repeat 5 --json benchmarks/load.json
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import ctypes
 import json
 import os
 import shutil
+import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +36,7 @@ import torch
 
 import gemma3_vision as g3
 from gemma3_vision.checkpoint import PROJECTOR, TOWER
+from gemma3_vision.format_safetensors import read_header
 from gemma3_vision.random_model import random_checkpoint
 
 _CHUNK = 64 << 20
@@ -42,8 +48,8 @@ _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def write_checkpoint(folder: Path, text_bytes: int) -> tuple[Path, list[tuple[int, int]], list[tuple[int, int]]]:
-    """The shard and its byte ranges (absolute file offsets): vision + projector ranges, text ranges."""
+def write_checkpoint(folder: Path, text_bytes: int) -> Path:
+    """The shard: text tensors, the tower and projector in bf16, more text tensors."""
     vision, projector = g3.PRESETS["gemma3-4b"]
     config = {
         "model_type": "gemma3", "mm_tokens_per_image": 256,
@@ -74,10 +80,8 @@ def write_checkpoint(folder: Path, text_bytes: int) -> tuple[Path, list[tuple[in
         offset += size
     raw = json.dumps({"__metadata__": {"format": "pt"}, **header}).encode()
     raw += b" " * (-len(raw) % 8)
-    base = 8 + len(raw)
     path = folder / "model.safetensors"
     noise = torch.randint(-(2**31), 2**31 - 1, (_CHUNK // 4,), dtype=torch.int32).numpy().tobytes()
-    vision_ranges, text_ranges = [], []
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for key in order:
@@ -87,14 +91,22 @@ def write_checkpoint(folder: Path, text_bytes: int) -> tuple[Path, list[tuple[in
                 while left:
                     f.write(noise[:min(left, _CHUNK)])
                     left -= min(left, _CHUNK)
-                text_ranges.append((base + begin, base + end))
             else:
                 t = source.tensors[vision_keys[key]].read().to(torch.bfloat16).contiguous()
                 f.write(t.view(torch.int16).numpy().tobytes())  # numpy has no bfloat16: write the raw bits
-                vision_ranges.append((base + begin, base + end))
         f.flush()
         os.fsync(f.fileno())
-    return path, vision_ranges, text_ranges
+    return path
+
+
+def byte_ranges(path: Path) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Absolute file offsets of the vision + projector tensors and of the text tensors, from the header."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+    vision, text = [], []
+    for name, (_, _, (begin, end)) in sorted(read_header(path).items(), key=lambda kv: kv[1][2]):
+        (text if name.startswith("language_model.") else vision).append((8 + n + begin, 8 + n + end))
+    return vision, text
 
 
 def drop_cache(path: Path) -> None:
@@ -144,55 +156,100 @@ def rss_mb() -> float:
     return float("nan")
 
 
+def child(folder: Path, dtype: str) -> None:
+    """One load in this fresh process; prints its figures as one JSON line."""
+    # Module imports are start-up (benchmarks/startup_bench.py), not load: done before the clock starts.
+    import gemma3_vision.api  # noqa: F401
+    import gemma3_vision.format_gguf  # noqa: F401 - resolve() imports the format readers on demand
+    import gemma3_vision.format_safetensors  # noqa: F401
+
+    rss0 = rss_mb()
+    t, cpu = time.perf_counter(), time.process_time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        encoder = g3.load(folder, dtype=None if dtype == "default" else dtype, device="cpu")
+    load_s, load_cpu_s = time.perf_counter() - t, time.process_time() - cpu
+    weights_mb = sum(q.numel() * q.element_size() for q in encoder.model.parameters()) / 2**20
+    print(json.dumps({"load_s": load_s, "load_cpu_s": load_cpu_s, "run_dtype": str(encoder.dtype).removeprefix("torch."),
+                      "rss_before_mb": rss0, "rss_after_load_mb": rss_mb(), "model_weights_mb": weights_mb}))
+
+
+def measure(path: Path, dtype: str, vision_ranges: list[tuple[int, int]], text_ranges: list[tuple[int, int]]
+            ) -> dict[str, float | str]:
+    """One cold load in a fresh process, then one cold read of the vision bytes."""
+    drop_cache(path)
+    before = resident(path, vision_ranges + text_ranges)
+    out = subprocess.run([sys.executable, __file__, "--child", str(path.parent), "--dtype", dtype],
+                         check=True, capture_output=True, text=True).stdout
+    run = json.loads(out.strip().splitlines()[-1])
+    run.update(cached_before_load_bytes=before, vision_bytes_read=resident(path, vision_ranges),
+               text_bytes_read=resident(path, text_ranges))
+    drop_cache(path)
+    run["cold_read_vision_s"] = read_ranges(path, vision_ranges)
+    run["load_over_read"] = run["load_s"] / run["cold_read_vision_s"]
+    return run
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", default=tempfile.gettempdir())
     p.add_argument("--text-gb", type=float, default=4.5)
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", action="append", help="bfloat16 (the stored dtype), float32, float16 or default; "
+                   "repeatable (default: bfloat16)")
+    p.add_argument("--repeat", type=int, default=5, help="loads per dtype; medians are reported")
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--reuse", type=Path, help="a folder kept by an earlier --keep run")
     p.add_argument("--json")
+    p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="g3-load-bench-", dir=a.dir))
+    dtypes = a.dtype or ["bfloat16"]
+    if a.child:
+        child(a.child, dtypes[0])
+        return 0
+    folder = a.reuse or Path(tempfile.mkdtemp(prefix="g3-load-bench-", dir=a.dir))
     try:
-        t = time.perf_counter()
-        path, vision_ranges, text_ranges = write_checkpoint(folder, int(a.text_gb * 1e9))
-        write_s = time.perf_counter() - t
+        path = folder / "model.safetensors"
+        if not a.reuse:
+            t = time.perf_counter()
+            write_checkpoint(folder, int(a.text_gb * 1e9))
+            print(f"wrote {path} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        vision_ranges, text_ranges = byte_ranges(path)
         vision_bytes = sum(e - b for b, e in vision_ranges)
         text_bytes = sum(e - b for b, e in text_ranges)
-        print(f"wrote {path.stat().st_size / 1e9:.2f} GB in {write_s:.0f} s: vision+projector "
-              f"{vision_bytes / 1e9:.3f} GB, text {text_bytes / 1e9:.2f} GB", file=sys.stderr)
-
-        drop_cache(path)
-        before = resident(path, vision_ranges + text_ranges)
-        rss0 = rss_mb()
-        t = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            encoder = g3.load(folder, dtype=a.dtype, device="cpu")
-        load_s = time.perf_counter() - t
-        rss1 = rss_mb()
-        read_vision, read_text = resident(path, vision_ranges), resident(path, text_ranges)
-        weights_mb = sum(q.numel() * q.element_size() for q in encoder.model.parameters()) / 2**20
-        del encoder
-
-        drop_cache(path)
-        cold_read_s = read_ranges(path, vision_ranges)
-        result = {
+        print(f"{path.stat().st_size / 1e9:.2f} GB file: vision+projector {vision_bytes / 1e9:.3f} GB (bf16), "
+              f"text {text_bytes / 1e9:.2f} GB")
+        runs: dict[str, list[dict[str, float | str]]] = {d: [] for d in dtypes}
+        for i in range(a.repeat):
+            for dtype in dtypes:  # alternating, so drift on a noisy machine hits every dtype alike
+                run = measure(path, dtype, vision_ranges, text_ranges)
+                runs[dtype].append(run)
+                print(f"  run {i + 1} {dtype} ({run['run_dtype']}): load {run['load_s']:.2f} s "
+                      f"({run['load_cpu_s']:.2f} s CPU), cold read "
+                      f"{run['cold_read_vision_s']:.2f} s: {run['load_over_read']:.2f}x", file=sys.stderr)
+        result: dict[str, object] = {
             "file_gb": path.stat().st_size / 1e9, "vision_gb": vision_bytes / 1e9, "text_gb": text_bytes / 1e9,
-            "dtype": a.dtype, "cached_before_load_bytes": before, "vision_bytes_read": read_vision,
-            "text_bytes_read": read_text, "load_s": load_s, "cold_read_vision_s": cold_read_s,
-            "load_over_read": load_s / cold_read_s, "rss_before_mb": rss0, "rss_after_load_mb": rss1,
-            "model_weights_mb": weights_mb,
+            "stored_dtype": "bfloat16", "repeat": a.repeat, "cpus": os.cpu_count(), "torch": torch.__version__,
         }
-        print(f"load {load_s:.2f} s vs cold read of the vision bytes {cold_read_s:.2f} s: "
-              f"{load_s / cold_read_s:.2f}x (target <= 2x)")
-        print(f"read from the file: vision {read_vision / 1e9:.3f} of {vision_bytes / 1e9:.3f} GB, "
-              f"text {read_text / 1e6:.1f} MB of {text_bytes / 1e9:.2f} GB")
-        print(f"RSS {rss0:.0f} -> {rss1:.0f} MB (model weights {weights_mb:.0f} MB in {a.dtype})")
+        for dtype, rs in runs.items():
+            med = {k: statistics.median(float(r[k]) for r in rs)
+                   for k in ("load_s", "load_cpu_s", "cold_read_vision_s", "load_over_read", "vision_bytes_read",
+                             "text_bytes_read", "rss_before_mb", "rss_after_load_mb")}
+            result[dtype] = {"run_dtype": rs[0]["run_dtype"], "model_weights_mb": rs[0]["model_weights_mb"],
+                             **{f"{k}_median": v for k, v in med.items()},
+                             "load_over_read_min": min(float(r["load_over_read"]) for r in rs),
+                             "load_over_read_max": max(float(r["load_over_read"]) for r in rs), "runs": rs}
+            print(f"{dtype} ({rs[0]['run_dtype']}), median of {len(rs)}: load {med['load_s']:.2f} s "
+                  f"({med['load_cpu_s']:.2f} s CPU) vs cold read "
+                  f"of the vision bytes {med['cold_read_vision_s']:.2f} s; load/read {med['load_over_read']:.2f}x "
+                  f"(target <= 2x; per-run median)")
+            print(f"  read from the file: vision {med['vision_bytes_read'] / 1e9:.3f} of {vision_bytes / 1e9:.3f} GB, "
+                  f"text {med['text_bytes_read'] / 1e6:.1f} MB of {text_bytes / 1e9:.2f} GB; RSS "
+                  f"{med['rss_before_mb']:.0f} -> {med['rss_after_load_mb']:.0f} MB (weights "
+                  f"{rs[0]['model_weights_mb']:.0f} MB)")
         if a.json:
             Path(a.json).write_text(json.dumps(result, indent=2))
     finally:
-        if not a.keep:
+        if not (a.keep or a.reuse):
             shutil.rmtree(folder, ignore_errors=True)
     return 0
 
