@@ -94,8 +94,8 @@ def test_only_vision_shards_are_opened(tmp_path, tiny_state, monkeypatch):
     opened: list[str] = []
     import gemma3_vision.format_safetensors as fs
 
-    real = fs.map_shard
-    monkeypatch.setattr(fs, "map_shard", lambda shard: (opened.append(shard.path.name), real(shard))[1])
+    real = fs.open_shard
+    monkeypatch.setattr(fs, "open_shard", lambda shard: (opened.append(shard.path.name), real(shard))[1])
     loaded_state(folder)
     assert opened and "text.safetensors" not in opened
 

@@ -44,6 +44,8 @@ class Checkpoint:
     conventions: list[str] = field(default_factory=list)  # conventions undone while mapping, for `info`
     unexpected: list[str] = field(default_factory=list)  # file names that map to nothing: a strict-load error
     description: str = ""  # what the user named, for messages
+    # Called once every tensor has been read: drops open files (a later read opens them again).
+    release: Callable[[], None] = field(default=lambda: None, repr=False)
 
     @property
     def is_random(self) -> bool:

@@ -1,8 +1,8 @@
 """Hugging Face safetensors checkpoints: Gemma 3 (every key layout), standalone SigLIP and mlx-community folders.
 
-Headers are validated here before anything is memory-mapped, shard names in an index are checked before any path is
-joined, and only the shards that hold vision or projector tensors are opened. Tensors are views of the mapped shard
-at the validated offsets: reading one costs nothing until its pages are touched.
+Headers are validated here before the safetensors library memory-maps anything, shard names in an index are checked
+before any path is joined, and only the shards that hold vision or projector tensors are opened. The library returns
+tensors that are views of its mapping: reading one costs nothing until its pages are touched.
 """
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ import math
 import os
 import stat
 import struct
-import sys
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .checkpoint import PROJECTOR, TOWER, Checkpoint, TensorSource
 from .config import VisionConfig, configs_from_hf_dict
@@ -31,7 +30,6 @@ FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 _OTHER_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4,
                  "I64": 8, "U64": 8}
 _DTYPE_BYTES = {**FLOAT_DTYPES, **_OTHER_DTYPES}
-_TORCH_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -77,7 +75,7 @@ def read_header(path: Path) -> Header:
 
 
 def read_shard(path: Path) -> ShardFile:
-    """``read_header``, keeping where the data starts and which file was validated (for ``map_shard``)."""
+    """``read_header``, keeping where the data starts and which file was validated (for ``open_shard``)."""
     with _open_regular(path, "safetensors file") as f:
         st = os.fstat(f.fileno())
         size = st.st_size
@@ -113,12 +111,12 @@ def read_shard(path: Path) -> ShardFile:
     return ShardFile(path, out, 8 + n, (st.st_dev, st.st_ino, size, st.st_mtime_ns))
 
 
-def map_shard(shard: ShardFile) -> torch.UntypedStorage:
-    """The whole file memory-mapped copy-on-write (writes to its tensors never reach the file).
+def open_shard(shard: ShardFile) -> Any:
+    """``safetensors.safe_open`` on a shard whose header passed ``read_shard``, if it is still that file.
 
     Raises:
-        WeightsError: the file is no longer the one whose header was validated (checked before and after mapping
-            it: one cut short would be SIGBUS on reading), or cannot be mapped.
+        WeightsError: the file is no longer the one whose header was validated (checked before and after opening
+            it, since one cut short after being mapped would be SIGBUS on reading), or the library refuses it.
     """
 
     def check_unchanged() -> None:
@@ -131,27 +129,11 @@ def map_shard(shard: ShardFile) -> torch.UntypedStorage:
 
     check_unchanged()
     try:
-        storage = torch.UntypedStorage.from_file(str(shard.path), shared=False, nbytes=shard.identity[2])
-    except RuntimeError as e:
-        raise WeightsError(f"{shard.path}: cannot memory-map the file ({e})") from None
+        handle = safe_open(str(shard.path), framework="pt")
+    except (OSError, SafetensorError) as e:
+        raise WeightsError(f"{shard.path}: safetensors cannot open the file ({e})") from None
     check_unchanged()
-    return cast(torch.UntypedStorage, storage)
-
-
-def tensor_at(storage: torch.UntypedStorage, offset: int, dtype: torch.dtype, shape: tuple[int, ...]
-              ) -> torch.Tensor:
-    """The tensor stored at byte ``offset`` of a mapped file: a view of it, or a copy where a view cannot be.
-
-    A view needs ``offset`` to be a multiple of the element size, which the format does not require (every writer
-    aligns). Safetensors data is little-endian: a big-endian host gets a byte-swapped copy.
-    """
-    size, n = dtype.itemsize, math.prod(shape)
-    if offset % size == 0 and sys.byteorder == "little":
-        return torch.empty(0, dtype=dtype).set_(storage, offset // size, (n,), (1,)).view(shape)
-    raw = torch.empty(0, dtype=torch.uint8).set_(storage, offset, (n * size,), (1,)).clone()
-    if sys.byteorder == "big":
-        raw = raw.view(-1, size).flip(1).reshape(-1)
-    return raw.view(dtype).view(shape)
+    return handle
 
 
 def _open_regular(path: Path, what: str) -> BinaryIO:
@@ -313,19 +295,17 @@ def load_hf_folder(folder: Path) -> Checkpoint:
         shards[path] = read_shard(_regular_file(folder, path.name, "shard"))
     headers = {path: shard.header for path, shard in shards.items()}
 
-    # One mapping per shard while any tensor read from it lives: the model's own weights when they are kept in the
-    # stored dtype; when they are cast, each tensor's mapping goes with it instead of staying resident all along.
-    mapped: weakref.WeakValueDictionary[Path, torch.UntypedStorage] = weakref.WeakValueDictionary()
+    # Open while the model is read. Checkpoint.release() drops them: the tensors kept in the stored dtype hold the
+    # mapping alive themselves, and when they are cast nothing of the file stays mapped or resident.
+    handles: dict[Path, Any] = {}
 
     def reader(path: Path, key: str, fix: Callable[[torch.Tensor], torch.Tensor] | None) -> Callable[[], torch.Tensor]:
-        shard = shards[path]
-        dtype, shape, (begin, _) = shard.header[key]
-
         def read() -> torch.Tensor:
-            storage = mapped.get(path)
-            if storage is None:
-                storage = mapped[path] = map_shard(shard)
-            t = tensor_at(storage, shard.data_start + begin, _TORCH_FLOATS[dtype], shape)
+            if path not in handles:
+                handles[path] = open_shard(shards[path])
+            t = handles[path].get_tensor(key)
+            if t.data_ptr() % t.element_size():  # the format allows data at any byte; torch kernels assume alignment
+                t = t.clone()
             return fix(t) if fix else t
         return read
 
@@ -350,7 +330,7 @@ def load_hf_folder(folder: Path) -> Checkpoint:
     return Checkpoint(
         format=fmt, files=[config_path, *sorted(headers)], vision=vision, projector=projector,
         preprocess=preprocess, tensors=tensors, conventions=conventions, unexpected=unexpected,
-        description=str(folder),
+        description=str(folder), release=handles.clear,
     )
 
 

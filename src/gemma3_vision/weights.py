@@ -112,18 +112,21 @@ def load_model(checkpoint: Checkpoint, *, dtype: torch.dtype, device: torch.devi
     model = empty_model(checkpoint.vision, checkpoint.projector)
     check_tensors(checkpoint, _shapes(model))
     state: dict[str, torch.Tensor] = {}
-    for name, source in checkpoint.tensors.items():
-        t = source.read()
-        if tuple(t.shape) != tuple(source.shape):  # a reader must never disagree with its own header
-            raise WeightsError(f"{source.source_name}: header says {source.shape}, data is {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise WeightsError(f"{source.source_name}: expected a float tensor, found {t.dtype}")
-        if check_finite:
-            with _one_thread():  # the first touch of a memory-mapped tensor: see _one_thread
-                finite = all_finite(t)
-            if not finite:
-                raise WeightsError(f"{source.source_name} ({name}) holds NaN or Inf values")
-        state[name] = t.to(device=device, dtype=dtype)  # no-op when already so: the file's view is kept
+    try:
+        for name, source in checkpoint.tensors.items():
+            t = source.read()
+            if tuple(t.shape) != tuple(source.shape):  # a reader must never disagree with its own header
+                raise WeightsError(f"{source.source_name}: header says {source.shape}, data is {tuple(t.shape)}")
+            if not t.is_floating_point():
+                raise WeightsError(f"{source.source_name}: expected a float tensor, found {t.dtype}")
+            if check_finite:
+                with _one_thread():  # the first touch of a memory-mapped tensor: see _one_thread
+                    finite = all_finite(t)
+                if not finite:
+                    raise WeightsError(f"{source.source_name} ({name}) holds NaN or Inf values")
+            state[name] = t.to(device=device, dtype=dtype)  # no-op when already so: the file's view is kept
+    finally:
+        checkpoint.release()  # cast weights leave nothing of the file mapped; kept views hold their own mapping
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
