@@ -3,8 +3,9 @@
 Where ``bench.py`` times the whole tower, this says where its time goes: the GEMM rate on the tower's four linear
 shapes and on 8192³ (the peak), and every ``scaled_dot_product_attention`` kernel on the tower's attention (4096
 tokens, 16 heads of 72), fed as the tower feeds it (strided views of one fused q/k/v product), and on head widths
-padded to 80, 96 and 128 for comparison. ``--profile`` adds where one forward of our whole tower spends its GPU time,
-by kernel. Usage (on a CUDA machine)::
+padded to 80, 96 and 128 for comparison; and whether cuBLASLt's fused GELU epilogue computes the tanh GELU the
+model needs, and what it would save on fc1. ``--profile`` adds where one forward of our whole tower spends its GPU
+time, by kernel. Usage (on a CUDA machine)::
 
     python benchmarks/gpu_kernels.py --batch 32 --profile --json kernels.json
 """
@@ -49,6 +50,26 @@ def gemm_rates(rows: int, dtype: torch.dtype) -> dict[str, float]:
         bias = torch.randn(n, device="cuda", dtype=dtype)
         rates[name] = 2 * m * k * n / cuda_seconds(lambda: F.linear(a, w, bias)) / 1e12  # noqa: B023
     return rates
+
+
+def gelu_epilogue(rows: int, dtype: torch.dtype) -> dict[str, float | str]:
+    """fc1 with GELU fused into the GEMM (``torch._addmm_activation``, cuBLASLt's epilogue) against fc1 then GELU:
+    which GELU the epilogue computes (the model needs tanh) and what it saves."""
+    D, M = PRESETS["gemma3-4b"][0].hidden_size, PRESETS["gemma3-4b"][0].intermediate_size
+    x = torch.randn(rows, D, device="cuda", dtype=dtype)
+    w = torch.randn(M, D, device="cuda", dtype=dtype) * D**-0.5
+    bias = torch.randn(M, device="cuda", dtype=dtype) * 0.02
+    try:
+        fused = torch._addmm_activation(bias, x, w.t(), use_gelu=True).float()
+    except RuntimeError as e:
+        return {"error": str(e).splitlines()[0][:160]}
+    plain = torch.addmm(bias, x, w.t()).float()
+    return {
+        "max_diff_to_tanh_gelu": (fused - F.gelu(plain, approximate="tanh")).abs().max().item(),
+        "max_diff_to_erf_gelu": (fused - F.gelu(plain)).abs().max().item(),
+        "fused_ms": 1e3 * cuda_seconds(lambda: torch._addmm_activation(bias, x, w.t(), use_gelu=True)),
+        "separate_ms": 1e3 * cuda_seconds(lambda: F.gelu(F.linear(x, w, bias), approximate="tanh")),
+    }
 
 
 def attention_rates(batch: int, dtype: torch.dtype) -> dict[str, float | str]:
@@ -105,10 +126,11 @@ def main() -> int:
     dtype = getattr(torch, a.dtype)
     rows = a.batch * PRESETS["gemma3-4b"][0].num_patches
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": a.batch, "dtype": a.dtype,
-              "gemm_tflops": gemm_rates(rows, dtype), "attention_tflops": attention_rates(a.batch, dtype)}
-    for group in ("gemm_tflops", "attention_tflops"):
+              "gemm_tflops": gemm_rates(rows, dtype), "attention_tflops": attention_rates(a.batch, dtype),
+              "gelu_epilogue": gelu_epilogue(rows, dtype)}
+    for group in ("gemm_tflops", "attention_tflops", "gelu_epilogue"):
         for name, rate in report[group].items():
-            print(f"{group:<17}{name:<16}{rate if isinstance(rate, str) else f'{rate:8.1f}'}")
+            print(f"{group:<17}{name:<22}{rate if isinstance(rate, str) else f'{rate:10.4g}'}")
     write(report, a.json)
     if a.profile:
         report["profile"] = rows = profile_tower(a.batch, dtype)
