@@ -194,7 +194,7 @@ def random_tower_state(preset: str, layers: int) -> dict[str, torch.Tensor]:
 
 def build_ours(vision: VisionConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
                device: torch.device) -> VisionTower:
-    """Our tower as ``load()`` sets it up for ``device``: compute dtype and attention kernels included."""
+    """Our tower as ``load()`` sets it up for ``device``, compute dtype included."""
     from .api import compute_dtype_for
     from .model import VisionTower
 
