@@ -67,7 +67,6 @@ class ConfigResult:
     full_layers: int  # the preset's depth (27 for Gemma 3): fewer layers run means a truncated tower
     gflop_per_image: float
     gemm_peak_tflops: float  # best GEMM rate measured now: dtype and fp32, the fc1 shape (and 8192³ on a GPU)
-    attention: str = "torch's choice"  # the SDPA kernels "ours" allowed
     compile_mode: str = "default"  # torch.compile's mode for the +compile runners
     runners: list[RunnerResult] = field(default_factory=list)
     ratios: dict[str, float] = field(default_factory=dict)  # "vs transformers": their median / ours, ...
@@ -205,13 +204,6 @@ def build_ours(vision: VisionConfig, state: dict[str, torch.Tensor], dtype: torc
     return tower.eval().requires_grad_(False)
 
 
-def _attention_label(backends: Sequence[SDPBackend] | None) -> str:
-    if backends is None:
-        return "torch's choice"
-    names = {kernel: name for name, kernel in ATTENTION_KERNELS.items()}
-    return ", ".join(names.get(b, str(b)) for b in backends)
-
-
 def _variant(tower: VisionTower, pixels: torch.Tensor, **settings: Any) -> Callable[[], torch.Tensor]:
     """A runner of ``tower`` with some attributes changed for the call (``attention_backends``, ``residual_dtype``)."""
     def run() -> torch.Tensor:
@@ -338,7 +330,7 @@ def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype:
                           device=str(device), image_size=vision.image_size, layers=vision.num_hidden_layers,
                           full_layers=full_layers,
                           gflop_per_image=gflop, gemm_peak_tflops=peak,
-                          attention=_attention_label(ours.attention_backends), compile_mode=compile_mode)
+                          compile_mode=compile_mode)
     for name, ts in times.items():
         median = statistics.median(ts)
         compile_s = first[name] - median * batch
@@ -481,8 +473,7 @@ def format_report(report: BenchReport) -> str:
         lines.append("")
         lines.append(f"{c.dtype} (our matmuls in {c.compute_dtype}), batch {c.batch}, {c.threads} threads, "
                      f"{c.device}, {c.image_size} px, {depth}: {c.gflop_per_image:.0f} GFLOP/image, "
-                     f"GEMM peak {c.gemm_peak_tflops:.3f} TFLOP/s; our attention: {c.attention}; "
-                     f"compile mode: {c.compile_mode}")
+                     f"GEMM peak {c.gemm_peak_tflops:.3f} TFLOP/s; compile mode: {c.compile_mode}")
         lines.append(f"  {'runner':<22}{'median s/img':>13}{'min':>9}{'max':>9}{'TFLOP/s':>9}{'% peak':>8}"
                      f"{'peak MB':>9}{'compile s':>10}{'max|diff|':>11}{'cosine':>11}")
         for r in c.runners:

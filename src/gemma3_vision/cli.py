@@ -387,8 +387,7 @@ def show(image: Path, model: str, out: Path, features_layer: int | None, attenti
 @reports_errors
 def bench(preset: str, dtypes: tuple[str, ...], batches: tuple[int, ...], threads: int | None, device: str | None,
           layers: int | None, image_size: int | None, repeats: int, no_compile: bool, compile_mode: str,
-          no_reference: bool,
-          memory: bool, attention: tuple[str, ...], bf16_residual: bool,
+          no_reference: bool, memory: bool, attention: tuple[str, ...], bf16_residual: bool,
           json_path: Path | None) -> None:
     """Time our tower against transformers' (same random weights, one process, alternating).
 
@@ -399,8 +398,7 @@ def bench(preset: str, dtypes: tuple[str, ...], batches: tuple[int, ...], thread
     report = run_benchmark(preset=preset, dtypes=dtypes or ("float32",), batches=batches or (1,), threads=threads,
                            device=device, layers=layers, image_size=image_size, repeats=repeats,
                            compile=not no_compile, compile_mode=compile_mode, reference=not no_reference,
-                           memory=memory, attention=attention,
-                           bf16_residual=bf16_residual,
+                           memory=memory, attention=attention, bf16_residual=bf16_residual,
                            progress=lambda s: click.echo(s, err=True))
     click.echo(format_report(report))
     if json_path is not None:

@@ -59,7 +59,6 @@ class ShardFile:
 
     path: Path
     header: Header
-    data_start: int  # byte offset of the data section: 8 + header length
     identity: tuple[int, int, int, int]  # (st_dev, st_ino, st_size, st_mtime_ns) when validated
 
 
@@ -75,7 +74,7 @@ def read_header(path: Path) -> Header:
 
 
 def read_shard(path: Path) -> ShardFile:
-    """``read_header``, keeping where the data starts and which file was validated (for ``open_shard``)."""
+    """``read_header``, keeping which file was validated (for ``open_shard``)."""
     with _open_regular(path, "safetensors file") as f:
         st = os.fstat(f.fileno())
         size = st.st_size
@@ -108,7 +107,7 @@ def read_shard(path: Path) -> ShardFile:
     if cursor != buffer_len:
         raise FormatError(f"{path}: tensors cover {cursor:,} bytes but the data section holds {buffer_len:,} "
                           "(truncated or padded file)")
-    return ShardFile(path, out, 8 + n, (st.st_dev, st.st_ino, size, st.st_mtime_ns))
+    return ShardFile(path, out, (st.st_dev, st.st_ino, size, st.st_mtime_ns))
 
 
 def open_shard(shard: ShardFile) -> Any:
@@ -293,7 +292,6 @@ def load_hf_folder(folder: Path) -> Checkpoint:
     shards: dict[Path, ShardFile] = {}
     for path in sorted({shard_of[key] for key in wanted.values()}):
         shards[path] = read_shard(_regular_file(folder, path.name, "shard"))
-    headers = {path: shard.header for path, shard in shards.items()}
 
     # Open while the model is read. Checkpoint.release() drops them: the tensors kept in the stored dtype hold the
     # mapping alive themselves, and when they are cast nothing of the file stays mapped or resident.
@@ -314,9 +312,9 @@ def load_hf_folder(folder: Path) -> Checkpoint:
     fmt = "siglip-safetensors" if is_siglip else "hf-safetensors"
     for name, key in sorted(wanted.items()):
         path = shard_of[key]
-        if key not in headers[path]:
+        if key not in shards[path].header:
             raise WeightsError(f"{folder / INDEX_NAME}: {key} is indexed in {path.name} but that file lacks it")
-        dtype, shape, _ = headers[path][key]
+        dtype, shape, _ = shards[path].header[key]
         if dtype not in FLOAT_DTYPES:
             raise WeightsError(f"{path}: {key} must be a float tensor (F32, F16, BF16), found {dtype}")
         fix = None
@@ -328,7 +326,7 @@ def load_hf_folder(folder: Path) -> Checkpoint:
         tensors[name] = TensorSource(name, shape, dtype, key, reader(path, key, fix))
 
     return Checkpoint(
-        format=fmt, files=[config_path, *sorted(headers)], vision=vision, projector=projector,
+        format=fmt, files=[config_path, *sorted(shards)], vision=vision, projector=projector,
         preprocess=preprocess, tensors=tensors, conventions=conventions, unexpected=unexpected,
         description=str(folder), release=handles.clear,
     )
