@@ -68,6 +68,17 @@ def compute_dtype_for(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def kept_storage_dtypes(dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, ...]:
+    """Stored dtypes that a run in ``dtype`` keeps as stored instead of casting at load.
+
+    A float32 run on a CPU keeps bf16 and fp16 weights (every Hugging Face Gemma 3 checkpoint is bf16) and widens
+    them one layer at a time as it computes: the widening is exact, so the results equal those of casting everything
+    at load, which took 1.7 s and 1.6 GB for the tower against 0.6 s and 0.8 GB kept (README: Performance). The
+    per-forward widening costs about 0.3% of a forward there. A GPU forward is too fast to hide it: no kept dtypes.
+    """
+    return (torch.bfloat16, torch.float16) if device.type == "cpu" and dtype == torch.float32 else ()
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """``None`` picks bfloat16 where it is fast (CUDA, CPUs with AMX or AVX512-BF16), else float32."""
     if isinstance(dtype, torch.dtype):
@@ -363,6 +374,8 @@ def load(model: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
     if checkpoint.is_random:
         warnings.warn(f"{checkpoint.description} has seeded RANDOM weights: its embeddings mean nothing",
                       RandomWeightsWarning, stacklevel=2)
-    vision_model = load_model(checkpoint, dtype=run_dtype, device=device, check_finite=not checkpoint.is_random)
-    vision_model.vision_tower.compute_dtype = compute_dtype_for(run_dtype, device)
+    vision_model = load_model(checkpoint, dtype=run_dtype, device=device, check_finite=not checkpoint.is_random,
+                              keep_dtypes=kept_storage_dtypes(run_dtype, device))
+    tower = vision_model.vision_tower
+    tower.compute_dtype, tower.output_dtype = compute_dtype_for(run_dtype, device), run_dtype
     return Gemma3Vision(vision_model, checkpoint, run_dtype, device, image_size=image_size)

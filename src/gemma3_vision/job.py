@@ -57,7 +57,12 @@ def job_key(encoder: Gemma3Vision, options: EncodeOptions) -> str:
     extras = {"pan_and_scan": options.pan_and_scan, "layers": list(options.layers), "pool": options.pool,
               "normalize": options.normalize}
     wanted = options.pan_and_scan or options.layers or options.pool
-    return fingerprint(checkpoint_identity(encoder.checkpoint), str(encoder.dtype), options.project,
+    # bf16 computed in fp32 (a CPU without native bf16) and bf16 computed in bf16 give different outputs, so a
+    # folder resumed on the other kind of machine must not mix them. Written so that keys where the two agree
+    # stay as before: resuming after an upgrade redoes nothing.
+    compute = encoder.model.vision_tower.compute_dtype or encoder.dtype
+    precision = str(encoder.dtype) if compute == encoder.dtype else f"{encoder.dtype} computed in {compute}"
+    return fingerprint(checkpoint_identity(encoder.checkpoint), precision, options.project,
                        options.exif_transpose, encoder.preprocess_config, *([extras] if wanted else []))
 
 

@@ -4,12 +4,14 @@ Module and parameter names equal transformers' ``SiglipVisionTransformer`` (``em
 ``encoder.layers.{i}.self_attn.q_proj``, ``mlp.fc1``, ``post_layernorm``, ...), so a Hugging Face checkpoint loads
 with a prefix strip and every other format maps onto these names.
 
-Input is pixels NHWC ``(B, H, W, C)`` in [-1, 1]; output is ``(B, num_patches, hidden)`` in the parameters' dtype.
+Input is pixels NHWC ``(B, H, W, C)`` in [-1, 1]; output is ``(B, num_patches, hidden)`` in
+``VisionTower.output_dtype`` (default: the parameters' dtype).
 
 Precision: the residual stream and every LayerNorm run in float32 (``VisionTower.residual_dtype``), whatever the
 stored dtype; the matmuls and the attention run in ``VisionTower.compute_dtype`` (default: the parameters' dtype).
 Stored weights are cast to it one layer at a time, so bf16 weights can be computed in fp32 on a CPU without native
-bf16 (8x faster there than emulated bf16) while memory stays at the bf16 size. In float16 a product that overflows
+bf16 (8x faster there than emulated bf16) while memory stays at the bf16 size; a float32 run on a CPU keeps a bf16
+checkpoint's weights as stored the same way, with the same results as widening them all at load. In float16 a product that overflows
 (SigLIP activations can pass 65504) is redone in float32: see ``fp16_safe``.
 """
 
@@ -213,6 +215,9 @@ class VisionTower(nn.Module):
         # dtype of the matmuls and attention; None: the parameters' dtype. load() sets float32 for bf16/fp16
         # weights on a CPU without native support for them.
         self.compute_dtype: torch.dtype | None = None
+        # dtype of the output and the hidden states; None: the parameters' dtype. load() sets the run dtype, which
+        # differs from the stored one when a float32 CPU run keeps 16-bit weights as stored.
+        self.output_dtype: torch.dtype | None = None
         # dtype of the residual stream and the LayerNorms: float32 keeps the sum of 27 layers close to the fp32
         # reference; bfloat16 (what transformers does in a bf16 run) moves half the bytes between the matmuls.
         self.residual_dtype = torch.float32
@@ -256,7 +261,7 @@ class VisionTower(nn.Module):
 
     def run(self, pixels: torch.Tensor, dtype: torch.dtype, output_hidden_states: bool) -> torch.Tensor | TowerOutput:
         """One pass, the products in ``dtype``."""
-        out_dtype = self.embeddings.patch_embedding.weight.dtype
+        out_dtype = self.output_dtype or self.embeddings.patch_embedding.weight.dtype
         hidden_dtype = torch.float32 if out_dtype == torch.float16 else out_dtype
         if self.residual_dtype not in (torch.float32, torch.bfloat16):  # fp16 cannot hold SigLIP's residuals
             raise ConfigError(f"residual_dtype must be float32 or bfloat16, got {self.residual_dtype}")

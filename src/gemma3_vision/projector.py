@@ -52,4 +52,6 @@ class MultiModalProjector(nn.Module):
         pooled = F.avg_pool2d(grid, self.kernel_size)  # (B, D, side/k, side/k)
         tokens = pooled.flatten(2).transpose(1, 2)  # (B, T, D), row-major over the token grid
         tokens = self.mm_soft_emb_norm(tokens)
-        return (tokens @ self.mm_input_projection_weight).type_as(x)  # (B, T, text_hidden)
+        # In the input's dtype: a float32 run may keep the weight stored in bf16 (model.py, Precision).
+        weight = self.mm_input_projection_weight.to(tokens.dtype)  # (D, text_hidden)
+        return (tokens @ weight).type_as(x)  # (B, T, text_hidden)

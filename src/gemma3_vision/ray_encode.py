@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .api import Gemma3Vision, RandomWeightsWarning, load, resolve_dtype
+from .api import Gemma3Vision, RandomWeightsWarning, compute_dtype_for, load, resolve_dtype
 from .discovery import InputItem, discover
 from .errors import ConfigError, Gemma3VisionError
 from .job import EncodeOptions, check_options, encode_batch_for, job_key, make_input_for
@@ -162,6 +162,8 @@ def encode_with_ray(
     checkpoint = resolve(model)
     shapes = Gemma3Vision(empty_model(checkpoint.vision, checkpoint.projector), checkpoint, run_dtype,
                           torch.device("meta"), image_size=image_size)
+    # As load() sets it on the actors, which are taken to have this machine's kind of CPU.
+    shapes.model.vision_tower.compute_dtype = compute_dtype_for(run_dtype, torch.device(actor_device))
     if checkpoint.is_random:
         warnings.warn(f"{checkpoint.description} has seeded RANDOM weights: its embeddings mean nothing",
                       RandomWeightsWarning, stacklevel=2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import torch
@@ -100,11 +100,12 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def load_model(checkpoint: Checkpoint, *, dtype: torch.dtype, device: torch.device | str = "cpu",
-               check_finite: bool = True) -> VisionModel:
-    """Read every tensor once, cast it, and assign it into a model built on the meta device.
+               check_finite: bool = True, keep_dtypes: Collection[torch.dtype] = ()) -> VisionModel:
+    """Read every tensor once, cast it to ``dtype``, and assign it into a model built on the meta device.
 
-    A tensor already in ``dtype`` on ``device`` is kept as read: for safetensors, a view of the memory-mapped file,
-    so loading costs about one read of the vision bytes, paged in by the finite check.
+    A tensor read in ``dtype`` or in one of ``keep_dtypes`` is not cast: on the same device it is kept as read, for
+    safetensors a view of the memory-mapped file, so loading costs about one read of the vision bytes, paged in by
+    the finite check.
 
     Raises:
         WeightsError: a missing, unexpected, wrongly shaped or non-finite tensor.
@@ -124,7 +125,8 @@ def load_model(checkpoint: Checkpoint, *, dtype: torch.dtype, device: torch.devi
                     finite = all_finite(t)
                 if not finite:
                     raise WeightsError(f"{source.source_name} ({name}) holds NaN or Inf values")
-            state[name] = t.to(device=device, dtype=dtype)  # no-op when already so: the file's view is kept
+            kept = t.dtype if t.dtype in keep_dtypes else dtype
+            state[name] = t.to(device=device, dtype=kept)  # no-op when already so: the file's view is kept
     finally:
         checkpoint.release()  # cast weights leave nothing of the file mapped; kept views hold their own mapping
     model.load_state_dict(state, strict=True, assign=True)
