@@ -74,6 +74,9 @@ def test_pan_and_scan_layers_and_pool(tiny_model, inputs, tmp_path):
     code, output = run(str(inputs), "--out", str(out), "--pool", "mean")
     assert "encoded 2" in output
     assert "outputs" in records(out)["wide.png"] and "crops" not in records(out)["wide.png"]
+    # The crops and layers only the earlier options wrote are removed: the folder holds one job's files.
+    assert sorted(p.name for p in out.glob("*.npy")) == ["square.png.npy", "square.png.pooled.npy", "wide.png.npy",
+                                                         "wide.png.pooled.npy"]
 
 
 def test_image_size_changes_the_token_count(tmp_path, inputs):

@@ -22,10 +22,11 @@ from gemma3_vision.output_folder import (
     PREVIOUS_INDEX_NAME,
     TMP_DIR_NAME,
     OutputFolder,
+    ResumeState,
     load_index,
 )
 from gemma3_vision.pipeline import run_job
-from gemma3_vision.preprocess import PreprocessConfig
+from gemma3_vision.preprocess import PreprocessConfig, pil_to_input
 
 SMALL = PreprocessConfig(image_size=28)
 
@@ -38,7 +39,7 @@ def fake_encode(pixels: np.ndarray) -> np.ndarray:
 def png(path: Path, seed: int = 0, size: tuple[int, int] = (6, 5)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     rgb = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(rgb).save(path)
+    Image.fromarray(rgb).save(path, format="PNG")  # whatever the suffix: explicit files keep any
     return path
 
 
@@ -288,6 +289,124 @@ def test_inputs_named_twice_come_once_and_colliding_names_stay_distinct(tmp_path
     assert records(out)[-1]["output"] == "pic.png~4.npy"
 
 
+# -------------------------------------------------------------------------------------------- extra output files
+
+def with_extras(*names: str):
+    """``fake_encode`` plus extra arrays ``names`` (``layer13``, ``pooled``), each offset so files differ."""
+    def encode(pixels: np.ndarray) -> dict[str, np.ndarray]:
+        main = fake_encode(pixels)
+        return {"": main, **{name: main + i + 1 for i, name in enumerate(names)}}
+    return encode
+
+
+def two_views(img: Image.Image) -> tuple[np.ndarray, dict]:
+    """A ``MakeInput`` with one crop, as Pan & Scan makes them: files ``.crop1.npy``, ``.crop1.layer13.npy``..."""
+    view = pil_to_input(img, SMALL)  # (S, S, 3)
+    return np.stack([view, view / 2]), {}
+
+
+def files_of(record: dict) -> list[str]:
+    return [record["output"], *record.get("outputs", {}).values()]
+
+
+def npy_files(out: Path) -> list[str]:
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*.npy"))
+
+
+def test_encoding_again_removes_extra_files_the_input_no_longer_has(tmp_path, monkeypatch):
+    png(tmp_path / "in" / "a.png", 1)
+    png(tmp_path / "in" / "b.png", 2)
+    out = tmp_path / "out"
+    job([str(tmp_path / "in")], out, encode=with_extras("layer13", "pooled"), make_input=two_views)
+    assert len(npy_files(out)) == 2 * 6  # per input: main, layer13, pooled, crop1, crop1.layer13, crop1.pooled
+
+    # Each removal happens once the input's new record is the index's last line and every file it lists exists.
+    real_unlink, removed = os.unlink, []
+
+    def unlink(path, *args, **kwargs):
+        if "dir_fd" not in kwargs and Path(path).is_relative_to(out):
+            last = records(out)[-1]
+            assert last["input"] == f"{tmp_path}/in/a.png" and all((out / f).is_file() for f in files_of(last))
+            removed.append(Path(path).relative_to(out).as_posix())
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    # Only a.png, with another model and fewer outputs: its old layer13 and crop files go, b.png keeps all of its.
+    summary = job([str(tmp_path / "in" / "a.png")], out, job_key="model-b", encode=with_extras("pooled"))
+    assert summary.encoded == 1
+    assert sorted(removed) == ["a.png.crop1.layer13.npy", "a.png.crop1.npy", "a.png.crop1.pooled.npy",
+                               "a.png.layer13.npy"]
+    assert npy_files(out) == ["a.png.npy", "a.png.pooled.npy", *(f"b.png.{s}npy" for s in (
+        "crop1.layer13.", "crop1.", "crop1.pooled.", "layer13.", "", "pooled."))]
+    np.testing.assert_array_equal(np.load(out / "a.png.pooled.npy"), np.load(out / "a.png.npy") + 1)
+
+
+def test_overwrite_removes_the_extra_files_named_by_the_moved_index(tmp_path):
+    png(tmp_path / "in" / "a.png", 1)
+    out = tmp_path / "out"
+    job([str(tmp_path / "in")], out, encode=with_extras("layer13"))
+    job([str(tmp_path / "in")], out, overwrite=True)
+    assert npy_files(out) == ["a.png.npy"]
+    assert "outputs" not in records(out)[0] and "outputs" in json.loads((out / PREVIOUS_INDEX_NAME).read_text())
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_no_input_is_named_like_another_inputs_extra_file(tmp_path, reverse):
+    # Explicit files keep any suffix: each of these names is also an extra file of a.png (or of a.png.crop1).
+    names = ["a.png", "a.png.layer13", "a.png.crop1", "a.png.crop1.layer13"]
+    args = [str(png(tmp_path / "in" / name, seed)) for seed, name in enumerate(names)]
+    out = tmp_path / "out"
+    job(args[::-1] if reverse else args, out, encode=with_extras("layer13"), make_input=two_views)
+    written = [f.casefold() for r in records(out) for f in files_of(r)]
+    assert len(written) == 4 * 4 and len(set(written)) == len(written), written
+    assert npy_files(out) == sorted(written)
+    for r in records(out):  # each main file holds its own image, overwritten by no other input's extras
+        expected = fake_encode(pil_to_input(Image.open(r["input"]), SMALL)[None])[0]
+        np.testing.assert_array_equal(np.load(out / r["output"]), expected, err_msg=r["input"])
+
+
+def test_an_input_named_like_a_later_inputs_extra_file_keeps_its_file(tmp_path):
+    crop_named = str(png(tmp_path / "in" / "x.png.crop1", 1))
+    out = tmp_path / "out"
+    job([crop_named], out)  # x.png.crop1.npy: the name x.png's crop would get
+    job([str(png(tmp_path / "in" / "x.png", 2)), crop_named], out, job_key="pas", make_input=two_views)
+    assert [r["output"] for r in records(out)] == ["x.png.crop1.npy", "x.png~2.npy", "x.png.crop1.npy"]
+    assert npy_files(out) == ["x.png.crop1.crop1.npy", "x.png.crop1.npy", "x.png~2.crop1.npy", "x.png~2.npy"]
+
+
+def test_resume_state_keeps_extra_names_only_for_inputs_that_have_them():
+    base = {"status": "ok", "bytes": 1, "mtime_ns": 2, "content": "c", "job": "k"}
+    state = ResumeState()
+    state.add({**base, "input": "plain.png", "output": "plain.png.npy"})
+    # Listed, but not files this library names (a hand-edited index): ignored, so never removed.
+    odd = {"pooled": "../../elsewhere.npy", "mine": "a.png.mine.npy", "layer\u0663": "a.png.layer\u0663.npy"}
+    state.add({**base, "input": "a.png", "output": "a.png.npy", "outputs": {
+        "layer13": "a.png.layer13.npy", "crop1.pooled": "a.png.crop1.pooled.npy", **odd}})
+    assert len(state.prior("plain.png")) == 1 + 16 + len("plain.png.npy")  # nothing stored for extras
+    assert state.output_of(state.prior("a.png")) == "a.png.npy"
+    assert state.extras_of(state.prior("a.png")) == ["layer13", "crop1.pooled"]
+    new = {**base, "input": "a.png", "output": "a.png.npy", "outputs": {"layer13": "a.png.layer13.npy"}}
+    assert state.stale_outputs(new) == ["a.png.crop1.pooled.npy"]
+    state.add({**base, "input": "a.png", "status": "error"})  # the last record is no ok record any more
+    assert state.stale_outputs(new) == []
+
+
+def test_stale_names_that_may_be_another_inputs_file_are_kept():
+    # A folder named before output names avoided extra files: a.png's extras share names with other inputs.
+    base = {"status": "ok", "bytes": 1, "mtime_ns": 2, "content": "c", "job": "k"}
+    state = ResumeState()
+    state.add({**base, "input": "a.png", "output": "a.png.npy", "outputs": {
+        "layer13": "a.png.layer13.npy", "crop1.pooled": "a.png.crop1.pooled.npy", "pooled": "a.png.pooled.npy"}})
+    state.add({**base, "input": "a.png.layer13", "output": "a.png.layer13.npy"})  # its main file
+    state.add({**base, "input": "a.png.crop1", "output": "a.png.crop1.npy"})  # may own a.png.crop1.pooled.npy
+    assert state.stale_outputs({**base, "input": "a.png", "output": "a.png.npy"}) == ["a.png.pooled.npy"]
+
+
+def test_extra_arrays_must_be_named_as_the_library_names_them(tree, tmp_path):
+    with pytest.raises(RuntimeError, match="array named 'mine'"):
+        job([str(tree / "a.png")], tmp_path / "out", encode=lambda p: {"": fake_encode(p), "mine": p[:, 0, 0]})
+
+
 def test_bad_inputs_do_not_shrink_batches(tmp_path):
     """Throughput does not drop with bad inputs: every forward pass gets a full batch."""
     for i in range(12):
@@ -359,6 +478,6 @@ def test_resume_state_for_100k_inputs_is_compact_and_quick(tmp_path):
     assert state.output_of(state.prior("photos/099999.jpg")) == "099999.jpg.npy"
     assert state.prior("photos/100000.jpg") is None
     size = (sys.getsizeof(state._last) + sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in state._last.items())
-            + sys.getsizeof(state.taken) + sum(sys.getsizeof(k) for k in state.taken))
+            + sys.getsizeof(state.taken) + sum(sys.getsizeof(k) for k in state.taken) + sys.getsizeof(state._owners))
     assert size / 100_000 < 300, f"{size / 100_000:.0f} bytes an input"
     assert seconds < 60, f"loading took {seconds:.1f} s"

@@ -11,17 +11,23 @@ What makes the job safe to kill and re-run:
   record has the same job key (model identity and output-affecting options) and either the same size and
   modification time, or the same content hash; an ``ok`` record also needs its output file to exist. Unchanged
   inputs that failed are not retried (same bytes, same failure) but still count as failed;
+- an input encoded again (a new job key, or new bytes) drops the extra files of its previous ``ok`` record that the
+  new one does not list, and only once the new record is appended (``OutputFolder.append``);
+- output names are assigned so that no input's file, main or extra, can be another input's (``ResumeState.free``);
 - a lock file keeps two jobs from writing one folder, and the temporary folder is emptied when a job starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -67,17 +73,47 @@ def content_digest(f: Any) -> str:
     return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
 
 
+# ------------------------------------------------------------------------------------------------------- names
+
+# What an extra array of an input is called after its main output's stem (``a.png.npy`` → ``a.png.layer13.npy``),
+# as ``pipeline._name_views`` names them: ``layer13``, ``pooled``, and for Pan & Scan crops ``crop1``,
+# ``crop1.layer13``, ``crop1.pooled``. Naming outputs relies on this being all there is (``ResumeState.free``).
+ARRAY_NAME = re.compile(r"layer\d+|pooled", re.ASCII)
+EXTRA_SUFFIX = re.compile(r"(?:crop\d+\.)?(?:layer\d+|pooled)|crop\d+", re.ASCII)
+
+
+def extra_output(output: str, suffix: str) -> str:
+    """The file of the extra array ``suffix`` of the input whose main output is ``output``."""
+    return f"{output.removesuffix('.npy')}.{suffix}.npy"
+
+
+def _owners(name: str) -> Iterator[str]:
+    """The main output names whose extra files could be called ``name``: ``a.png.crop1.pooled.npy`` could be
+    ``a.png.crop1.npy``'s pooled vector or ``a.png.npy``'s crop 1 pooled vector. Usually none (``a.png.npy``)."""
+    head, dot, last = name.removesuffix(".npy").rpartition(".")
+    if not (dot and EXTRA_SUFFIX.fullmatch(last)):
+        return  # the usual case, checked first: every indexed name comes through here
+    yield head + ".npy"
+    rest, dot, crop = head.rpartition(".")
+    if dot and EXTRA_SUFFIX.fullmatch(f"{crop}.{last}"):
+        yield rest + ".npy"
+
+
 # -------------------------------------------------------------------------------------------------- resume state
 
 class ResumeState:
     """The index's last word per input, compactly: ``{h(input): status + h(size, mtime, job) + h(content, job) +
-    output}`` (about 100 bytes an input), plus the set of output names already taken."""
+    output [+ NUL-separated extra suffixes, only for inputs that have extras]}`` (about 100 bytes an input), plus
+    the output names already taken."""
 
     OK, ERROR, SKIPPED = b"o", b"e", b"s"
 
     def __init__(self) -> None:
         self._last: dict[bytes, bytes] = {}
         self.taken: set[bytes] = set()  # h(casefolded output name)
+        # h(casefolded N) for each name N that a taken name could be an extra file of (``a.png.npy`` once
+        # ``a.png.pooled.npy`` is taken): only inputs named like extra files add to it.
+        self._owners: set[bytes] = set()
         self.bad_lines = 0
 
     def __len__(self) -> int:
@@ -88,11 +124,16 @@ class ResumeState:
         if not isinstance(name, str):
             self.bad_lines += 1
             return
-        if status == "ok" and isinstance(record.get("output"), str):
+        if status == "ok" and isinstance(record.get("output"), str) and "\0" not in record["output"]:
             output = record["output"]
-            self.taken.add(short_hash(output.casefold()))
+            self.take(output)
             value = (self.OK + short_hash(record.get("bytes"), record.get("mtime_ns"), record.get("job"))
                      + short_hash(record.get("content"), record.get("job")) + output.encode("utf-8", "surrogatepass"))
+            outputs = record.get("outputs")
+            if isinstance(outputs, dict):  # only suffixes whose file is the one this library would name
+                suffixes = [k for k, v in outputs.items()
+                            if isinstance(k, str) and EXTRA_SUFFIX.fullmatch(k) and v == extra_output(output, k)]
+                value += b"".join(b"\0" + k.encode("ascii") for k in suffixes)
         elif status == "error":
             value = (self.ERROR + short_hash(record.get("bytes"), record.get("mtime_ns"), record.get("job"))
                      + short_hash(record.get("content"), record.get("job")))
@@ -108,7 +149,44 @@ class ResumeState:
 
     @staticmethod
     def output_of(prior: bytes) -> str:
-        return prior[17:].decode("utf-8", "surrogatepass")
+        return prior[17:].split(b"\0", 1)[0].decode("utf-8", "surrogatepass")
+
+    @staticmethod
+    def extras_of(prior: bytes) -> list[str]:
+        """The extra suffixes (``layer13``, ``crop1.pooled``) an ``ok`` prior's record listed."""
+        return [k.decode("ascii") for k in prior[17:].split(b"\0")[1:]]
+
+    def take(self, output: str) -> None:
+        key = output.casefold()
+        self.taken.add(short_hash(key))
+        self._owners.update(short_hash(owner) for owner in _owners(key))
+
+    def free(self, output: str) -> bool:
+        """Whether a new input may be called ``output``: no input has it, and neither is it an extra file of an
+        input (``a.png.pooled.npy`` could be ``a.png.npy``'s) nor are that input's extra files another input's.
+        Decided by name alone, so it holds for the extras of any job, earlier or later, and any crop count."""
+        key = output.casefold()
+        return (short_hash(key) not in self.taken and short_hash(key) not in self._owners
+                and not any(short_hash(owner) in self.taken for owner in _owners(key)))
+
+    def stale_outputs(self, record: dict[str, Any]) -> list[str]:
+        """The extra files that ``record``'s input had by its previous ``ok`` record and has no longer: those
+        ``record`` (a new ``ok`` record, same output name) does not list. Never a name that is, or could be an
+        extra file of, another input's output (possible only in folders named before ``free`` was so strict)."""
+        prior = self.prior(record["input"])
+        output = record.get("output")
+        if not isinstance(output, str) or prior is None or prior[:1] != self.OK or self.output_of(prior) != output:
+            return []
+        if PurePath(output).is_absolute() or ".." in PurePath(output).parts:
+            return []  # a hand-edited index: never delete outside the folder
+        now = set(record.get("outputs", {}).values())
+        return [name for suffix in self.extras_of(prior)
+                if (name := extra_output(output, suffix)) not in now and self._only_of(name, output)]
+
+    def _only_of(self, name: str, output: str) -> bool:
+        key, own = name.casefold(), output.casefold()
+        return short_hash(key) not in self.taken and not any(
+            short_hash(owner) in self.taken for owner in _owners(key) if owner != own)
 
 
 def load_index(path: Path) -> tuple[ResumeState, int]:
@@ -165,8 +243,9 @@ class OutputFolder:
             if overwrite:
                 if index.exists():
                     os.replace(index, out_dir / PREVIOUS_INDEX_NAME)
-                self.done = ResumeState()  # nothing counts as done; the names already taken stay taken
-                self.done.taken = self.state.taken
+                # Nothing counts as done. ``state`` (the moved index) still names the outputs and the extra
+                # files to drop when an input is encoded again.
+                self.done = ResumeState()
             else:
                 self.done = self.state
             self._index = os.open(index, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -179,8 +258,18 @@ class OutputFolder:
         self._counter = 0
 
     def append(self, record: dict[str, Any]) -> None:
-        """One record, one ``write`` call; ASCII JSON, so undecodable file names survive as escapes."""
+        """One record, one ``write`` call; ASCII JSON, so undecodable file names survive as escapes. Then, for an
+        ``ok`` record, removes the extra files of the input's previous record that this one does not list.
+
+        Removing only now is the safe order: until the new record is appended, the old one is the input's last
+        word and every file it names exists; a kill before the removals can only leave files that no current
+        record names (orphans, never removed later), never a current record naming a missing file.
+        """
         os.write(self._index, (json.dumps(record) + "\n").encode("ascii"))
+        if record.get("status") == "ok":
+            for name in self.state.stale_outputs(record):
+                with contextlib.suppress(FileNotFoundError):  # removed by hand already
+                    os.unlink(self.dir / name)
 
     def save(self, rel: str, array: np.ndarray) -> None:
         """Write ``rel`` (a safe relative path) through the temporary folder, then rename into place."""

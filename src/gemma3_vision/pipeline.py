@@ -29,7 +29,15 @@ from PIL import Image
 
 from .discovery import InputItem
 from .errors import Gemma3VisionError
-from .output_folder import OutputFolder, ResumeState, content_digest, fingerprint, short_hash
+from .output_folder import (
+    ARRAY_NAME,
+    OutputFolder,
+    ResumeState,
+    content_digest,
+    extra_output,
+    fingerprint,
+    short_hash,
+)
 from .preprocess import (
     DEFAULT_MAX_PIXELS,
     PreprocessConfig,
@@ -173,7 +181,9 @@ def run_job(
 
 def _name_outputs(items: Iterable[InputItem], state: ResumeState) -> Iterator[tuple[InputItem, str]]:
     """Each item with its output name: the one an earlier run gave it, else its relative path plus ``.npy``,
-    made distinct (case-insensitively) from every name taken so far. Inputs named twice come once."""
+    made distinct (case-insensitively) from every name taken so far and from every extra file those could have
+    (``ResumeState.free``: beside ``a.png.npy``, an input named ``a.png.pooled`` is ``a.png.pooled~2.npy``). Inputs
+    named twice come once."""
     seen: set[bytes] = set()
     for item in items:
         key = short_hash(item.display)
@@ -187,10 +197,10 @@ def _name_outputs(items: Iterable[InputItem], state: ResumeState) -> Iterator[tu
             continue
         base = item.rel or os.path.basename(item.display.rstrip("/")) or "input"
         name, n = base + ".npy", 1
-        while short_hash(name.casefold()) in state.taken:
+        while not state.free(name):
             n += 1
             name = f"{base}~{n}.npy"
-        state.taken.add(short_hash(name.casefold()))
+        state.take(name)
         yield item, name
 
 
@@ -227,6 +237,8 @@ def encode_prepared(encode_batch: EncodeBatch, batch: list[_Prepared]) -> dict[s
     encoded = encode_batch(pixels)
     outputs = encoded if isinstance(encoded, dict) else {"": encoded}
     for name, array in outputs.items():
+        if name and not ARRAY_NAME.fullmatch(name):  # output names are kept apart on this grammar
+            raise RuntimeError(f"encode_batch returned an array named {name!r}: extra arrays are layerN or pooled")
         if len(array) != len(pixels):
             raise RuntimeError(f"encode_batch returned {len(array)} rows of {name or 'output'} "
                                f"for {len(pixels)} images")
@@ -255,7 +267,7 @@ def finish_input(p: _Prepared, rows: dict[str, np.ndarray] | None, save: Callabl
     if p.kind == "encode":
         assert rows is not None
         named = _name_views(rows)
-        files = {name: p.output if not name else f"{p.output[:-len('.npy')]}.{name}.npy" for name in named}
+        files = {name: extra_output(p.output, name) if name else p.output for name in named}
         for name, array in named.items():  # extra arrays first: the main one marks it done
             if name:
                 save(files[name], array)
