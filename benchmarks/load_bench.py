@@ -3,7 +3,9 @@
 Writes ``model.safetensors`` (text tensors, then the vision tower and projector, then more text tensors) and a
 ``config.json`` into a temporary folder. Then, ``--repeat`` times and for each ``--dtype``, alternating: drops the file
 from the page cache, loads it with ``gemma3_vision.load`` in a fresh Python process (modules imported before the
-clock starts: a user's first ``load``, first-call costs included), and cold-reads exactly the vision bytes.
+clock starts: a user's first ``load``, first-call costs included), and cold-reads exactly the vision bytes in a
+fresh process prepared the same way. (A read done in this process right after dropping the cache ran 2.5x faster
+than the same read in a fresh process after its imports, on this machine in November 2026: the two must be alike.)
 It reports, per dtype, the median of:
 
 - load time against the time to read the vision bytes from a cold cache (target: <= 2x);
@@ -157,12 +159,17 @@ def rss_mb() -> float:
 
 
 def child(folder: Path, dtype: str) -> None:
-    """One load in this fresh process; prints its figures as one JSON line."""
+    """One load (``dtype`` "read": one read of the vision bytes) in this fresh process; prints its figures as one
+    JSON line."""
     # Module imports are start-up (benchmarks/startup_bench.py), not load: done before the clock starts.
     import gemma3_vision.api  # noqa: F401
     import gemma3_vision.format_gguf  # noqa: F401 - resolve() imports the format readers on demand
     import gemma3_vision.format_safetensors  # noqa: F401
 
+    if dtype == "read":
+        path = folder / "model.safetensors"
+        print(json.dumps({"cold_read_vision_s": read_ranges(path, byte_ranges(path)[0])}))
+        return
     rss0 = rss_mb()
     t, cpu = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
@@ -176,18 +183,22 @@ def child(folder: Path, dtype: str) -> None:
 
 def measure(path: Path, dtype: str, vision_ranges: list[tuple[int, int]], text_ranges: list[tuple[int, int]]
             ) -> dict[str, float | str]:
-    """One cold load in a fresh process, then one cold read of the vision bytes."""
+    """One cold load in a fresh process, then one cold read of the vision bytes in another."""
     drop_cache(path)
     before = resident(path, vision_ranges + text_ranges)
-    out = subprocess.run([sys.executable, __file__, "--child", str(path.parent), "--dtype", dtype],
-                         check=True, capture_output=True, text=True).stdout
-    run = json.loads(out.strip().splitlines()[-1])
+    run = run_child(path, dtype)
     run.update(cached_before_load_bytes=before, vision_bytes_read=resident(path, vision_ranges),
                text_bytes_read=resident(path, text_ranges))
     drop_cache(path)
-    run["cold_read_vision_s"] = read_ranges(path, vision_ranges)
+    run.update(run_child(path, "read"))
     run["load_over_read"] = run["load_s"] / run["cold_read_vision_s"]
     return run
+
+
+def run_child(path: Path, dtype: str) -> dict[str, float | str]:
+    out = subprocess.run([sys.executable, __file__, "--child", str(path.parent), "--dtype", dtype],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> int:

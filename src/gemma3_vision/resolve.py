@@ -74,7 +74,7 @@ def sniff(path: Path) -> str | None:
 
 
 def load_path(path: Path) -> Checkpoint:
-    from .format_gguf import load_gguf
+    # Each reader is imported only for its format: the gguf package alone takes ~0.3 s to import.
     from .format_safetensors import load_hf_folder
 
     if path.is_dir():
@@ -83,6 +83,8 @@ def load_path(path: Path) -> Checkpoint:
         raise ModelNotFoundError(f"{path}: not a regular file or folder")
     kind = sniff(path)
     if kind == "gguf":
+        from .format_gguf import load_gguf
+
         return load_gguf(path)
     if kind == "safetensors":
         if path.parent.joinpath("config.json").is_file():
