@@ -73,8 +73,9 @@ def kept_storage_dtypes(dtype: torch.dtype, device: torch.device) -> tuple[torch
 
     A float32 run on a CPU keeps bf16 and fp16 weights (every Hugging Face Gemma 3 checkpoint is bf16) and widens
     them one layer at a time as it computes: the widening is exact, so the results equal those of casting everything
-    at load, which writes 1.6 GB (README: Memory and loading). The widening did not show in the time of a forward
-    there (0.99x, within noise). A GPU forward is fast enough for it to show: no kept dtypes.
+    at load, which writes 1.6 GB (README: Memory and loading). The widening did not show in the time of a CPU
+    forward (0.99x, within noise). A GPU forward takes milliseconds, so there it would be a larger share (not
+    measured): weights are cast at load.
     """
     return (torch.bfloat16, torch.float16) if device.type == "cpu" and dtype == torch.float32 else ()
 

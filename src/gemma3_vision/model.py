@@ -10,9 +10,9 @@ Input is pixels NHWC ``(B, H, W, C)`` in [-1, 1]; output is ``(B, num_patches, h
 Precision: the residual stream and every LayerNorm run in float32 (``VisionTower.residual_dtype``), whatever the
 stored dtype; the matmuls and the attention run in ``VisionTower.compute_dtype`` (default: the parameters' dtype).
 Stored weights are cast to it one layer at a time, so bf16 weights can be computed in fp32 on a CPU without native
-bf16 (8x faster there than emulated bf16) while memory stays at the bf16 size; a float32 run on a CPU keeps a bf16
-checkpoint's weights as stored the same way, with the same results as widening them all at load. In float16 a product that overflows
-(SigLIP activations can pass 65504) is redone in float32: see ``fp16_safe``.
+bf16 (8x faster there than emulated bf16) while memory stays at the bf16 size. A float32 run on a CPU keeps a bf16
+checkpoint's weights as stored the same way, with the same results as widening them all at load. In float16 a
+product that overflows (SigLIP activations can pass 65504) is redone in float32: see ``fp16_safe``.
 """
 
 from __future__ import annotations
