@@ -320,20 +320,26 @@ def test_encoding_again_removes_extra_files_the_input_no_longer_has(tmp_path, mo
     job([str(tmp_path / "in")], out, encode=with_extras("layer13", "pooled"), make_input=two_views)
     assert len(npy_files(out)) == 2 * 6  # per input: main, layer13, pooled, crop1, crop1.layer13, crop1.pooled
 
-    # Each removal happens once the input's new record is the index's last line and every file it lists exists.
-    real_unlink, removed = os.unlink, []
+    # Each removal happens once the input's new record is the index's last line and every file it lists exists;
+    # only the main file goes before, so that no record counts the input as done while its extras are replaced.
+    real_unlink, removed, replaced = os.unlink, [], []
 
     def unlink(path, *args, **kwargs):
         if "dir_fd" not in kwargs and Path(path).is_relative_to(out):
-            last = records(out)[-1]
-            assert last["input"] == f"{tmp_path}/in/a.png" and all((out / f).is_file() for f in files_of(last))
-            removed.append(Path(path).relative_to(out).as_posix())
+            name = Path(path).relative_to(out).as_posix()
+            if name == "a.png.npy":
+                assert records(out)[-1]["input"] == f"{tmp_path}/in/b.png" and not replaced
+                replaced.append(name)
+            else:
+                last = records(out)[-1]
+                assert last["input"] == f"{tmp_path}/in/a.png" and all((out / f).is_file() for f in files_of(last))
+                removed.append(name)
         real_unlink(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "unlink", unlink)
     # Only a.png, with another model and fewer outputs: its old layer13 and crop files go, b.png keeps all of its.
     summary = job([str(tmp_path / "in" / "a.png")], out, job_key="model-b", encode=with_extras("pooled"))
-    assert summary.encoded == 1
+    assert summary.encoded == 1 and replaced == ["a.png.npy"]
     assert sorted(removed) == ["a.png.crop1.layer13.npy", "a.png.crop1.npy", "a.png.crop1.pooled.npy",
                                "a.png.layer13.npy"]
     assert npy_files(out) == ["a.png.npy", "a.png.pooled.npy", *(f"b.png.{s}npy" for s in (
@@ -382,13 +388,19 @@ def test_resume_state_keeps_extra_names_only_for_inputs_that_have_them():
     odd = {"pooled": "../../elsewhere.npy", "mine": "a.png.mine.npy", "layer\u0663": "a.png.layer\u0663.npy"}
     state.add({**base, "input": "a.png", "output": "a.png.npy", "outputs": {
         "layer13": "a.png.layer13.npy", "crop1.pooled": "a.png.crop1.pooled.npy", **odd}})
-    assert len(state.prior("plain.png")) == 1 + 16 + len("plain.png.npy")  # nothing stored for extras
+    assert len(state.prior("plain.png")) == 1 + 16 + 8 + len("plain.png.npy")  # nothing stored for extras
     assert state.output_of(state.prior("a.png")) == "a.png.npy"
     assert state.extras_of(state.prior("a.png")) == ["layer13", "crop1.pooled"]
     new = {**base, "input": "a.png", "output": "a.png.npy", "outputs": {"layer13": "a.png.layer13.npy"}}
     assert state.stale_outputs(new) == ["a.png.crop1.pooled.npy"]
-    state.add({**base, "input": "a.png", "status": "error"})  # the last record is no ok record any more
-    assert state.stale_outputs(new) == []
+    # A failure, then a skip: the input keeps its name and its last ok record's extras, and nothing more.
+    state.add({**base, "input": "a.png", "status": "error"})
+    state.add({"input": "a.png", "status": "skipped", "reason": "a FIFO"})
+    assert state.output_of(state.prior("a.png")) == "a.png.npy"
+    assert state.stale_outputs(new) == ["a.png.crop1.pooled.npy"]
+    state.add({**base, "input": "never-ok.png", "status": "error"})
+    assert state.prior("never-ok.png") is not None and state.output_of(state.prior("never-ok.png")) == ""
+    assert len(state.prior("never-ok.png")) == 1 + 16
 
 
 def test_stale_names_that_may_be_another_inputs_file_are_kept():
@@ -400,6 +412,101 @@ def test_stale_names_that_may_be_another_inputs_file_are_kept():
     state.add({**base, "input": "a.png.layer13", "output": "a.png.layer13.npy"})  # its main file
     state.add({**base, "input": "a.png.crop1", "output": "a.png.crop1.npy"})  # may own a.png.crop1.pooled.npy
     assert state.stale_outputs({**base, "input": "a.png", "output": "a.png.npy"}) == ["a.png.pooled.npy"]
+
+
+# ---------------------------------------------------------------------------------------------- failures, kills
+
+class Killed(BaseException):
+    """A ``kill -9`` at a chosen point of the writer: the job stops there and the folder stays as it is."""
+
+
+def kill(*args, **kwargs):
+    raise Killed
+
+
+def expected(image: Path) -> np.ndarray:
+    return fake_encode(pil_to_input(Image.open(image), SMALL)[None])[0]
+
+
+def test_an_input_keeps_its_name_through_failures_and_drops_its_last_ok_records_extras(tmp_path):
+    a = png(tmp_path / "in" / "a.png", 1)
+    out = tmp_path / "out"
+    job([str(a)], out, encode=with_extras("layer13", "pooled"))
+    a.write_bytes(b"corrupt now")
+    assert job([str(a)], out).failed == 1
+    # The last good output stays, named only by the ok record the error superseded.
+    assert npy_files(out) == ["a.png.layer13.npy", "a.png.npy", "a.png.pooled.npy"]
+    a.unlink()
+    os.mkfifo(a)
+    assert job([str(a)], out).skipped == 1
+    a.unlink()
+    png(a, 2)
+    assert job([str(a)], out, encode=with_extras("pooled")).encoded == 1
+    assert records(out)[-1]["output"] == "a.png.npy"
+    assert npy_files(out) == ["a.png.npy", "a.png.pooled.npy"]  # the old layer13 file went after the new record
+    np.testing.assert_array_equal(np.load(out / "a.png.npy"), expected(a))
+
+
+@pytest.mark.parametrize("coarse_clock", [False, True])
+def test_a_reencode_killed_before_its_record_is_encoded_again(tmp_path, monkeypatch, coarse_clock):
+    a = png(tmp_path / "in" / "a.png", 1)
+    out = tmp_path / "out"
+    job([str(a)], out)
+    written = os.stat(out / "a.png.npy").st_mtime_ns
+    if coarse_clock:  # the new file gets the old one's time, as when both fall in one tick of a 1-2 s clock
+        real_save = np.save
+
+        def save(f, array):
+            real_save(f, array)
+            f.flush()
+            os.utime(f.fileno(), ns=(written, written))
+
+        monkeypatch.setattr(np, "save", save)
+    monkeypatch.setattr(OutputFolder, "append", kill)  # after the main file's rename, before its record
+    with pytest.raises(Killed):
+        job([str(a)], out, job_key="model-b", encode=lambda p: fake_encode(p) + 100)
+    monkeypatch.undo()
+    assert len(records(out)) == 1 and np.load(out / "a.png.npy").min() > 99  # old record, new file
+    assert job([str(a)], out).encoded == 1  # the old model again: not taken as done
+    np.testing.assert_array_equal(np.load(out / "a.png.npy"), expected(a))
+
+
+def test_a_reencode_killed_among_its_extra_files_is_encoded_again(tmp_path, monkeypatch):
+    a = png(tmp_path / "in" / "a.png", 1)
+    out = tmp_path / "out"
+    job([str(a)], out, encode=with_extras("layer13"))
+    first = {name: np.load(out / name) for name in npy_files(out)}
+    real_save = OutputFolder.save
+
+    def save(self, rel, array, *args):
+        if rel == "a.png.npy":
+            raise Killed  # the extra file is in place, the main file not yet
+        real_save(self, rel, array, *args)
+
+    monkeypatch.setattr(OutputFolder, "save", save)
+    with pytest.raises(Killed):
+        job([str(a)], out, job_key="model-b", encode=lambda p: {k: v + 100 for k, v in with_extras("layer13")(p).items()})
+    monkeypatch.undo()
+    assert np.load(out / "a.png.layer13.npy").min() > 99  # the old record lists a file of the new model
+    assert job([str(a)], out, encode=with_extras("layer13")).encoded == 1
+    assert npy_files(out) == list(first)
+    for name, array in first.items():
+        np.testing.assert_array_equal(np.load(out / name), array, err_msg=name)
+
+
+def test_an_ok_record_states_its_main_file_and_older_records_need_it_only_to_exist(tmp_path):
+    a = png(tmp_path / "in" / "a.png", 1)
+    out = tmp_path / "out"
+    job([str(a)], out)
+    record, st = records(out)[0], os.stat(out / "a.png.npy")
+    assert (record["output_bytes"], record["output_mtime_ns"]) == (st.st_size, st.st_mtime_ns)
+    os.utime(out / "a.png.npy", ns=(1, 1))  # no longer the file the record wrote: encoded again
+    assert job([str(a)], out).encoded == 1
+    # An index written before records stated their file: the file need only exist, as then.
+    old = [{k: v for k, v in r.items() if k not in ("output_bytes", "output_mtime_ns")} for r in records(out)]
+    (out / INDEX_NAME).write_text("".join(json.dumps(r) + "\n" for r in old))
+    os.utime(out / "a.png.npy", ns=(1, 1))
+    assert job([str(a)], out).done_before == 1
 
 
 def test_extra_arrays_must_be_named_as_the_library_names_them(tree, tmp_path):

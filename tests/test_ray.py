@@ -32,7 +32,16 @@ def encode(*args: str):
 
 
 def index_lines(out: Path) -> list[str]:
-    return (out / INDEX_NAME).read_text().splitlines()
+    """The index's records as text, less the main file's modification time (two folders written apart differ in
+    it), which each input's last record must state as its file has it."""
+    records = [json.loads(line) for line in (out / INDEX_NAME).read_text().splitlines()]
+    last = {r["input"]: r for r in records}
+    for r in records:
+        if r["status"] == "ok":
+            mtime = r.pop("output_mtime_ns")
+            if last[r["input"]] is r:
+                assert mtime == os.stat(out / r["output"]).st_mtime_ns, r
+    return [json.dumps(r) for r in records]
 
 
 def arrays(out: Path) -> dict[str, Path]:

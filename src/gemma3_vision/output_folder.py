@@ -4,16 +4,21 @@ state read back from the index.
 What makes the job safe to kill and re-run:
 
 - every ``.npy`` is written under ``OUT/.gemma3-vision-tmp/`` and renamed into place, and its ``ok`` record is
-  appended only after the rename: an ``ok`` record always names a complete file;
+  appended only after the rename: an ``ok`` record always names a complete file. The record states the main
+  file's size and modification time as they were after the rename, and the input counts as done only while the
+  file still has them: a re-encode killed between its rename and its record leaves the old record naming a file
+  that is no longer the one it wrote, and that file is encoded again rather than taken as done
+  (``output_intact``; ``pipeline.finish_input`` says why the main file speaks for the extras);
 - records are appended one ``write`` per line to an ``O_APPEND`` descriptor; a torn last line (a kill mid-write)
   is dropped on the next run before anything is appended;
 - on the next run each input is looked up in the index by what the user named it: it is skipped when its last
   record has the same job key (model identity and output-affecting options) and either the same size and
-  modification time, or the same content hash; an ``ok`` record also needs its output file to exist. Unchanged
-  inputs that failed are not retried (same bytes, same failure) but still count as failed;
+  modification time, or the same content hash; an ``ok`` record also needs its output file to be intact.
+  Unchanged inputs that failed are not retried (same bytes, same failure) but still count as failed;
 - an input encoded again (a new job key, or new bytes) drops the extra files of its previous ``ok`` record that the
   new one does not list, and only once the new record is appended (``OutputFolder.append``);
-- output names are assigned so that no input's file, main or extra, can be another input's (``ResumeState.free``);
+- output names are assigned so that no input's file, main or extra, can be another input's (``ResumeState.free``),
+  and an input keeps its name, and its last ``ok`` record's extra files to drop, through failures since;
 - a lock file keeps two jobs from writing one folder, and the temporary folder is emptied when a job starts.
 """
 
@@ -25,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path, PurePath
@@ -73,6 +79,16 @@ def content_digest(f: Any) -> str:
     return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
 
 
+# What an ok record states of its main file, as os.stat saw it right after the rename (which keeps both): the
+# input counts as done only while the file still has them (``output_intact``). Records from before they stated
+# them get NO_FILE_ID, and their file need only exist, so such folders resume without encoding again.
+NO_FILE_ID = bytes(8)
+
+
+def file_id(st: os.stat_result) -> bytes:
+    return short_hash(st.st_size, st.st_mtime_ns)
+
+
 # ------------------------------------------------------------------------------------------------------- names
 
 # What an extra array of an input is called after its main output's stem (``a.png.npy`` → ``a.png.layer13.npy``),
@@ -102,11 +118,16 @@ def _owners(name: str) -> Iterator[str]:
 # -------------------------------------------------------------------------------------------------- resume state
 
 class ResumeState:
-    """The index's last word per input, compactly: ``{h(input): status + h(size, mtime, job) + h(content, job) +
-    output [+ NUL-separated extra suffixes, only for inputs that have extras]}`` (about 100 bytes an input), plus
-    the output names already taken."""
+    """The index's last word per input, compactly: ``{h(input): status + two 8-byte keys [+ h(main file's size,
+    mtime) + output [+ NUL-separated extra suffixes, only for inputs that have extras]]}`` (about 100 bytes an
+    input), plus the output names already taken.
+
+    The keys are ``h(size, mtime, job)`` and ``h(content, job)`` (``h(reason)`` and zeros for ``skipped``). The
+    bracketed part, the input's naming, is an ``ok`` record's; an ``error`` or ``skipped`` record keeps the one
+    its input had, so an input keeps its output name, and the extra files to drop, through failures."""
 
     OK, ERROR, SKIPPED = b"o", b"e", b"s"
+    _NAMING = 17  # where the naming starts: status byte + two keys
 
     def __init__(self) -> None:
         self._last: dict[bytes, bytes] = {}
@@ -124,11 +145,15 @@ class ResumeState:
         if not isinstance(name, str):
             self.bad_lines += 1
             return
-        if status == "ok" and isinstance(record.get("output"), str) and "\0" not in record["output"]:
-            output = record["output"]
+        key = short_hash(name)
+        output = record.get("output")
+        if status == "ok" and isinstance(output, str) and "\0" not in output:
             self.take(output)
+            size, mtime = record.get("output_bytes"), record.get("output_mtime_ns")
+            written = short_hash(size, mtime) if type(size) is int and type(mtime) is int else NO_FILE_ID
             value = (self.OK + short_hash(record.get("bytes"), record.get("mtime_ns"), record.get("job"))
-                     + short_hash(record.get("content"), record.get("job")) + output.encode("utf-8", "surrogatepass"))
+                     + short_hash(record.get("content"), record.get("job"))
+                     + written + output.encode("utf-8", "surrogatepass"))
             outputs = record.get("outputs")
             if isinstance(outputs, dict):  # only suffixes whose file is the one this library would name
                 suffixes = [k for k, v in outputs.items()
@@ -136,25 +161,41 @@ class ResumeState:
                 value += b"".join(b"\0" + k.encode("ascii") for k in suffixes)
         elif status == "error":
             value = (self.ERROR + short_hash(record.get("bytes"), record.get("mtime_ns"), record.get("job"))
-                     + short_hash(record.get("content"), record.get("job")))
+                     + short_hash(record.get("content"), record.get("job")) + self._naming(key))
         elif status == "skipped":
-            value = self.SKIPPED + short_hash(record.get("reason"))
+            value = self.skipped(record.get("reason")) + self._naming(key)
         else:
             self.bad_lines += 1
             return
-        self._last[short_hash(name)] = value
+        self._last[key] = value
+
+    def _naming(self, key: bytes) -> bytes:
+        last = self._last.get(key)
+        return last[self._NAMING:] if last else b""
 
     def prior(self, display: str) -> bytes | None:
         return self._last.get(short_hash(display))
 
-    @staticmethod
-    def output_of(prior: bytes) -> str:
-        return prior[17:].split(b"\0", 1)[0].decode("utf-8", "surrogatepass")
+    @classmethod
+    def skipped(cls, reason: object) -> bytes:
+        """What a prior starts with when its record skipped the input for ``reason``."""
+        return cls.SKIPPED + short_hash(reason) + bytes(8)
 
-    @staticmethod
-    def extras_of(prior: bytes) -> list[str]:
-        """The extra suffixes (``layer13``, ``crop1.pooled``) an ``ok`` prior's record listed."""
-        return [k.decode("ascii") for k in prior[17:].split(b"\0")[1:]]
+    @classmethod
+    def output_of(cls, prior: bytes) -> str:
+        """The main output name of the input's last ``ok`` record; ``""`` if it never had one."""
+        return prior[cls._NAMING + 8:].split(b"\0", 1)[0].decode("utf-8", "surrogatepass")
+
+    @classmethod
+    def written_of(cls, prior: bytes) -> bytes:
+        """``file_id`` of the main file as the input's last ``ok`` record wrote it: ``NO_FILE_ID`` for records
+        from before records stated it, ``b""`` if the input never had an ``ok`` record."""
+        return prior[cls._NAMING:cls._NAMING + 8]
+
+    @classmethod
+    def extras_of(cls, prior: bytes) -> list[str]:
+        """The extra suffixes (``layer13``, ``crop1.pooled``) the input's last ``ok`` record listed."""
+        return [k.decode("ascii") for k in prior[cls._NAMING + 8:].split(b"\0")[1:]]
 
     def take(self, output: str) -> None:
         key = output.casefold()
@@ -170,12 +211,13 @@ class ResumeState:
                 and not any(short_hash(owner) in self.taken for owner in _owners(key)))
 
     def stale_outputs(self, record: dict[str, Any]) -> list[str]:
-        """The extra files that ``record``'s input had by its previous ``ok`` record and has no longer: those
-        ``record`` (a new ``ok`` record, same output name) does not list. Never a name that is, or could be an
-        extra file of, another input's output (possible only in folders named before ``free`` was so strict)."""
+        """The extra files that ``record``'s input had by its previous ``ok`` record (the last one, whatever
+        failures followed it) and has no longer: those ``record`` (a new ``ok`` record, same output name) does not
+        list. Never a name that is, or could be an extra file of, another input's output (possible only in folders
+        named before ``free`` was so strict)."""
         prior = self.prior(record["input"])
         output = record.get("output")
-        if not isinstance(output, str) or prior is None or prior[:1] != self.OK or self.output_of(prior) != output:
+        if not isinstance(output, str) or prior is None or self.output_of(prior) != output:
             return []
         if PurePath(output).is_absolute() or ".." in PurePath(output).parts:
             return []  # a hand-edited index: never delete outside the folder
@@ -187,6 +229,16 @@ class ResumeState:
         key, own = name.casefold(), output.casefold()
         return short_hash(key) not in self.taken and not any(
             short_hash(owner) in self.taken for owner in _owners(key) if owner != own)
+
+
+def output_intact(path: Path, prior: bytes) -> bool:
+    """Whether ``path``, the main file of the ``ok`` prior ``prior``, is still the file that record wrote."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    written = ResumeState.written_of(prior)
+    return stat.S_ISREG(st.st_mode) and (written == NO_FILE_ID or file_id(st) == written)
 
 
 def load_index(path: Path) -> tuple[ResumeState, int]:
@@ -271,10 +323,10 @@ class OutputFolder:
                 with contextlib.suppress(FileNotFoundError):  # removed by hand already
                     os.unlink(self.dir / name)
 
-    def save(self, rel: str, array: np.ndarray) -> None:
+    def save(self, rel: str, array: np.ndarray, unlike: bytes = b"") -> None:
         """Write ``rel`` (a safe relative path) through the temporary folder, then rename into place."""
         self._counter += 1
-        save_npy(self.dir, rel, array, self.tmp / f"{os.getpid()}-{self._counter}.npy")
+        save_npy(self.dir, rel, array, self.tmp / f"{os.getpid()}-{self._counter}.npy", unlike=unlike)
 
     def close(self) -> None:
         for fd in ("_index", "_lock"):
@@ -285,11 +337,20 @@ class OutputFolder:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def save_npy(out_dir: Path, rel: str, array: np.ndarray, tmp: Path) -> None:
+def save_npy(out_dir: Path, rel: str, array: np.ndarray, tmp: Path, *, unlike: bytes = b"") -> None:
     """Write ``out_dir/rel`` by saving to ``tmp`` (a unique name on the same file system) and renaming it into
-    place: a reader, or a later run, never sees a partial file."""
+    place: a reader, or a later run, never sees a partial file.
+
+    ``unlike``: the ``file_id`` that the input's last record states for the file this one replaces. The new file
+    must not have it, or a kill before the new record would leave the old record taking the new file for its own.
+    Two files of one size get one id only when written within one tick of the file system's clock: a tick is 1 s
+    on ext3 and HFS+, 2 s on FAT, a few ms on ext4. The new file's modification time is then moved 2 s on, before
+    the rename, so that it differs on all of them.
+    """
     with open(tmp, "wb") as f:
         np.save(f, array)
+    if unlike and file_id(st := os.stat(tmp)) == unlike:
+        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
     target = out_dir / rel
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, target)

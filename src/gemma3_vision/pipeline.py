@@ -13,6 +13,7 @@ the resume state is one small bytes value per indexed input.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import os
 import queue
@@ -36,6 +37,7 @@ from .output_folder import (
     content_digest,
     extra_output,
     fingerprint,
+    output_intact,
     short_hash,
 )
 from .preprocess import (
@@ -91,6 +93,7 @@ class _Prepared:
     reason: str | None = None
     facts: dict[str, Any] | None = None  # bytes, mtime_ns, content: the resume key's ingredients
     extra: dict[str, Any] | None = None  # record fields from make_input, e.g. Pan & Scan crop boxes
+    replaces: bytes = b""  # for "encode": ResumeState.written_of its prior, which the new main file must not match
 
 
 # One decoded image → float32 (V, S, S, 3) views (the image first) and extra index-record fields.
@@ -149,7 +152,7 @@ def run_job(
             while (entry := results.get()) is not None:
                 batch, outputs = entry
                 for p, rows in split_outputs(batch, outputs):
-                    rec = finish_input(p, rows, folder.save, job_key, error_key)
+                    rec = finish_input(p, rows, folder.dir, folder.save, job_key, error_key)
                     if rec is not None:
                         record(rec)
                     summary.count(p.kind)
@@ -180,7 +183,8 @@ def run_job(
 
 
 def _name_outputs(items: Iterable[InputItem], state: ResumeState) -> Iterator[tuple[InputItem, str]]:
-    """Each item with its output name: the one an earlier run gave it, else its relative path plus ``.npy``,
+    """Each item with its output name: the one an earlier run gave it (kept through failures since, see
+    ``ResumeState``), else its relative path plus ``.npy``,
     made distinct (case-insensitively) from every name taken so far and from every extra file those could have
     (``ResumeState.free``: beside ``a.png.npy``, an input named ``a.png.pooled`` is ``a.png.pooled~2.npy``). Inputs
     named twice come once."""
@@ -192,8 +196,8 @@ def _name_outputs(items: Iterable[InputItem], state: ResumeState) -> Iterator[tu
             continue
         seen.add(key)
         prior = state.prior(item.display)
-        if prior is not None and prior[:1] == ResumeState.OK:
-            yield item, ResumeState.output_of(prior)
+        if prior is not None and (kept := ResumeState.output_of(prior)):
+            yield item, kept
             continue
         base = item.rel or os.path.basename(item.display.rstrip("/")) or "input"
         name, n = base + ".npy", 1
@@ -219,7 +223,7 @@ def prepare_input(item: InputItem, output: str, out_dir: Path, prior: bytes, to_
     """Decide what one input needs and decode it if it must be encoded; never raises.
 
     ``output`` is its name from ``_name_outputs`` (``""``: named twice), ``prior`` its ``ResumeState.prior``
-    (``b""`` when none). Reads ``out_dir`` only to check that a done input's output still exists.
+    (``b""`` when none). Reads ``out_dir`` only to check that a done input's output is intact.
     """
     try:
         return _prepare(item, output, out_dir, prior, to_input, job_key, error_key, exif_transpose, max_pixels)
@@ -260,20 +264,34 @@ def split_outputs(batch: list[_Prepared], outputs: dict[str, np.ndarray] | None,
         yield p, rows
 
 
-def finish_input(p: _Prepared, rows: dict[str, np.ndarray] | None, save: Callable[[str, np.ndarray], None],
-                 job_key: str, error_key: str) -> dict[str, Any] | None:
-    """Save an encoded input's arrays (``rows``: each ``(V, ...)``, its views) and return the index record of
-    any input, or None for inputs that get no new record (done or failed before, duplicates)."""
+def finish_input(p: _Prepared, rows: dict[str, np.ndarray] | None, out_dir: Path,
+                 save: Callable[[str, np.ndarray, bytes], None], job_key: str, error_key: str,
+                 ) -> dict[str, Any] | None:
+    """Save an encoded input's arrays into ``out_dir`` (``rows``: each ``(V, ...)``, its views; ``save(rel,
+    array, unlike)`` as ``OutputFolder.save``) and return the index record of any input, or None for inputs that
+    get no new record (done or failed before, duplicates).
+
+    The main file is the input's commit point, the only file whose identity the record states and resume checks:
+    the extra files are renamed into place before it, and the main file a previous record named is removed before
+    the first of them. So while a main file that matches a record exists, the extra files that record lists are
+    the ones written with it; a kill anywhere in between leaves no main file, or one the old record does not
+    match, and the input is encoded again.
+    """
     if p.kind == "encode":
         assert rows is not None
         named = _name_views(rows)
         files = {name: extra_output(p.output, name) if name else p.output for name in named}
-        for name, array in named.items():  # extra arrays first: the main one marks it done
+        if len(files) > 1:
+            with contextlib.suppress(FileNotFoundError):  # a first encoding: nothing to replace
+                os.unlink(out_dir / p.output)
+        for name, array in named.items():
             if name:
-                save(files[name], array)
-        save(p.output, named[""])
+                save(files[name], array, b"")
+        save(p.output, named[""], p.replaces)
+        st = os.stat(out_dir / p.output)
         extra = {"outputs": {k: v for k, v in files.items() if k}} if len(files) > 1 else {}
         return {"input": p.item.display, "status": "ok", "output": p.output, "shape": list(named[""].shape),
+                "output_bytes": st.st_size, "output_mtime_ns": st.st_mtime_ns,
                 **extra, **(p.extra or {}), **(p.facts or {}), "job": job_key}
     if p.kind == "error":
         return {"input": p.item.display, "status": "error", "error": p.reason, **(p.facts or {}),
@@ -289,13 +307,13 @@ def _prepare(item: InputItem, output: str, out_dir: Path, prior: bytes, to_input
     if not output:
         return _Prepared(item, output, "duplicate")
     if item.skip is not None:
-        same = prior == ResumeState.SKIPPED + short_hash(item.skip)
+        same = prior.startswith(ResumeState.skipped(item.skip))
         return _Prepared(item, output, "skipped_before" if same else "skip", reason=item.skip)
     # What an unchanged input would be, and the key its record must carry.
     verdict, key = {ResumeState.OK: ("done", job_key), ResumeState.ERROR: ("failed_before", error_key)}.get(
         prior[:1], ("", ""))
-    if verdict == "done" and not (out_dir / output).is_file():
-        verdict = ""  # its output was deleted: encode it again
+    if verdict == "done" and not output_intact(out_dir / output, prior):
+        verdict = ""  # its output was deleted, or replaced by a re-encode whose record a kill cut off
     try:
         st = os.stat(item.path)
         facts: dict[str, Any] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "content": None}
@@ -314,7 +332,8 @@ def _prepare(item: InputItem, output: str, out_dir: Path, prior: bytes, to_input
             pixels, extra = to_input(img)  # (V, S, S, 3) float32
     except Gemma3VisionError as e:
         return _Prepared(item, output, "error", reason=_one_line(e), facts=facts)
-    return _Prepared(item, output, "encode", pixels=pixels, facts=facts, extra=extra)
+    return _Prepared(item, output, "encode", pixels=pixels, facts=facts, extra=extra,
+                     replaces=ResumeState.written_of(prior))
 
 
 def _name_views(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -277,15 +277,15 @@ class _Encoder:
         self.out_dir = out_dir
         self.job_key, self.error_key = job_key, error_key
 
-    def save(self, rel: str, array: np.ndarray) -> None:
+    def save(self, rel: str, array: np.ndarray, unlike: bytes = b"") -> None:
         # A unique temporary name: actors on several nodes share one temporary folder.
-        save_npy(self.out_dir, rel, array, self.out_dir / TMP_DIR_NAME / f"{uuid.uuid4().hex}.npy")
+        save_npy(self.out_dir, rel, array, self.out_dir / TMP_DIR_NAME / f"{uuid.uuid4().hex}.npy", unlike=unlike)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prepared: list[_Prepared] = list(batch["prepared"])
         outputs = encode_prepared(self.encode_batch, prepared)
         records = []
         for p, rows in split_outputs(prepared, outputs):
-            record = finish_input(p, rows, self.save, self.job_key, self.error_key)
+            record = finish_input(p, rows, self.out_dir, self.save, self.job_key, self.error_key)
             records.append(json.dumps(record) if record is not None else "")
         return {"record": np.array(records, dtype=object), "kind": np.array([p.kind for p in prepared])}
