@@ -19,7 +19,6 @@ from gemma3_vision.discovery import discover, read_list
 from gemma3_vision.errors import OutputError
 from gemma3_vision.output_folder import (
     INDEX_NAME,
-    PREVIOUS_INDEX_NAME,
     TMP_DIR_NAME,
     OutputFolder,
     ResumeState,
@@ -227,14 +226,16 @@ def test_a_raised_pixel_limit_retries_what_it_refused(tmp_path):
     assert job([str(big)], out, max_pixels=None).encoded == 1
 
 
-def test_overwrite_redoes_everything_with_a_fresh_index(tree, tmp_path):
+def test_overwrite_redoes_everything_after_a_marker_keeping_the_earlier_records(tree, tmp_path):
     out = tmp_path / "out"
     job([str(tree)], out)
     old = (out / INDEX_NAME).read_bytes()
     summary = job([str(tree)], out, overwrite=True)
     assert (summary.encoded, summary.failed, summary.done_before) == (5, 2, 0)
-    assert (out / PREVIOUS_INDEX_NAME).read_bytes() == old
-    assert len(records(out)) == 7
+    assert (out / INDEX_NAME).read_bytes().startswith(old)
+    assert records(out)[7:] == [{"status": "overwrite"}, *records(out)[8:]] and len(records(out)) == 15
+    summary = job([str(tree)], out)  # what the overwrite recorded counts
+    assert (summary.encoded, summary.failed_before, summary.done_before) == (0, 2, 5)
     assert sorted(p.name for p in out.glob("*.npy")) == ["UPPER.PNG.npy", "a.png.npy", "b.png.npy"]
 
 
@@ -347,13 +348,44 @@ def test_encoding_again_removes_extra_files_the_input_no_longer_has(tmp_path, mo
     np.testing.assert_array_equal(np.load(out / "a.png.pooled.npy"), np.load(out / "a.png.npy") + 1)
 
 
-def test_overwrite_removes_the_extra_files_named_by_the_moved_index(tmp_path):
+def test_overwrite_removes_the_extra_files_named_by_earlier_records(tmp_path):
     png(tmp_path / "in" / "a.png", 1)
     out = tmp_path / "out"
     job([str(tmp_path / "in")], out, encode=with_extras("layer13"))
     job([str(tmp_path / "in")], out, overwrite=True)
     assert npy_files(out) == ["a.png.npy"]
-    assert "outputs" not in records(out)[0] and "outputs" in json.loads((out / PREVIOUS_INDEX_NAME).read_text())
+    assert "outputs" in records(out)[0] and "outputs" not in records(out)[-1]
+
+
+def test_overwrite_killed_or_failing_loses_no_inputs_naming(tmp_path, monkeypatch):
+    a, b = png(tmp_path / "in" / "a.png", 1), png(tmp_path / "in" / "b.png", 2)
+    out = tmp_path / "out"
+    job([str(a), str(b)], out, encode=with_extras("layer13"))
+    a.write_bytes(b"corrupt now")
+    real_append = OutputFolder.append
+
+    def append(self, record):
+        real_append(self, record)
+        if record.get("input") == str(a):
+            raise Killed  # a's error is recorded, b not reached
+
+    monkeypatch.setattr(OutputFolder, "append", append)
+    with pytest.raises(Killed):
+        job([str(a), str(b)], out, overwrite=True)
+    monkeypatch.undo()
+    assert [r["status"] for r in records(out)] == ["ok", "ok", "overwrite", "error"]
+    # Overwritten again and killed again, before its first input's record: the first marker's records still name.
+    monkeypatch.setattr(OutputFolder, "append", lambda self, r: kill() if "input" in r else real_append(self, r))
+    with pytest.raises(Killed):
+        job([str(a), str(b)], out, overwrite=True)
+    monkeypatch.undo()
+    assert [r["status"] for r in records(out)] == ["ok", "ok", "overwrite", "error", "overwrite"]
+    # A plain run then: b, which the overwrite never reached, is not done; a failed in it and is retried.
+    png(a, 3)
+    summary = job([str(a), str(b)], out)
+    assert (summary.encoded, summary.done_before) == (2, 0)
+    assert npy_files(out) == ["a.png.npy", "b.png.npy"]  # both names kept, both layer13 files dropped
+    np.testing.assert_array_equal(np.load(out / "a.png.npy"), expected(a))
 
 
 @pytest.mark.parametrize("reverse", [False, True])

@@ -85,3 +85,15 @@ def test_job_key_tells_apart_compute_dtypes(tmp_path, tiny_state, monkeypatch):
     pixels = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (1, 56, 56, 3)).astype(np.float32))
     assert not torch.equal(emulated.encode_pixels(pixels), native.encode_pixels(pixels))
 
+
+
+@pytest.mark.parametrize("write", [hf_bf16, mmproj_f16], ids=["hf-bf16", "mmproj-f16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ray_actors_reserve_what_their_weights_take(tmp_path, tiny_state, write, dtype):
+    from gemma3_vision.ray_encode import actor_weight_bytes
+    from gemma3_vision.resolve import resolve
+
+    path = write(tmp_path, tiny_state)
+    loaded = load_cpu(path, dtype=dtype)
+    held = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
+    assert actor_weight_bytes(resolve(str(path)), dtype, CPU) == held

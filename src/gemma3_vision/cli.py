@@ -96,8 +96,8 @@ def main(debug: bool) -> None:
 @click.option("--from-file", "lists", multiple=True, metavar="LIST",
               help="Read inputs from LIST, one path per line ('-' for standard input). Repeatable.")
 @click.option("--overwrite", is_flag=True,
-              help="Encode every input again, even those an earlier run finished (the old index is kept as "
-                   "index.jsonl.prev).")
+              help="Encode every input again, even those an earlier run finished (the index keeps their records, "
+                   "after which it appends an 'overwrite' line).")
 @click.option("--follow-symlinks", is_flag=True,
               help="Follow links to folders and links leaving an input folder (cycles are still refused).")
 @click.option("--no-project", is_flag=True,

@@ -19,6 +19,9 @@ What makes the job safe to kill and re-run:
   new one does not list, and only once the new record is appended (``OutputFolder.append``);
 - output names are assigned so that no input's file, main or extra, can be another input's (``ResumeState.free``),
   and an input keeps its name, and its last ``ok`` record's extra files to drop, through failures since;
+- ``--overwrite`` appends an ``overwrite`` record instead of starting a new index: every record before it still
+  names its input's files (so re-encoding drops stale extras, even after a kill mid-run or a failure), but none
+  counts as done;
 - a lock file keeps two jobs from writing one folder, and the temporary folder is emptied when a job starts.
 """
 
@@ -42,7 +45,6 @@ from .checkpoint import Checkpoint
 from .errors import OutputError
 
 INDEX_NAME = "index.jsonl"
-PREVIOUS_INDEX_NAME = "index.jsonl.prev"
 TMP_DIR_NAME = ".gemma3-vision-tmp"
 LOCK_NAME = ".gemma3-vision.lock"
 
@@ -122,12 +124,17 @@ class ResumeState:
     mtime) + output [+ NUL-separated extra suffixes, only for inputs that have extras]]}`` (about 100 bytes an
     input), plus the output names already taken.
 
-    The keys are ``h(size, mtime, job)`` and ``h(content, job)`` (``h(reason)`` and zeros for ``skipped``). The
-    bracketed part, the input's naming, is an ``ok`` record's; an ``error`` or ``skipped`` record keeps the one
-    its input had, so an input keeps its output name, and the extra files to drop, through failures."""
+    The keys are ``h(size, mtime, job)`` and ``h(content, job)`` (``h(reason)`` and zeros for ``skipped``, zeros
+    for ``OVERWRITTEN``). The bracketed part, the input's naming, is an ``ok`` record's; an ``error`` or
+    ``skipped`` record keeps the one its input had, so an input keeps its output name, and the extra files to
+    drop, through failures. An ``overwrite`` record (``--overwrite``) turns every input so far ``OVERWRITTEN``:
+    naming kept, keys matching nothing, so none counts as done or failed before."""
 
-    OK, ERROR, SKIPPED = b"o", b"e", b"s"
-    _NAMING = 17  # where the naming starts: status byte + two keys
+    OK, ERROR, SKIPPED, OVERWRITTEN = b"o", b"e", b"s", b"w"
+    OVERWRITE_RECORD = {"status": "overwrite"}
+    # A value's layout: status (1 byte) | facts key (8) | content key (8) | naming: main file's id (8) | output
+    # [| NUL suffix]...
+    _FACTS, _CONTENT, _NAMING, _OUTPUT = slice(1, 9), slice(9, 17), 17, 25
 
     def __init__(self) -> None:
         self._last: dict[bytes, bytes] = {}
@@ -142,6 +149,9 @@ class ResumeState:
 
     def add(self, record: dict[str, Any]) -> None:
         status, name = record.get("status"), record.get("input")
+        if status == "overwrite":
+            self.overwrite()
+            return
         if not isinstance(name, str):
             self.bad_lines += 1
             return
@@ -169,6 +179,12 @@ class ResumeState:
             return
         self._last[key] = value
 
+    def overwrite(self) -> None:
+        """What an ``overwrite`` record means: nothing indexed so far counts as done or failed before."""
+        blank = self.OVERWRITTEN + bytes(self._NAMING - 1)
+        for key, value in self._last.items():
+            self._last[key] = blank + value[self._NAMING:]
+
     def _naming(self, key: bytes) -> bytes:
         last = self._last.get(key)
         return last[self._NAMING:] if last else b""
@@ -182,20 +198,30 @@ class ResumeState:
         return cls.SKIPPED + short_hash(reason) + bytes(8)
 
     @classmethod
+    def facts_key_of(cls, prior: bytes) -> bytes:
+        """``h(size, mtime, job)`` of the input as its last record saw it."""
+        return prior[cls._FACTS]
+
+    @classmethod
+    def content_key_of(cls, prior: bytes) -> bytes:
+        """``h(content, job)`` of the input as its last record saw it."""
+        return prior[cls._CONTENT]
+
+    @classmethod
     def output_of(cls, prior: bytes) -> str:
         """The main output name of the input's last ``ok`` record; ``""`` if it never had one."""
-        return prior[cls._NAMING + 8:].split(b"\0", 1)[0].decode("utf-8", "surrogatepass")
+        return prior[cls._OUTPUT:].split(b"\0", 1)[0].decode("utf-8", "surrogatepass")
 
     @classmethod
     def written_of(cls, prior: bytes) -> bytes:
         """``file_id`` of the main file as the input's last ``ok`` record wrote it: ``NO_FILE_ID`` for records
         from before records stated it, ``b""`` if the input never had an ``ok`` record."""
-        return prior[cls._NAMING:cls._NAMING + 8]
+        return prior[cls._NAMING:cls._OUTPUT]
 
     @classmethod
     def extras_of(cls, prior: bytes) -> list[str]:
         """The extra suffixes (``layer13``, ``crop1.pooled``) the input's last ``ok`` record listed."""
-        return [k.decode("ascii") for k in prior[cls._NAMING + 8:].split(b"\0")[1:]]
+        return [k.decode("ascii") for k in prior[cls._OUTPUT:].split(b"\0")[1:]]
 
     def take(self, output: str) -> None:
         key = output.casefold()
@@ -286,28 +312,25 @@ class OutputFolder:
         except OSError:
             os.close(self._lock)
             raise OutputError(f"{out_dir}: another encode job is writing to this folder") from None
+        self._counter = 0  # names this job's temporary files
         try:
             self.tmp = out_dir / TMP_DIR_NAME
             shutil.rmtree(self.tmp, ignore_errors=True)  # left by a killed job; no job holds the lock
             self.tmp.mkdir()
             index = out_dir / INDEX_NAME
             self.state, good_end = load_index(index)
-            if overwrite:
-                if index.exists():
-                    os.replace(index, out_dir / PREVIOUS_INDEX_NAME)
-                # Nothing counts as done. ``state`` (the moved index) still names the outputs and the extra
-                # files to drop when an input is encoded again.
-                self.done = ResumeState()
-            else:
-                self.done = self.state
             self._index = os.open(index, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            if not overwrite and os.fstat(self._index).st_size > good_end:
+            if os.fstat(self._index).st_size > good_end:
                 os.ftruncate(self._index, good_end)  # drop only the torn partial line
+            if overwrite and len(self.state):
+                # Not a fresh index: the records so far still name each input's files, which a kill before the
+                # input's turn, or its failure, must not lose; this record only stops them counting as done.
+                self.append(ResumeState.OVERWRITE_RECORD)
+                self.state.overwrite()
         except OSError as e:
             self.close()
             raise OutputError(f"{out_dir}: cannot use as the output folder ({e.strerror or e}: "
                               f"{e.filename or ''})") from None
-        self._counter = 0
 
     def append(self, record: dict[str, Any]) -> None:
         """One record, one ``write`` call; ASCII JSON, so undecodable file names survive as escapes. Then, for an
@@ -349,7 +372,7 @@ def save_npy(out_dir: Path, rel: str, array: np.ndarray, tmp: Path, *, unlike: b
     """
     with open(tmp, "wb") as f:
         np.save(f, array)
-    if unlike and file_id(st := os.stat(tmp)) == unlike:
+    if unlike not in (b"", NO_FILE_ID) and file_id(st := os.stat(tmp)) == unlike:
         os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
     target = out_dir / rel
     target.parent.mkdir(parents=True, exist_ok=True)

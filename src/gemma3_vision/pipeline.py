@@ -144,7 +144,7 @@ def run_job(
             on_record(rec)
 
     def prepare(item: InputItem, output: str) -> _Prepared:
-        return prepare_input(item, output, folder.dir, folder.done.prior(item.display) or b"", to_input, job_key,
+        return prepare_input(item, output, folder.dir, folder.state.prior(item.display) or b"", to_input, job_key,
                              error_key, exif_transpose, max_pixels)
 
     def writer() -> None:
@@ -319,13 +319,13 @@ def _prepare(item: InputItem, output: str, out_dir: Path, prior: bytes, to_input
         facts: dict[str, Any] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "content": None}
     except OSError:
         facts = {"bytes": None, "mtime_ns": None, "content": None}  # missing: a failure until it appears
-    if verdict and prior[1:9] == short_hash(facts["bytes"], facts["mtime_ns"], key):
+    if verdict and ResumeState.facts_key_of(prior) == short_hash(facts["bytes"], facts["mtime_ns"], key):
         return _Prepared(item, output, verdict)
     try:
         with open_regular_file(item.path) as f:
             st = os.fstat(f.fileno())
             facts = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "content": content_digest(f)}
-            if verdict and prior[9:17] == short_hash(facts["content"], key):
+            if verdict and ResumeState.content_key_of(prior) == short_hash(facts["content"], key):
                 return _Prepared(item, output, verdict)  # touched, not changed
             f.seek(0)
             img = decode_image(f, item.display, exif_transpose=exif_transpose, max_pixels=max_pixels)

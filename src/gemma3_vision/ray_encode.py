@@ -37,7 +37,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .api import Gemma3Vision, RandomWeightsWarning, compute_dtype_for, load, resolve_dtype
+from .api import (
+    Gemma3Vision,
+    RandomWeightsWarning,
+    compute_dtype_for,
+    kept_storage_dtypes,
+    load,
+    resolve_dtype,
+)
+from .checkpoint import Checkpoint
 from .discovery import InputItem, discover
 from .errors import ConfigError, Gemma3VisionError
 from .job import EncodeOptions, check_options, encode_batch_for, job_key, make_input_for
@@ -59,6 +67,7 @@ from .resolve import resolve
 from .weights import empty_model
 
 _RUNTIME_BYTES = 512 << 20  # Python, torch and one batch's activations on top of the weights, roughly
+_STORED_NAME = {torch.bfloat16: "BF16", torch.float16: "F16"}  # TensorSource.stored_dtype of a 16-bit tensor
 
 
 @dataclass(frozen=True)
@@ -171,7 +180,7 @@ def encode_with_ray(
     key = job_key(shapes, options)
     error_key = error_key_for(key, max_pixels, options.exif_transpose)
     to_input: MakeInput = make_input_for(shapes.preprocess_config, options) or _PlainInput(shapes)
-    weight_bytes = sum(math.prod(t.shape) for t in checkpoint.tensors.values()) * run_dtype.itemsize
+    weight_bytes = actor_weight_bytes(checkpoint, run_dtype, torch.device(actor_device))
 
     out = Path(out_dir).absolute()  # workers have other working folders
     summary = JobSummary()
@@ -181,7 +190,7 @@ def encode_with_ray(
     preserve_order = context.execution_options.preserve_order
     try:
         # One small row per input, named on the driver as run_job names them.
-        tasks = [{"task": _task_text(item, output, folder.done.prior(item.display) or b"")}
+        tasks = [{"task": _task_text(item, output, folder.state.prior(item.display) or b"")}
                  for item, output in _name_outputs(discover(inputs, follow_symlinks=follow_symlinks),
                                                    folder.state)]
         if tasks:
@@ -236,6 +245,14 @@ class _PlainInput:
 
     def __call__(self, img: Any) -> tuple[np.ndarray, dict[str, Any]]:
         return plain_input(img, self.config)
+
+
+def actor_weight_bytes(checkpoint: Checkpoint, run_dtype: torch.dtype, device: torch.device) -> int:
+    """What one actor's copy of the weights takes: float32 CPU actors keep bf16/fp16 tensors as stored
+    (``kept_storage_dtypes``), every other tensor is held in ``run_dtype``."""
+    kept = {_STORED_NAME[d] for d in kept_storage_dtypes(run_dtype, device)}
+    return sum(math.prod(t.shape) * (2 if t.stored_dtype in kept else run_dtype.itemsize)
+               for t in checkpoint.tensors.values())
 
 
 def _task_text(item: InputItem, output: str, prior: bytes) -> str:
