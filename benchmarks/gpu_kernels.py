@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
-from gemma3_vision.bench import ATTENTION_KERNELS, build_ours, random_tower_state
+from gemma3_vision.bench import SDPA_KERNELS, build_ours, random_tower_state
 from gemma3_vision.config import PRESETS
 
 
@@ -80,7 +80,7 @@ def attention_rates(batch: int, dtype: torch.dtype) -> dict[str, float | str]:
     for width in (Dh, 80, 96, 128):
         qkv = torch.randn(batch, N, 3, H, width, device="cuda", dtype=dtype)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, width) each, strided as in the tower
-        for name, kernel in ATTENTION_KERNELS.items():
+        for name, kernel in SDPA_KERNELS.items():
             if name == "math":
                 continue  # materialises (B, H, N, N): tens of GB at batch 32
             label = f"{name} d{width}"

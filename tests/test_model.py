@@ -35,20 +35,44 @@ def pixels(n: int, size: int = TINY_VISION.image_size, seed: int = 0) -> torch.T
     return torch.rand(n, size, size, 3, generator=g) * 2 - 1  # NHWC in [-1, 1]
 
 
-def set_fused(t: VisionTower, fused: bool) -> None:
-    for layer in t.encoder.layers:
-        layer.self_attn.fused = fused
-
-
 @torch.inference_mode()
-def test_sdpa_and_eager_paths_agree(tiny_state):
+def test_sdpa_and_blocked_attention_agree(tiny_state):
     t = tower(tiny_state)
     x = pixels(2)
-    fused = t(x)
-    set_fused(t, False)
-    eager = t(x)
-    d = max_abs(fused, eager)
-    assert d <= 1e-5, f"sdpa vs eager attention: max abs diff {d:.3g} > 1e-5"
+    t.attention = "sdpa"
+    sdpa = t(x)
+    t.attention = "blocked"
+    blocked = t(x)
+    d = max_abs(sdpa, blocked)
+    assert d <= 1e-5, f"sdpa vs blocked attention: max abs diff {d:.3g} > 1e-5"
+
+
+@pytest.mark.parametrize("tokens", [7, 300])  # fewer rows than one block; several blocks and a short last one
+def test_blocked_attention_in_blocks_equals_one_softmax(monkeypatch, tokens):
+    """Blocks of queries (here 64 at a time) give the textbook softmax(q·kᵀ·scale)·v, over batch and heads."""
+    from gemma3_vision import cpu_kernels
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, tokens, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    expected = torch.softmax(q @ k.transpose(-2, -1) * 0.3, dim=-1) @ v  # (2, 3, tokens, 8)
+    expected = expected.transpose(1, 2).reshape(2, tokens, 3 * 8)  # heads merged, as the op returns them
+    monkeypatch.setattr(cpu_kernels, "SCORE_BLOCK_ELEMENTS", 64 * tokens)
+    out = cpu_kernels.blocked_attention(q, k, v, 0.3)
+    assert out.shape == (2, tokens, 3 * 8)
+    d = max_abs(out, expected)
+    assert d <= 1e-12, f"blocked attention vs one softmax: max abs diff {d:.3g} > 1e-12 (float64)"
+
+
+def test_attention_path_by_device_and_dtype(tiny_state):
+    from gemma3_vision.model import default_attention
+
+    assert default_attention(CPU, torch.bfloat16) == "blocked"
+    assert default_attention(CPU, torch.float32) == "sdpa"
+    assert default_attention(torch.device("cuda"), torch.bfloat16) == "sdpa"
+    t = tower(tiny_state)
+    t.attention = "flash"
+    with pytest.raises(ConfigError, match="attention must be one of sdpa, blocked, got 'flash'"):
+        t(pixels(1))
 
 
 @torch.inference_mode()
@@ -63,10 +87,9 @@ def test_attention_matches_a_plain_softmax_written_out(tiny_state):
     w = torch.exp(q @ k.transpose(-2, -1) / (D // H) ** 0.5)
     expected = F.linear(((w / w.sum(-1, keepdim=True)) @ v).transpose(1, 2).reshape(B, N, D),
                         attn.out_proj.weight, attn.out_proj.bias)
-    for fused in (True, False):
-        attn.fused = fused
-        d = max_abs(attn(x), expected)
-        assert d <= 1e-5, f"fused={fused}: max abs diff to the written-out softmax {d:.3g} > 1e-5"
+    for path in ("sdpa", "blocked"):
+        d = max_abs(attn(x, attention=path), expected)
+        assert d <= 1e-5, f"{path} attention: max abs diff to the written-out softmax {d:.3g} > 1e-5"
 
 
 @torch.inference_mode()
@@ -88,6 +111,38 @@ def test_batch_independence(tiny_state):
     for i in range(3):
         d = max_abs(batched[i], t(x[i:i + 1])[0])
         assert d <= 1e-5, f"image {i} alone vs in a batch of 3: max abs diff {d:.3g} > 1e-5"
+
+
+@torch.inference_mode()
+def test_cpu_batch_in_chunks_equals_one_pass(tiny_state, monkeypatch):
+    """A CPU batch runs in chunks of CPU_CHUNK_TOKENS tokens: outputs and hidden states as one pass over the batch."""
+    from gemma3_vision import model
+
+    t = tower(tiny_state)
+    x = pixels(5, seed=6)
+    whole = t(x, output_hidden_states=True)
+    monkeypatch.setattr(model, "CPU_CHUNK_TOKENS", 2 * TINY_VISION.num_patches)  # chunks of 2, 2 and 1 images
+    chunked = t(x, output_hidden_states=True)
+    assert chunked.last_hidden_state.shape == whole.last_hidden_state.shape
+    assert len(chunked.hidden_states) == len(whole.hidden_states)
+    pairs = zip((whole.last_hidden_state, *whole.hidden_states), (chunked.last_hidden_state, *chunked.hidden_states),
+                strict=True)
+    for a, b in pairs:
+        d = max_abs(a, b)
+        assert d <= 1e-5, f"chunked vs one pass: max abs diff {d:.3g} > 1e-5"
+
+
+def test_fused_linear_gelu_equals_linear_then_gelu():
+    """oneDNN's linear + tanh GELU (fc1 in bf16 on a CPU), checked in float32 where it must match to rounding."""
+    from gemma3_vision import cpu_kernels
+
+    assert cpu_kernels.ONEDNN_LINEAR, "this torch build has no oneDNN fused linear"
+    g = torch.Generator().manual_seed(9)
+    x, w, b = torch.randn(2, 5, 16, generator=g), torch.randn(24, 16, generator=g), torch.randn(24, generator=g)
+    out = cpu_kernels.linear(x, w, b, activation="gelu")
+    d = max_abs(out, F.gelu(F.linear(x, w, b), approximate="tanh"))
+    assert out.shape == (2, 5, 24)
+    assert d <= 1e-5, f"fused vs separate linear + tanh GELU: max abs diff {d:.3g} > 1e-5"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -202,7 +257,7 @@ def test_gpu_attention_kernels_match_fp32(kernel):
     """Each SDPA kernel on the real head width (72), bf16 on CUDA, against the fp32 CPU tower."""
     from dataclasses import replace
 
-    from gemma3_vision.bench import ATTENTION_KERNELS
+    from gemma3_vision.bench import SDPA_KERNELS
     from gemma3_vision.config import VisionConfig
 
     config = replace(VisionConfig(), num_hidden_layers=2, image_size=224)  # 256 tokens, 16 heads of 72
@@ -213,7 +268,7 @@ def test_gpu_attention_kernels_match_fp32(kernel):
     t = VisionTower(config).eval()
     t.load_state_dict(ref_tower.state_dict())
     t = t.to("cuda", torch.bfloat16)
-    t.attention_backends = None if kernel == "default" else (ATTENTION_KERNELS[kernel],)
+    t.attention_backends = None if kernel == "default" else (SDPA_KERNELS[kernel],)
     try:
         out = t(x.cuda()).float().cpu()
     except RuntimeError as e:

@@ -33,15 +33,22 @@ if TYPE_CHECKING:
     from .model import VisionTower
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ATTENTION_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                     "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+SDPA_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+# --attention NAME: the tower settings of runner "ours[NAME]". sdpa and blocked are our two attention paths (the
+# default picks one per device and dtype); flash, efficient, cudnn and math are SDPA allowed that one kernel.
+ATTENTION_VARIANTS: dict[str, dict[str, Any]] = {
+    "sdpa": {"attention": "sdpa"},
+    "blocked": {"attention": "blocked"},
+    **{name: {"attention": "sdpa", "attention_backends": (kernel,)} for name, kernel in SDPA_KERNELS.items()},
+}
 
 
 @dataclass
 class RunnerResult:
     """One implementation in one configuration."""
 
-    name: str  # "ours", "ours+compile", "transformers", "transformers+compile"; "ours[cudnn]": one attention kernel
+    name: str  # "ours", "ours+compile", "transformers", "transformers+compile"; "ours[cudnn]": an attention variant
     seconds_per_image: list[float]  # every timed run, divided by the batch
     median_s: float
     min_s: float
@@ -205,7 +212,7 @@ def build_ours(vision: VisionConfig, state: dict[str, torch.Tensor], dtype: torc
 
 
 def _variant(tower: VisionTower, pixels: torch.Tensor, **settings: Any) -> Callable[[], torch.Tensor]:
-    """A runner of ``tower`` with some attributes changed for the call (``attention_backends``, ``residual_dtype``)."""
+    """A runner of ``tower`` with some attributes changed for the call (``attention``, ``residual_dtype``, ...)."""
     def run() -> torch.Tensor:
         saved = {name: getattr(tower, name) for name in settings}
         for name, value in settings.items():
@@ -288,7 +295,7 @@ def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype:
                  progress: Callable[[str], None] = lambda s: None) -> ConfigResult:
     """Time ours (and transformers) in one configuration.
 
-    ``attention`` adds a runner of ours per named SDPA kernel, allowed that kernel alone (``ours[cudnn]``);
+    ``attention`` adds a runner of ours per named ``ATTENTION_VARIANTS`` entry (``ours[blocked]``, ``ours[cudnn]``);
     ``bf16_residual`` adds ours with its residual stream and LayerNorms in bf16, as transformers runs them.
     """
     torch_dtype = _DTYPES[dtype]
@@ -301,8 +308,8 @@ def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype:
     ours = build_ours(vision, state, torch_dtype, device)
     compute = ours.compute_dtype or torch_dtype
     runners: dict[str, Callable[[], torch.Tensor]] = {"ours": lambda: ours(pixels)}
-    for kernel in attention:
-        runners[f"ours[{kernel}]"] = _variant(ours, pixels, attention_backends=(ATTENTION_KERNELS[kernel],))
+    for name in attention:
+        runners[f"ours[{name}]"] = _variant(ours, pixels, **ATTENTION_VARIANTS[name])
     if bf16_residual:
         runners["ours[bf16 residual]"] = _variant(ours, pixels, residual_dtype=torch.bfloat16)
     if compile:
@@ -416,7 +423,8 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
         compile_mode: ``torch.compile``'s mode for both, one of ``COMPILE_MODES``.
         reference: also time transformers (when it is installed).
         memory: also measure peak RSS of ours alone in a fresh process (CPU only).
-        attention: SDPA kernels (``flash``, ``efficient``, ``cudnn``, ``math``) to time ours with, one runner each.
+        attention: ``ATTENTION_VARIANTS`` to time ours with, one runner each: our two attention paths (``sdpa``,
+            ``blocked``) or SDPA allowed one kernel (``flash``, ``efficient``, ``cudnn``, ``math``).
         bf16_residual: also time ours with a bf16 residual stream (what our float32 one costs).
 
     Returns:
@@ -426,9 +434,9 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
     for d in dtypes:
         if d not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {d!r}")
-    for kernel in attention:
-        if kernel not in ATTENTION_KERNELS:
-            raise ValueError(f"attention kernel must be one of {', '.join(ATTENTION_KERNELS)}, got {kernel!r}")
+    for name in attention:
+        if name not in ATTENTION_VARIANTS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_VARIANTS)}, got {name!r}")
     vision = PRESETS[preset][0]
     if layers is not None:
         vision = replace(vision, num_hidden_layers=layers)
@@ -510,8 +518,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="torch.compile mode for both towers (max-autotune: inductor's own GEMMs, fused epilogues)")
     p.add_argument("--no-reference", action="store_true", help="skip transformers")
     p.add_argument("--memory", action="store_true", help="also probe peak RSS of ours in a fresh process")
-    p.add_argument("--attention", action="append", choices=sorted(ATTENTION_KERNELS), default=[],
-                   help="repeatable: also time ours allowed only this SDPA kernel")
+    p.add_argument("--attention", action="append", choices=list(ATTENTION_VARIANTS), default=[],
+                   help="repeatable: also time ours with this attention path (sdpa, blocked) or SDPA kernel alone")
     p.add_argument("--bf16-residual", action="store_true",
                    help="also time ours with its residual stream and LayerNorms in bf16, as transformers runs them")
     p.add_argument("--json", help="write the report here")

@@ -378,8 +378,10 @@ def show(image: Path, model: str, out: Path, features_layer: int | None, attenti
               help="torch.compile mode for both towers (max-autotune: inductor's own GEMMs, with fused epilogues).")
 @click.option("--no-reference", is_flag=True, help="Skip transformers.")
 @click.option("--memory", is_flag=True, help="Also probe peak RSS of ours alone in a fresh process.")
-@click.option("--attention", "attention", multiple=True, type=click.Choice(["flash", "efficient", "cudnn", "math"]),
-              help="Repeatable: also time ours allowed only this attention kernel (CUDA has all four).")
+@click.option("--attention", "attention", multiple=True,
+              type=click.Choice(["sdpa", "blocked", "flash", "efficient", "cudnn", "math"]),
+              help="Repeatable: also time ours with this attention path (sdpa, blocked), or with SDPA allowed only "
+                   "this kernel (flash, efficient, cudnn, math; CUDA has all four).")
 @click.option("--bf16-residual", is_flag=True,
               help="Also time ours with its residual stream and LayerNorms in bf16, as transformers runs them.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -27,8 +27,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import cpu_kernels
 from .config import VisionConfig
 from .errors import ConfigError
+
+# How attention is computed: torch's scaled_dot_product_attention (flash / cuDNN / ... kernels), or
+# cpu_kernels.blocked_attention (2-D matmuls, one head and block of queries at a time: faster for bf16 on a CPU).
+ATTENTION_PATHS = ("sdpa", "blocked")
+
+
+# On a CPU the tower runs a batch in chunks of about this many tokens (one 896-px image, sixteen 224-px ones). A whole
+# batch's activations (75 MB for the fp32 stream of 4 images) are fresh pages on every allocation, which glibc maps
+# and unmaps above 32 MB: batch 4 ran 17% slower per image than batch 1, with LayerNorms and adds 7x slower.
+CPU_CHUNK_TOKENS = 4096
+
+
+def default_attention(device: torch.device, dtype: torch.dtype) -> str:
+    """``blocked`` for bf16 products on a CPU (2.6x faster than the flash kernel there, README: Performance)."""
+    return "blocked" if device.type == "cpu" and dtype == torch.bfloat16 else "sdpa"
 
 
 def interpolate_position_embedding(table: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -48,11 +64,22 @@ def interpolate_position_embedding(table: torch.Tensor, grid_h: int, grid_w: int
     return grid.permute(0, 2, 3, 1).reshape(grid_h * grid_w, D)  # (h*w, D), row-major
 
 
+def onednn_bf16(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether products take the oneDNN calls of ``cpu_kernels``: bf16 on a CPU."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and cpu_kernels.ONEDNN_LINEAR
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``F.linear`` in x's dtype, the weights cast per call (bf16 → fp32, say); bf16 on a CPU fuses the bias."""
+    weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+    return cpu_kernels.linear(x, weight, bias) if onednn_bf16(x.device, x.dtype) else F.linear(x, weight, bias)
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` computing in its input's dtype: stored weights are cast per call (bf16 → fp32, say)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+        return linear(x, self.weight, self.bias)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -126,7 +153,6 @@ class Attention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
-        self.fused = True  # scaled_dot_product_attention; False runs the plain softmax path below
         self.q_proj = Linear(D, D)
         self.k_proj = Linear(D, D)
         self.v_proj = Linear(D, D)
@@ -135,25 +161,29 @@ class Attention(nn.Module):
     def qkv(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, N, D)`` → ``(B, N, 3D)``: q, k and v as one matmul (one pass over x; the concat is ~0.3% of it)."""
         q, k, v = self.q_proj, self.k_proj, self.v_proj
-        weight = torch.cat([q.weight, k.weight, v.weight]).to(x.dtype)  # (3D, D)
-        bias = torch.cat([q.bias, k.bias, v.bias]).to(x.dtype)  # (3D,)
-        return F.linear(x, weight, bias)
+        weight = torch.cat([q.weight, k.weight, v.weight])  # (3D, D)
+        bias = torch.cat([q.bias, k.bias, v.bias])  # (3D,)
+        return linear(x, weight, bias)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``(B, H, N, Dh)`` each → ``(B, H, N, Dh)``."""
-        if self.fused:  # a flash kernel: never materialises the (B, H, N, N) scores
-            return F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, N, N)
-        return scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v
+    def sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``(B, H, N, Dh)`` each → ``(B, N, H·Dh)``; flash and the other kernels never build the (N, N) scores."""
+        B, H, N, Dh = q.shape
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, H, N, Dh)
+        return out.transpose(1, 2).reshape(B, N, H * Dh)
 
-    def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``(B, N, D)`` → ``(B, N, D)``, the products in ``dtype`` (default: x's)."""
+    def blocked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``(B, H, N, Dh)`` each → ``(B, N, H·Dh)``, one block of (rows, N) scores at a time."""
+        return cpu_kernels.blocked_attention(q, k, v, self.scale)
+
+    def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None, attention: str = "sdpa") -> torch.Tensor:
+        """``(B, N, D)`` → ``(B, N, D)``, the products in ``dtype`` (default: x's), ``attention`` one of
+        ``ATTENTION_PATHS``."""
         B, N, D = x.shape
         dtype = dtype or x.dtype
         qkv = fp16_safe(self.qkv, dtype, x)  # (B, N, 3D)
         qkv = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, Dh)
-        out = fp16_safe(self.attend, qkv.dtype, *qkv.unbind(0))  # (B, H, N, Dh)
-        out = out.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
+        attend = self.blocked if attention == "blocked" else self.sdpa
+        out = fp16_safe(attend, qkv.dtype, *qkv.unbind(0))  # (B, N, D)
         return fp16_safe(self.out_proj, dtype, out)
 
 
@@ -166,6 +196,9 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``(B, N, D)`` → ``(B, N, D)``, the products in ``dtype`` (default: x's)."""
         dtype = dtype or x.dtype
+        if onednn_bf16(x.device, dtype):  # fc1 + GELU fused, in chunks of tokens (cpu_kernels)
+            fc1, fc2 = ((fc.weight.to(dtype), fc.bias.to(dtype)) for fc in (self.fc1, self.fc2))
+            return cpu_kernels.mlp(x.to(dtype), fc1, fc2)
         h = fp16_safe(self.fc1, dtype, x)  # (B, N, I), a fresh tensor, so the GELU can run in place
         h = torch.ops.aten.gelu_(h, approximate="tanh")  # the model was trained with tanh GELU
         return fp16_safe(self.fc2, dtype, h)
@@ -181,9 +214,9 @@ class EncoderLayer(nn.Module):
         self.layer_norm2 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None, attention: str = "sdpa") -> torch.Tensor:
         # (a + b).to(a.dtype): one kernel that also casts back where the products ran wider than the stream
-        x = (x + self.self_attn(self.layer_norm1(x), dtype)).to(x.dtype)
+        x = (x + self.self_attn(self.layer_norm1(x), dtype, attention)).to(x.dtype)
         return (x + self.mlp(self.layer_norm2(x), dtype)).to(x.dtype)
 
 
@@ -201,6 +234,16 @@ class TowerOutput:
     # num_hidden_layers + 1 tensors of (B, N, D), before post_layernorm; in the output dtype, except that float16
     # runs keep float32 here: the residual stream may exceed fp16's range.
     hidden_states: tuple[torch.Tensor, ...]
+
+
+def concat_outputs(parts: Sequence[torch.Tensor | TowerOutput]) -> torch.Tensor | TowerOutput:
+    """The outputs of consecutive chunks of a batch, as one output for the whole batch."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)  # type: ignore[arg-type]  # all parts have one type
+    outputs = [p for p in parts if isinstance(p, TowerOutput)]
+    layers = zip(*(o.hidden_states for o in outputs), strict=True)  # ((chunk 0's, chunk 1's, ...) per layer)
+    return TowerOutput(last_hidden_state=torch.cat([o.last_hidden_state for o in outputs]),
+                       hidden_states=tuple(torch.cat(states) for states in layers))
 
 
 class VisionTower(nn.Module):
@@ -221,6 +264,8 @@ class VisionTower(nn.Module):
         # dtype of the residual stream and the LayerNorms: float32 keeps the sum of 27 layers close to the fp32
         # reference; bfloat16 (what transformers does in a bf16 run) moves half the bytes between the matmuls.
         self.residual_dtype = torch.float32
+        # One of ATTENTION_PATHS; None: default_attention() for the device and the products' dtype.
+        self.attention: str | None = None
         # scaled_dot_product_attention kernels allowed (torch picks among them in its own order); None: all.
         # On Hopper and Blackwell torch already puts cuDNN first, the fastest at head_dim 72 (README: GPU).
         self.attention_backends: Sequence[SDPBackend] | None = None
@@ -244,6 +289,11 @@ class VisionTower(nn.Module):
 
     def forward(self, pixels: torch.Tensor, *, output_hidden_states: bool = False) -> torch.Tensor | TowerOutput:
         self.check_pixels(pixels)
+        P = self.config.patch_size
+        per_chunk = max(1, CPU_CHUNK_TOKENS // ((pixels.shape[1] // P) * (pixels.shape[2] // P)))
+        if pixels.device.type == "cpu" and pixels.shape[0] > per_chunk:
+            parts = [self(chunk, output_hidden_states=output_hidden_states) for chunk in pixels.split(per_chunk)]
+            return concat_outputs(parts)
         dtype = self.compute_dtype or self.embeddings.patch_embedding.weight.dtype
         result = self.run(pixels, dtype, output_hidden_states)
         if dtype == torch.float16 and not _CHECK_EACH_PRODUCT.get():
@@ -265,11 +315,14 @@ class VisionTower(nn.Module):
         hidden_dtype = torch.float32 if out_dtype == torch.float16 else out_dtype
         if self.residual_dtype not in (torch.float32, torch.bfloat16):  # fp16 cannot hold SigLIP's residuals
             raise ConfigError(f"residual_dtype must be float32 or bfloat16, got {self.residual_dtype}")
+        attention = self.attention or default_attention(pixels.device, dtype)
+        if attention not in ATTENTION_PATHS:
+            raise ConfigError(f"attention must be one of {', '.join(ATTENTION_PATHS)}, got {attention!r}")
         x = self.embeddings(pixels, dtype).to(self.residual_dtype)  # (B, N, D)
         hidden_states = [x.to(hidden_dtype)] if output_hidden_states else []
         with self.attention_kernels():
             for layer in self.encoder.layers:
-                x = layer(x, dtype)  # (B, N, D) residual_dtype
+                x = layer(x, dtype, attention)  # (B, N, D) residual_dtype
                 if output_hidden_states:
                     hidden_states.append(x.to(hidden_dtype))
         x = self.post_layernorm(x).to(out_dtype)  # (B, N, D)
