@@ -63,6 +63,15 @@ def test_blocked_attention_in_blocks_equals_one_softmax(monkeypatch, tokens):
     assert d <= 1e-12, f"blocked attention vs one softmax: max abs diff {d:.3g} > 1e-12 (float64)"
 
 
+def test_blocked_attention_is_a_well_formed_custom_op():
+    """torch.library.opcheck: the fake (shape and strides, what torch.compile plans with) matches the real op."""
+    from gemma3_vision import cpu_kernels
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 3, 10, 8, generator=g, dtype=torch.bfloat16) for _ in range(3))
+    torch.library.opcheck(cpu_kernels.blocked_attention, (q, k, v, 0.3), test_utils=("test_schema", "test_faketensor"))
+
+
 def test_attention_path_by_device_and_dtype(tiny_state):
     from gemma3_vision.model import default_attention
 

@@ -7,13 +7,13 @@ Gemma 3 layer (4096 tokens, 16 heads of 72):
   thirds of the layer. ``torch.bmm`` on the attention's shapes in bf16 is as slow (0.22 TFLOP/s for q·kᵀ).
 - A 2-D bf16 ``torch.mm`` (oneDNN) on the same shapes reaches 0.7-0.9 TFLOP/s, and torch's bf16 softmax over a block
   of rows that stays in cache takes 0.06 s for the layer. So ``blocked_attention`` works one head and one block of
-  queries at a time: 0.15 s for the layer, with the same cosine to the fp32 tower as the flash kernel.
+  queries at a time: 0.15-0.16 s for the layer, with the same cosine to the fp32 tower as the flash kernel.
 - oneDNN's linear with the bias (and fc1's tanh GELU) fused saves ``addmm``'s copy of the bias into its output and
   the separate GELU pass: fc1 + GELU 52 ms against 63 ms.
 - glibc maps every allocation above 32 MB afresh, so its pages fault in on each use; fc1's output for 4096 tokens
-  (35 MB) did. ``mlp`` runs 2048 tokens at a time.
+  (35 MB) did. ``mlp`` runs 2048 tokens at a time. The last two gained 2-5% each, near this machine's noise.
 
-With all of it a layer took 0.30 s against 0.64 s for transformers (README: Performance).
+Full-tower figures against transformers: README, Performance.
 """
 
 from __future__ import annotations
@@ -42,16 +42,16 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     B, H, N, Dh = q.shape
     rows = max(1, min(N, SCORE_BLOCK_ELEMENTS // k.shape[2]))
     q = q * scale  # (B, H, N, Dh): once here rather than on every block of scores
-    out = q.new_empty(B, H, Dh, N)  # transposed: vᵀ·pᵀ, 72 rows of output, ran 4% faster than p·v here
+    out = q.new_empty(B, H, N, Dh)
     for b in range(B):
         for h in range(H):
-            k_t, v_t = k[b, h].T, v[b, h].T.contiguous()  # (Dh, Nk) each
+            k_t, v_h = k[b, h].T, v[b, h]  # (Dh, Nk), (Nk, Dh): views, oneDNN reads the strides
             for start in range(0, N, rows):
                 scores = torch.mm(q[b, h, start:start + rows], k_t)  # (rows, Nk)
                 # softmax(dtype=torch.float32) would return fp32 probabilities, but from bf16 input it takes a slow
                 # path (10x here); the bf16 softmax computes in fp32 too and rounds only its result.
-                torch.mm(v_t, scores.softmax(dim=-1).T, out=out[b, h, :, start:start + rows])  # (Dh, rows)
-    return out.permute(0, 3, 1, 2).reshape(B, N, H * Dh)
+                torch.mm(scores.softmax(dim=-1), v_h, out=out[b, h, start:start + rows])  # (rows, Dh)
+    return out.transpose(1, 2).reshape(B, N, H * Dh)  # a contiguous copy, as the fake below promises
 
 
 @blocked_attention.register_fake
