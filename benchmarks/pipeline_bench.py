@@ -86,13 +86,14 @@ def make_folder(root: Path, image_set: str, count: int) -> list[Path]:
 
 # -------------------------------------------------------------------------------------------------------- model
 
-def build_encoder(model: str) -> Gemma3Vision:
+def build_encoder(model: str, dtype: str) -> Gemma3Vision:
     """``tiny``: ``random:tiny``. ``gemma3:L``: the full-width Gemma 3 tower (896 px, 4B projector) with random
-    weights, truncated to its first L layers (every layer costs the same, so the depth only scales encode time)."""
+    weights, truncated to its first L layers (every layer costs the same, so the depth only scales encode time).
+    Weights and compute in ``dtype`` (bfloat16 computes in fp32 on a CPU without native bf16, as ``load`` does)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "random weights" warnings: known and wanted here
         if model == "tiny":
-            return load("random:tiny", dtype="float32", device="cpu")
+            return load("random:tiny", dtype=dtype, device="cpu")
         name, _, layers = model.partition(":")
         if name != "gemma3" or not layers.isdigit():
             raise SystemExit(f"--model: expected 'tiny' or 'gemma3:LAYERS', got {model!r}")
@@ -101,8 +102,9 @@ def build_encoder(model: str) -> Gemma3Vision:
         wanted = expected_shapes(vision, full.projector)
         checkpoint = replace(full, vision=vision, tensors={k: v for k, v in full.tensors.items() if k in wanted},
                              description=f"random (first {layers} of {full.vision.num_hidden_layers} layers)")
-        vision_model = load_model(checkpoint, dtype=torch.float32, device="cpu", check_finite=False)
-        return Gemma3Vision(vision_model, checkpoint, torch.float32, torch.device("cpu"))
+        run_dtype = getattr(torch, dtype)
+        vision_model = load_model(checkpoint, dtype=run_dtype, device="cpu", check_finite=False)
+        return Gemma3Vision(vision_model, checkpoint, run_dtype, torch.device("cpu"))
 
 
 # ------------------------------------------------------------------------------------------------------- timing
@@ -183,7 +185,7 @@ def bench_one(encoder: Gemma3Vision, model: str, paths: list[Path], image_set: s
     pair_ratios = [p / e for p, e in zip(pipeline_ips, encode_ips, strict=True)]
     return {
         "model": model, "image_size": encoder.image_size, "layers": encoder.vision_config.num_hidden_layers,
-        "dtype": "float32", "batch": batch, "workers": workers, "torch_threads": torch.get_num_threads(),
+        "dtype": str(encoder.dtype).removeprefix("torch."), "batch": batch, "workers": workers, "torch_threads": torch.get_num_threads(),
         "images": image_set, "files": n, "encode_only_ips": encode_ips, "pipeline_ips": pipeline_ips,
         "encode_only_median_ips": statistics.median(encode_ips), "pipeline_median_ips": statistics.median(pipeline_ips),
         "ratio": statistics.median(pair_ratios), "pair_ratios": pair_ratios,
@@ -214,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", action="append", help="tiny, or gemma3:LAYERS (default: tiny and gemma3:1)")
     p.add_argument("--batch", type=int, action="append", help="default: 1 and 4")
     p.add_argument("--image-set", action="append", choices=sorted(IMAGE_SETS), help="default: both")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--workers", type=int, default=2, help="decode workers, as encode --workers")
     p.add_argument("--torch-threads", type=int, help="torch.set_num_threads (default: torch's, one per core)")
     p.add_argument("--images", type=int, help="files per folder (default: 96 for tiny, 8 for gemma3)")
@@ -229,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-files-") as tmp:
         root = a.files_dir or Path(tmp)
         for model in models:
-            encoder = build_encoder(model)
+            encoder = build_encoder(model, a.dtype)
             count = a.images or (96 if model == "tiny" else 8)
             for image_set in image_sets:
                 paths = make_folder(root / f"n{count}", image_set, count)
