@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gemma3_vision.api import Gemma3Vision, load
+from gemma3_vision.api import Gemma3Vision, compute_dtype_for, load
 from gemma3_vision.bench import machine_info
 from gemma3_vision.discovery import discover
 from gemma3_vision.job import EncodeOptions, check_options, encode_batch_for, job_key, make_input_for
@@ -102,9 +102,11 @@ def build_encoder(model: str, dtype: str) -> Gemma3Vision:
         wanted = expected_shapes(vision, full.projector)
         checkpoint = replace(full, vision=vision, tensors={k: v for k, v in full.tensors.items() if k in wanted},
                              description=f"random (first {layers} of {full.vision.num_hidden_layers} layers)")
-        run_dtype = getattr(torch, dtype)
-        vision_model = load_model(checkpoint, dtype=run_dtype, device="cpu", check_finite=False)
-        return Gemma3Vision(vision_model, checkpoint, run_dtype, torch.device("cpu"))
+        run_dtype, cpu = getattr(torch, dtype), torch.device("cpu")
+        vision_model = load_model(checkpoint, dtype=run_dtype, device=cpu, check_finite=False)
+        tower = vision_model.vision_tower  # set up as load() sets it up: bf16 computes in fp32 without native bf16
+        tower.compute_dtype, tower.output_dtype = compute_dtype_for(run_dtype, cpu), run_dtype
+        return Gemma3Vision(vision_model, checkpoint, run_dtype, cpu)
 
 
 # ------------------------------------------------------------------------------------------------------- timing
@@ -185,7 +187,9 @@ def bench_one(encoder: Gemma3Vision, model: str, paths: list[Path], image_set: s
     pair_ratios = [p / e for p, e in zip(pipeline_ips, encode_ips, strict=True)]
     return {
         "model": model, "image_size": encoder.image_size, "layers": encoder.vision_config.num_hidden_layers,
-        "dtype": str(encoder.dtype).removeprefix("torch."), "batch": batch, "workers": workers, "torch_threads": torch.get_num_threads(),
+        "dtype": str(encoder.dtype).removeprefix("torch."),
+        "compute_dtype": str(encoder.model.vision_tower.compute_dtype or encoder.dtype).removeprefix("torch."),
+        "batch": batch, "workers": workers, "torch_threads": torch.get_num_threads(),
         "images": image_set, "files": n, "encode_only_ips": encode_ips, "pipeline_ips": pipeline_ips,
         "encode_only_median_ips": statistics.median(encode_ips), "pipeline_median_ips": statistics.median(pipeline_ips),
         "ratio": statistics.median(pair_ratios), "pair_ratios": pair_ratios,

@@ -49,3 +49,12 @@ def test_memory_probe_in_a_fresh_process():
     assert mem["torch_import_rss_mb"] > 0 and mem["peak_rss_mb"] >= mem["rss_after_load_mb"] - 1
     assert mem["activation_peak_mb_per_image"] >= 0
     assert mem["image_size"] == PRESETS["tiny"][0].image_size
+
+
+def test_cli_attention_choices_are_the_bench_variants():
+    """The CLI lists --attention's choices by hand (it imports no torch at start-up): they must be the bench's."""
+    from gemma3_vision.bench import ATTENTION_VARIANTS
+    from gemma3_vision.cli import main
+
+    option = next(p for p in main.commands["bench"].params if p.name == "attention")
+    assert list(option.type.choices) == list(ATTENTION_VARIANTS)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY_VISION, TOL, cosine, max_abs
-from gemma3_vision import api
+from gemma3_vision import api, cpu_kernels
 from gemma3_vision.errors import ConfigError
 from gemma3_vision.model import Attention, VisionTower
 
@@ -50,8 +50,6 @@ def test_sdpa_and_blocked_attention_agree(tiny_state):
 @pytest.mark.parametrize("tokens", [7, 300])  # fewer rows than one block; several blocks and a short last one
 def test_blocked_attention_in_blocks_equals_one_softmax(monkeypatch, tokens):
     """Blocks of queries (here 64 at a time) give the textbook softmax(q·kᵀ·scale)·v, over batch and heads."""
-    from gemma3_vision import cpu_kernels
-
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, 3, tokens, 8, generator=g, dtype=torch.float64) for _ in range(3))
     expected = torch.softmax(q @ k.transpose(-2, -1) * 0.3, dim=-1) @ v  # (2, 3, tokens, 8)
@@ -65,17 +63,20 @@ def test_blocked_attention_in_blocks_equals_one_softmax(monkeypatch, tokens):
 
 def test_blocked_attention_is_a_well_formed_custom_op():
     """torch.library.opcheck: the fake (shape and strides, what torch.compile plans with) matches the real op."""
-    from gemma3_vision import cpu_kernels
-
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(2, 3, 10, 8, generator=g, dtype=torch.bfloat16) for _ in range(3))
     torch.library.opcheck(cpu_kernels.blocked_attention, (q, k, v, 0.3), test_utils=("test_schema", "test_faketensor"))
 
 
-def test_attention_path_by_device_and_dtype(tiny_state):
+def test_attention_path_by_device_dtype_and_gradients(tiny_state):
     from gemma3_vision.model import default_attention
 
-    assert default_attention(CPU, torch.bfloat16) == "blocked"
+    # blocked: bf16 on a CPU where oneDNN runs bf16 (AVX-512 or AMX), and no gradient wanted
+    assert default_attention(CPU, torch.bfloat16) == ("blocked" if cpu_kernels.ONEDNN_BF16 else "sdpa")
+    assert default_attention(CPU, torch.bfloat16, torch.ones(1, requires_grad=True)) == "sdpa"
+    with torch.no_grad():
+        assert default_attention(CPU, torch.bfloat16, torch.ones(1, requires_grad=True)) == default_attention(
+            CPU, torch.bfloat16)
     assert default_attention(CPU, torch.float32) == "sdpa"
     assert default_attention(torch.device("cuda"), torch.bfloat16) == "sdpa"
     t = tower(tiny_state)
@@ -137,21 +138,61 @@ def test_cpu_batch_in_chunks_equals_one_pass(tiny_state, monkeypatch):
     pairs = zip((whole.last_hidden_state, *whole.hidden_states), (chunked.last_hidden_state, *chunked.hidden_states),
                 strict=True)
     for a, b in pairs:
-        d = max_abs(a, b)
-        assert d <= 1e-5, f"chunked vs one pass: max abs diff {d:.3g} > 1e-5"
+        assert torch.equal(a, b), f"chunked vs one pass: max abs diff {max_abs(a, b):.3g}, expected bit-identical"
 
 
+needs_onednn_linear = pytest.mark.skipif(
+    not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")),
+    reason="this torch build has no oneDNN fused linear, so the tower never takes that path")
+
+
+@needs_onednn_linear
 def test_fused_linear_gelu_equals_linear_then_gelu():
     """oneDNN's linear + tanh GELU (fc1 in bf16 on a CPU), checked in float32 where it must match to rounding."""
-    from gemma3_vision import cpu_kernels
-
-    assert cpu_kernels.ONEDNN_LINEAR, "this torch build has no oneDNN fused linear"
     g = torch.Generator().manual_seed(9)
     x, w, b = torch.randn(2, 5, 16, generator=g), torch.randn(24, 16, generator=g), torch.randn(24, generator=g)
     out = cpu_kernels.linear(x, w, b, activation="gelu")
     d = max_abs(out, F.gelu(F.linear(x, w, b), approximate="tanh"))
     assert out.shape == (2, 5, 24)
     assert d <= 1e-5, f"fused vs separate linear + tanh GELU: max abs diff {d:.3g} > 1e-5"
+
+
+@needs_onednn_linear
+def test_chunked_mlp_equals_one_pass(monkeypatch):
+    """cpu_kernels.mlp over chunks of tokens that cross images (B = 2, 64 tokens each, 24 at a time), in float32."""
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 64, 16, generator=g)
+    fc1 = (torch.randn(40, 16, generator=g), torch.randn(40, generator=g))
+    fc2 = (torch.randn(16, 40, generator=g), torch.randn(16, generator=g))
+    monkeypatch.setattr(cpu_kernels, "MLP_ROWS", 24)
+    out = cpu_kernels.mlp(x, fc1, fc2)
+    expected = F.linear(F.gelu(F.linear(x, *fc1), approximate="tanh"), *fc2)
+    d = max_abs(out, expected)
+    assert out.shape == (2, 64, 16)
+    assert d <= 1e-4, f"chunked vs one-pass MLP: max abs diff {d:.3g} > 1e-4"
+
+
+@pytest.mark.skipif(not cpu_kernels.ONEDNN_BF16,
+                    reason="oneDNN does not run bf16 on this CPU (AVX2 only), so there is no bf16 fast path to test")
+@torch.inference_mode()
+def test_bf16_cpu_tower_takes_the_blocked_attention(tiny_state, monkeypatch):
+    calls = []
+    real = cpu_kernels.blocked_attention
+    monkeypatch.setattr(cpu_kernels, "blocked_attention", lambda *a: calls.append(1) or real(*a))
+    tower(tiny_state, torch.bfloat16, compute=torch.bfloat16)(pixels(1))
+    assert len(calls) == TINY_VISION.num_hidden_layers
+
+
+def test_bf16_cpu_tower_gives_gradients(tiny_state):
+    """The oneDNN and blocked paths have no backward: with gradients wanted the tower takes torch's own ops."""
+    t = tower(tiny_state, torch.bfloat16, compute=torch.bfloat16).requires_grad_(True)
+    t(pixels(1)).float().square().sum().backward()
+    for name in ("encoder.layers.0.mlp.fc1.weight", "encoder.layers.0.self_attn.q_proj.weight"):
+        grad = t.get_parameter(name).grad
+        assert grad is not None and bool(grad.abs().sum() > 0), f"{name}: no gradient"
+    t.attention = "blocked"
+    with pytest.raises(ConfigError, match="the blocked attention has no backward"):
+        t(pixels(1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -25,9 +25,11 @@ SCORE_BLOCK_ELEMENTS = 1 << 21
 # Tokens per chunk of the MLP: fc1's output for them (2048 x 4304 in bf16, 18 MB) stays under glibc's 32 MB.
 MLP_ROWS = 2048
 
-# Whether this torch has oneDNN's fused linear (torch.ops.mkldnn._linear_pointwise, which inductor uses); read once
+# Whether these paths can run here: oneDNN's fused linear (torch.ops.mkldnn._linear_pointwise, which inductor uses)
+# exists, and oneDNN runs bf16 on this CPU (AVX-512 or AMX; on an AVX2-only CPU its bf16 ops refuse to run). Read once
 # here, not in the forward, where torch.compile would trace it.
-ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_BF16 = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+               and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
 
 # A custom op, so that torch.compile keeps it whole: dynamo would unroll the loops (27 layers x 16 heads x 8 blocks),
@@ -36,8 +38,9 @@ ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldn
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """``(B, H, N, Dh)`` each → ``(B, N, H·Dh)``: ``softmax(q·kᵀ·scale)·v``, one head and block of queries at a time.
 
-    The scores are rounded to q's dtype before the softmax, as transformers' eager attention rounds them, and the
-    softmax itself runs in float32 inside torch's kernel. No more than one block of scores ever exists.
+    The scores are rounded to q's dtype before the softmax (so is q once scaled), much as transformers' eager
+    attention rounds them, and the softmax itself runs in float32 inside torch's kernel. No more than one block of
+    scores ever exists. There is no backward: the tower takes this path only when no gradient is wanted.
     """
     B, H, N, Dh = q.shape
     rows = max(1, min(N, SCORE_BLOCK_ELEMENTS // k.shape[2]))
@@ -63,7 +66,7 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str = "none") -> torch.Tensor:
     """``x·Wᵀ + b`` as one oneDNN call, ``(..., in)`` → ``(..., out)``; ``activation="gelu"``: then tanh GELU.
 
-    The bias and the GELU apply to the fp32 accumulator, before the result is rounded to x's dtype.
+    The bias and the GELU apply to the fp32 accumulator, before the result is rounded to x's dtype. No backward.
     """
     algorithm = "tanh" if activation == "gelu" else ""
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, activation, [], algorithm)
@@ -71,9 +74,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation
 
 
 def mlp(x: torch.Tensor, fc1: tuple[torch.Tensor, torch.Tensor], fc2: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """``fc2(gelu_tanh(fc1(x)))`` for ``(B, N, D)``, ``MLP_ROWS`` tokens at a time; ``fc1``, ``fc2``: (weight, bias)."""
-    out = x.new_empty(x.shape[0], x.shape[1], fc2[0].shape[0])  # (B, N, D)
-    for start in range(0, x.shape[1], MLP_ROWS):
-        h = linear(x[:, start:start + MLP_ROWS], *fc1, activation="gelu")  # (B, rows, I)
-        out[:, start:start + MLP_ROWS] = linear(h, *fc2)
-    return out
+    """``fc2(gelu_tanh(fc1(x)))`` for ``(..., D)``, ``MLP_ROWS`` tokens at a time; ``fc1``, ``fc2``: (weight, bias)."""
+    rows = x.reshape(-1, x.shape[-1])  # (T, D): every token of the batch, so a chunk is MLP_ROWS tokens whatever B
+    out = rows.new_empty(rows.shape[0], fc2[0].shape[0])  # (T, D)
+    for start in range(0, rows.shape[0], MLP_ROWS):
+        h = linear(rows[start:start + MLP_ROWS], *fc1, activation="gelu")  # (rows, I)
+        out[start:start + MLP_ROWS] = linear(h, *fc2)
+    return out.view(*x.shape[:-1], out.shape[-1])

@@ -21,6 +21,7 @@ import contextlib
 import contextvars
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +43,18 @@ ATTENTION_PATHS = ("sdpa", "blocked")
 CPU_CHUNK_TOKENS = 4096
 
 
-def default_attention(device: torch.device, dtype: torch.dtype) -> str:
-    """``blocked`` for bf16 products on a CPU (2.6x faster than the flash kernel there, README: Performance)."""
-    return "blocked" if device.type == "cpu" and dtype == torch.bfloat16 else "sdpa"
+def cpu_bf16_kernels(device: torch.device, dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
+    """Whether products on ``tensors`` take ``cpu_kernels``' paths: bf16 on a CPU where oneDNN runs bf16, and no
+    gradient wanted (those paths have no backward)."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or not cpu_kernels.ONEDNN_BF16:
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def default_attention(device: torch.device, dtype: torch.dtype, *tensors: torch.Tensor) -> str:
+    """``blocked`` where ``cpu_bf16_kernels`` holds (2.6x faster than the flash kernel there, README: Performance),
+    else ``sdpa``."""
+    return "blocked" if cpu_bf16_kernels(device, dtype, *tensors) else "sdpa"
 
 
 def interpolate_position_embedding(table: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -64,15 +74,11 @@ def interpolate_position_embedding(table: torch.Tensor, grid_h: int, grid_w: int
     return grid.permute(0, 2, 3, 1).reshape(grid_h * grid_w, D)  # (h*w, D), row-major
 
 
-def onednn_bf16(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether products take the oneDNN calls of ``cpu_kernels``: bf16 on a CPU."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and cpu_kernels.ONEDNN_LINEAR
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``F.linear`` in x's dtype, the weights cast per call (bf16 → fp32, say); bf16 on a CPU fuses the bias."""
     weight, bias = weight.to(x.dtype), bias.to(x.dtype)
-    return cpu_kernels.linear(x, weight, bias) if onednn_bf16(x.device, x.dtype) else F.linear(x, weight, bias)
+    fused = cpu_bf16_kernels(x.device, x.dtype, x, weight, bias)
+    return cpu_kernels.linear(x, weight, bias) if fused else F.linear(x, weight, bias)
 
 
 class Linear(nn.Linear):
@@ -182,7 +188,7 @@ class Attention(nn.Module):
         dtype = dtype or x.dtype
         qkv = fp16_safe(self.qkv, dtype, x)  # (B, N, 3D)
         qkv = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, Dh)
-        attend = self.blocked if attention == "blocked" else self.sdpa
+        attend = {"sdpa": self.sdpa, "blocked": self.blocked}[attention]
         out = fp16_safe(attend, qkv.dtype, *qkv.unbind(0))  # (B, N, D)
         return fp16_safe(self.out_proj, dtype, out)
 
@@ -196,7 +202,9 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``(B, N, D)`` → ``(B, N, D)``, the products in ``dtype`` (default: x's)."""
         dtype = dtype or x.dtype
-        if onednn_bf16(x.device, dtype):  # fc1 + GELU fused, in chunks of tokens (cpu_kernels)
+        if cpu_bf16_kernels(x.device, dtype, x, self.fc1.weight, self.fc2.weight):
+            # fc1 + GELU fused, in chunks of tokens (cpu_kernels); like qkv(), this reads fc1 and fc2's parameters
+            # rather than calling the modules
             fc1, fc2 = ((fc.weight.to(dtype), fc.bias.to(dtype)) for fc in (self.fc1, self.fc2))
             return cpu_kernels.mlp(x.to(dtype), fc1, fc2)
         h = fp16_safe(self.fc1, dtype, x)  # (B, N, I), a fresh tensor, so the GELU can run in place
@@ -239,8 +247,8 @@ class TowerOutput:
 def concat_outputs(parts: Sequence[torch.Tensor | TowerOutput]) -> torch.Tensor | TowerOutput:
     """The outputs of consecutive chunks of a batch, as one output for the whole batch."""
     if isinstance(parts[0], torch.Tensor):
-        return torch.cat(parts)  # type: ignore[arg-type]  # all parts have one type
-    outputs = [p for p in parts if isinstance(p, TowerOutput)]
+        return torch.cat(cast(list[torch.Tensor], list(parts)))  # every part is of one kind
+    outputs = cast(Sequence[TowerOutput], parts)
     layers = zip(*(o.hidden_states for o in outputs), strict=True)  # ((chunk 0's, chunk 1's, ...) per layer)
     return TowerOutput(last_hidden_state=torch.cat([o.last_hidden_state for o in outputs]),
                        hidden_states=tuple(torch.cat(states) for states in layers))
@@ -292,8 +300,12 @@ class VisionTower(nn.Module):
         P = self.config.patch_size
         per_chunk = max(1, CPU_CHUNK_TOKENS // ((pixels.shape[1] // P) * (pixels.shape[2] // P)))
         if pixels.device.type == "cpu" and pixels.shape[0] > per_chunk:
-            parts = [self(chunk, output_hidden_states=output_hidden_states) for chunk in pixels.split(per_chunk)]
+            parts = [self.forward_chunk(chunk, output_hidden_states) for chunk in pixels.split(per_chunk)]
             return concat_outputs(parts)
+        return self.forward_chunk(pixels, output_hidden_states)
+
+    def forward_chunk(self, pixels: torch.Tensor, output_hidden_states: bool) -> torch.Tensor | TowerOutput:
+        """The forward of one chunk of a batch (all of it on a GPU)."""
         dtype = self.compute_dtype or self.embeddings.patch_embedding.weight.dtype
         result = self.run(pixels, dtype, output_hidden_states)
         if dtype == torch.float16 and not _CHECK_EACH_PRODUCT.get():
@@ -315,9 +327,11 @@ class VisionTower(nn.Module):
         hidden_dtype = torch.float32 if out_dtype == torch.float16 else out_dtype
         if self.residual_dtype not in (torch.float32, torch.bfloat16):  # fp16 cannot hold SigLIP's residuals
             raise ConfigError(f"residual_dtype must be float32 or bfloat16, got {self.residual_dtype}")
-        attention = self.attention or default_attention(pixels.device, dtype)
+        attention = self.attention or default_attention(pixels.device, dtype, pixels, *self.parameters())
         if attention not in ATTENTION_PATHS:
             raise ConfigError(f"attention must be one of {', '.join(ATTENTION_PATHS)}, got {attention!r}")
+        if attention == "blocked" and torch.is_grad_enabled() and any(p.requires_grad for p in (pixels, *self.parameters())):
+            raise ConfigError("the blocked attention has no backward: use attention='sdpa' to take gradients")
         x = self.embeddings(pixels, dtype).to(self.residual_dtype)  # (B, N, D)
         hidden_states = [x.to(hidden_dtype)] if output_hidden_states else []
         with self.attention_kernels():
