@@ -12,7 +12,9 @@ stored dtype; the matmuls and the attention run in ``VisionTower.compute_dtype``
 Stored weights are cast to it one layer at a time, so bf16 weights can be computed in fp32 on a CPU without native
 bf16 (8x faster there than emulated bf16) while memory stays at the bf16 size. A float32 run on a CPU keeps a bf16
 checkpoint's weights as stored the same way, with the same results as widening them all at load. In float16 a
-product that overflows (SigLIP activations can pass 65504) is redone in float32: see ``fp16_safe``.
+product that overflows (SigLIP activations can pass 65504) is redone in float32: see ``fp16_safe``. bf16 products on
+a CPU where oneDNN runs bf16 take ``cpu_kernels``' paths when no gradient is wanted: blocked attention (scores
+rounded to bf16 before an fp32 softmax) and oneDNN linears (bias and GELU applied to the fp32 accumulator).
 """
 
 from __future__ import annotations
