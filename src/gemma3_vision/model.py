@@ -329,10 +329,11 @@ class VisionTower(nn.Module):
         hidden_dtype = torch.float32 if out_dtype == torch.float16 else out_dtype
         if self.residual_dtype not in (torch.float32, torch.bfloat16):  # fp16 cannot hold SigLIP's residuals
             raise ConfigError(f"residual_dtype must be float32 or bfloat16, got {self.residual_dtype}")
-        attention = self.attention or default_attention(pixels.device, dtype, pixels, *self.parameters())
+        inputs = (pixels, *self.parameters())  # what a gradient could be wanted for
+        attention = self.attention or default_attention(pixels.device, dtype, *inputs)
         if attention not in ATTENTION_PATHS:
             raise ConfigError(f"attention must be one of {', '.join(ATTENTION_PATHS)}, got {attention!r}")
-        if attention == "blocked" and torch.is_grad_enabled() and any(p.requires_grad for p in (pixels, *self.parameters())):
+        if attention == "blocked" and torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
             raise ConfigError("the blocked attention has no backward: use attention='sdpa' to take gradients")
         x = self.embeddings(pixels, dtype).to(self.residual_dtype)  # (B, N, D)
         hidden_states = [x.to(hidden_dtype)] if output_hidden_states else []
