@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,18 +50,23 @@ def test_sdpa_and_blocked_attention_agree(tiny_state):
     assert d <= 1e-5, f"sdpa vs blocked attention: max abs diff {d:.3g} > 1e-5"
 
 
+# float64 takes torch.mm (the exact check of the blocking), float32 oneDNN's products where torch has them
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("tokens", [7, 300])  # fewer rows than one block; several blocks and a short last one
-def test_blocked_attention_in_blocks_equals_one_softmax(monkeypatch, tokens):
+def test_blocked_attention_in_blocks_equals_one_softmax(monkeypatch, tokens, dtype, tolerance):
     """Blocks of queries (here 64 at a time) give the textbook softmax(q·kᵀ·scale)·v, over batch and heads."""
     g = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(2, 3, tokens, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    # q, k and v as the tower passes them: strided views of one fused qkv product
+    qkv = torch.randn(2, tokens, 3, 3, 8, generator=g, dtype=torch.float64).permute(2, 0, 3, 1, 4)  # (3, B, H, N, Dh)
+    q, k, v = qkv.unbind(0)
     expected = torch.softmax(q @ k.transpose(-2, -1) * 0.3, dim=-1) @ v  # (2, 3, tokens, 8)
     expected = expected.transpose(1, 2).reshape(2, tokens, 3 * 8)  # heads merged, as the op returns them
     monkeypatch.setattr(cpu_kernels, "SCORE_BLOCK_ELEMENTS", 64 * tokens)
-    out = cpu_kernels.blocked_attention(q, k, v, 0.3)
+    out = cpu_kernels.blocked_attention(q.to(dtype), k.to(dtype), v.to(dtype), 0.3)
     assert out.shape == (2, tokens, 3 * 8)
+    assert out.dtype == dtype
     d = max_abs(out, expected)
-    assert d <= 1e-12, f"blocked attention vs one softmax: max abs diff {d:.3g} > 1e-12 (float64)"
+    assert d <= tolerance, f"blocked attention vs one softmax: max abs diff {d:.3g} > {tolerance:g} ({dtype})"
 
 
 def test_blocked_attention_is_a_well_formed_custom_op():
@@ -71,14 +79,17 @@ def test_blocked_attention_is_a_well_formed_custom_op():
 def test_attention_path_by_device_dtype_and_gradients(tiny_state):
     from gemma3_vision.model import default_attention
 
-    # blocked: bf16 on a CPU where oneDNN runs bf16 (AVX-512 or AMX), and no gradient wanted
+    # blocked: a CPU where oneDNN runs the dtype (float32; bf16 on AVX-512 or AMX), and no gradient wanted
     assert default_attention(CPU, torch.bfloat16) == ("blocked" if cpu_kernels.ONEDNN_BF16 else "sdpa")
+    assert default_attention(CPU, torch.float32) == ("blocked" if cpu_kernels.ONEDNN else "sdpa")
+    assert default_attention(CPU, torch.float16) == "sdpa"
+    assert default_attention(CPU, torch.float32, torch.ones(1, requires_grad=True)) == "sdpa"
     assert default_attention(CPU, torch.bfloat16, torch.ones(1, requires_grad=True)) == "sdpa"
     with torch.no_grad():
         assert default_attention(CPU, torch.bfloat16, torch.ones(1, requires_grad=True)) == default_attention(
             CPU, torch.bfloat16)
-    assert default_attention(CPU, torch.float32) == "sdpa"
     assert default_attention(torch.device("cuda"), torch.bfloat16) == "sdpa"
+    assert default_attention(torch.device("cuda"), torch.float32) == "sdpa"
     t = tower(tiny_state)
     t.attention = "flash"
     with pytest.raises(ConfigError, match="attention must be one of sdpa, blocked, got 'flash'"):
@@ -164,7 +175,7 @@ def test_chunked_mlp_equals_one_pass(monkeypatch):
     x = torch.randn(2, 64, 16, generator=g)
     fc1 = (torch.randn(40, 16, generator=g), torch.randn(40, generator=g))
     fc2 = (torch.randn(16, 40, generator=g), torch.randn(16, generator=g))
-    monkeypatch.setattr(cpu_kernels, "MLP_ROWS", 24)
+    monkeypatch.setattr(cpu_kernels, "MLP_CHUNK_BYTES", 24 * 40 * 4)  # 24 tokens of fc1's float32 output
     out = cpu_kernels.mlp(x, fc1, fc2)
     expected = F.linear(F.gelu(F.linear(x, *fc1), approximate="tanh"), *fc2)
     d = max_abs(out, expected)
@@ -172,20 +183,31 @@ def test_chunked_mlp_equals_one_pass(monkeypatch):
     assert d <= 1e-4, f"chunked vs one-pass MLP: max abs diff {d:.3g} > 1e-4"
 
 
-@pytest.mark.skipif(not cpu_kernels.ONEDNN_BF16,
-                    reason="oneDNN does not run bf16 on this CPU (AVX2 only), so there is no bf16 fast path to test")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.inference_mode()
-def test_bf16_cpu_tower_takes_the_blocked_attention(tiny_state, monkeypatch):
-    calls = []
-    real = cpu_kernels.blocked_attention
-    monkeypatch.setattr(cpu_kernels, "blocked_attention", lambda *a: calls.append(1) or real(*a))
-    tower(tiny_state, torch.bfloat16, compute=torch.bfloat16)(pixels(1))
-    assert len(calls) == TINY_VISION.num_hidden_layers
+def test_cpu_tower_takes_the_onednn_paths(tiny_state, monkeypatch, dtype):
+    if not cpu_kernels.onednn_runs(dtype):
+        pytest.skip(f"oneDNN does not run {dtype} here (bf16 needs AVX-512 or AMX), so there is no fast path to test")
+    calls: Counter[str] = Counter()
+
+    def counted(name: str, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def wrapper(*args: object, **kwargs: object) -> torch.Tensor:
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(cpu_kernels, "blocked_attention", counted("attention", cpu_kernels.blocked_attention))
+    monkeypatch.setattr(cpu_kernels, "linear", counted("linear", cpu_kernels.linear))
+    tower(tiny_state, dtype, compute=dtype)(pixels(1))
+    layers = TINY_VISION.num_hidden_layers
+    assert calls["attention"] == layers
+    assert calls["linear"] == 4 * layers  # qkv, out_proj, fc1 and fc2 (one MLP chunk at this size)
 
 
-def test_bf16_cpu_tower_gives_gradients(tiny_state):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_tower_gives_gradients(tiny_state, dtype):
     """The oneDNN and blocked paths have no backward: with gradients wanted the tower takes torch's own ops."""
-    t = tower(tiny_state, torch.bfloat16, compute=torch.bfloat16).requires_grad_(True)
+    t = tower(tiny_state, dtype, compute=dtype).requires_grad_(True)
     t(pixels(1)).float().square().sum().backward()
     for name in ("encoder.layers.0.mlp.fc1.weight", "encoder.layers.0.self_attn.q_proj.weight"):
         grad = t.get_parameter(name).grad

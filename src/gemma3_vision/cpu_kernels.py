@@ -1,8 +1,11 @@
-"""Attention, linears and the MLP for a CPU that computes bf16 natively (AVX512-BF16 or AMX).
+"""Attention, linears and the MLP on a CPU, in float32 and in bf16 where the CPU computes it natively.
 
-Why not the obvious calls. Measured on 2 vCPUs of an AMD EPYC (Zen 5, AVX512-BF16), torch 2.13, one full-size
-Gemma 3 layer (4096 tokens, 16 heads of 72):
+Every product here is a oneDNN call. Why not the obvious calls. Measured on 2 vCPUs of an AMD EPYC (Zen 5,
+AVX-512 and AVX512-BF16), torch 2.13, one full-size Gemma 3 layer (4096 tokens, 16 heads of 72):
 
+- torch's float32 matmuls (``F.linear``, ``torch.mm``) go to MKL, which runs its AVX2 code on AMD CPUs: 0.19-0.21
+  TFLOP/s on the tower's shapes, the rate transformers' float32 tower ran at, against 0.37-0.45 for oneDNN's own
+  AVX-512 kernels on the same shapes. Held to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``), oneDNN still ran at 0.22-0.24.
 - ``scaled_dot_product_attention``'s CPU flash kernel runs bf16 at 0.19 TFLOP/s, no faster than fp32: 0.42 s, two
   thirds of the layer. ``torch.bmm`` on the attention's shapes in bf16 is as slow (0.22 TFLOP/s for q·kᵀ).
 - A 2-D bf16 ``torch.mm`` (oneDNN) on the same shapes reaches 0.7-0.9 TFLOP/s, and torch's bf16 softmax over a block
@@ -11,7 +14,7 @@ Gemma 3 layer (4096 tokens, 16 heads of 72):
 - oneDNN's linear with the bias (and fc1's tanh GELU) fused saves ``addmm``'s copy of the bias into its output and
   the separate GELU pass: fc1 + GELU 52 ms against 63 ms.
 - glibc maps every allocation above 32 MB afresh, so its pages fault in on each use; fc1's output for 4096 tokens
-  (35 MB) did. ``mlp`` runs 2048 tokens at a time. The last two gained 2-5% each, near this machine's noise.
+  (35 MB) did. ``mlp`` runs 2048 tokens at a time in bf16, 1024 in float32. The last two gained 2-5% each, near this machine's noise.
 
 Full-tower figures against transformers: README, Performance.
 """
@@ -22,14 +25,30 @@ import torch
 
 # Scores held at once: 2M elements, 4 MB in bf16, so a block and its softmax stay in cache (512 queries at 4096 keys).
 SCORE_BLOCK_ELEMENTS = 1 << 21
-# Tokens per chunk of the MLP: fc1's output for them (2048 x 4304 in bf16, 18 MB) stays under glibc's 32 MB.
-MLP_ROWS = 2048
+# Bytes of fc1's output per chunk of the MLP (2048 tokens x 4304 in bf16, 1024 in float32): under glibc's 32 MB.
+MLP_CHUNK_BYTES = 18 << 20
 
 # Whether these paths can run here: oneDNN's fused linear (torch.ops.mkldnn._linear_pointwise, which inductor uses)
-# exists, and oneDNN runs bf16 on this CPU (AVX-512 or AMX; on an AVX2-only CPU its bf16 ops refuse to run). Read once
-# here, not in the forward, where torch.compile would trace it.
-ONEDNN_BF16 = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-               and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+# exists, and for bf16 whether oneDNN runs it on this CPU (AVX-512 or AMX; on an AVX2-only CPU its bf16 ops refuse to
+# run). Read once here, not in the forward, where torch.compile would trace it.
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_BF16 = ONEDNN and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def onednn_runs(dtype: torch.dtype) -> bool:
+    """Whether this module's oneDNN calls run ``dtype`` here: float32 wherever oneDNN exists, bf16 per ONEDNN_BF16."""
+    return (dtype == torch.float32 and ONEDNN) or (dtype == torch.bfloat16 and ONEDNN_BF16)
+
+
+def matmul_transposed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a·bᵀ`` for 2-D ``(M, K)`` and ``(N, K)`` → ``(M, N)``: oneDNN's linear where it runs the dtype, else mm.
+
+    ``b`` must be contiguous: oneDNN took 1.6 s, against 0.7 ms, for one (512, 72)·(72, 4096) product whose
+    ``(4096, 72)`` operand was a view with rows 3456 elements apart (k sliced out of the fused qkv).
+    """
+    if onednn_runs(a.dtype):
+        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    return torch.mm(a, b.T)  # float64 (the tests' exact reference), and bf16 where oneDNN refuses it
 
 
 # A custom op, so that torch.compile keeps it whole: dynamo would unroll the loops (27 layers x 16 heads x 8 blocks),
@@ -44,16 +63,16 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     """
     B, H, N, Dh = q.shape
     rows = max(1, min(N, SCORE_BLOCK_ELEMENTS // k.shape[2]))
-    q = q * scale  # (B, H, N, Dh): once here rather than on every block of scores
     out = q.new_empty(B, H, N, Dh)
     for b in range(B):
         for h in range(H):
-            k_t, v_h = k[b, h].T, v[b, h]  # (Dh, Nk), (Nk, Dh): views, oneDNN reads the strides
+            # one head's operands, contiguous (see matmul_transposed): q scaled once here, not on every block of scores
+            q_h, k_h, v_t = q[b, h] * scale, k[b, h].contiguous(), v[b, h].T.contiguous()  # (N, Dh), (Nk, Dh), (Dh, Nk)
             for start in range(0, N, rows):
-                scores = torch.mm(q[b, h, start:start + rows], k_t)  # (rows, Nk)
+                scores = matmul_transposed(q_h[start:start + rows], k_h)  # (rows, Nk)
                 # softmax(dtype=torch.float32) would return fp32 probabilities, but from bf16 input it takes a slow
                 # path (10x here); the bf16 softmax computes in fp32 too and rounds only its result.
-                torch.mm(scores.softmax(dim=-1), v_h, out=out[b, h, start:start + rows])  # (rows, Dh)
+                out[b, h, start:start + rows] = matmul_transposed(scores.softmax(dim=-1), v_t)  # (rows, Dh)
     return out.transpose(1, 2).reshape(B, N, H * Dh)  # a contiguous copy, as the fake below promises
 
 
@@ -69,15 +88,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation
     The bias and the GELU apply to the fp32 accumulator, before the result is rounded to x's dtype. No backward.
     """
     algorithm = "tanh" if activation == "gelu" else ""
+    if not (weight.is_contiguous() or weight.T.is_contiguous()):
+        weight = weight.contiguous()  # oneDNN crawls on other strides (see matmul_transposed)
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, activation, [], algorithm)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def mlp(x: torch.Tensor, fc1: tuple[torch.Tensor, torch.Tensor], fc2: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """``fc2(gelu_tanh(fc1(x)))`` for ``(..., D)``, ``MLP_ROWS`` tokens at a time; ``fc1``, ``fc2``: (weight, bias)."""
-    rows = x.reshape(-1, x.shape[-1])  # (T, D): every token of the batch, so a chunk is MLP_ROWS tokens whatever B
+    """``fc2(gelu_tanh(fc1(x)))`` for ``(..., D)``, ``MLP_CHUNK_BYTES`` of fc1's output at a time; ``fc1``, ``fc2``:
+    (weight, bias)."""
+    rows = x.reshape(-1, x.shape[-1])  # (T, D): every token of the batch, so a chunk crosses images
+    chunk = max(1, MLP_CHUNK_BYTES // (fc1[0].shape[0] * x.element_size()))  # tokens per chunk
     out = rows.new_empty(rows.shape[0], fc2[0].shape[0])  # (T, D)
-    for start in range(0, rows.shape[0], MLP_ROWS):
-        h = linear(rows[start:start + MLP_ROWS], *fc1, activation="gelu")  # (rows, I)
-        out[start:start + MLP_ROWS] = linear(h, *fc2)
+    for start in range(0, rows.shape[0], chunk):
+        h = linear(rows[start:start + chunk], *fc1, activation="gelu")  # (chunk, I)
+        out[start:start + chunk] = linear(h, *fc2)
     return out.view(*x.shape[:-1], out.shape[-1])

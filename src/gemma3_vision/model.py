@@ -12,9 +12,10 @@ stored dtype; the matmuls and the attention run in ``VisionTower.compute_dtype``
 Stored weights are cast to it one layer at a time, so bf16 weights can be computed in fp32 on a CPU without native
 bf16 (8x faster there than emulated bf16) while memory stays at the bf16 size. A float32 run on a CPU keeps a bf16
 checkpoint's weights as stored the same way, with the same results as widening them all at load. In float16 a
-product that overflows (SigLIP activations can pass 65504) is redone in float32: see ``fp16_safe``. bf16 products on
-a CPU where oneDNN runs bf16 take ``cpu_kernels``' paths when no gradient is wanted: blocked attention (scores
-rounded to bf16 before an fp32 softmax) and oneDNN linears (bias and GELU applied to the fp32 accumulator).
+product that overflows (SigLIP activations can pass 65504) is redone in float32: see ``fp16_safe``. float32 products
+on a CPU, and bf16 ones where oneDNN runs bf16, take ``cpu_kernels``' paths when no gradient is wanted: blocked
+attention (in bf16, scores rounded to bf16 before an fp32 softmax) and oneDNN linears (bias and GELU applied to the
+fp32 accumulator).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .config import VisionConfig
 from .errors import ConfigError
 
 # How attention is computed: torch's scaled_dot_product_attention (flash / cuDNN / ... kernels), or
-# cpu_kernels.blocked_attention (2-D matmuls, one head and block of queries at a time: faster for bf16 on a CPU).
+# cpu_kernels.blocked_attention (2-D oneDNN matmuls, one head and block of queries at a time: faster on a CPU).
 ATTENTION_PATHS = ("sdpa", "blocked")
 
 
@@ -45,18 +46,18 @@ ATTENTION_PATHS = ("sdpa", "blocked")
 CPU_CHUNK_TOKENS = 4096
 
 
-def cpu_bf16_kernels(device: torch.device, dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
-    """Whether products on ``tensors`` take ``cpu_kernels``' paths: bf16 on a CPU where oneDNN runs bf16, and no
-    gradient wanted (those paths have no backward)."""
-    if device.type != "cpu" or dtype != torch.bfloat16 or not cpu_kernels.ONEDNN_BF16:
+def cpu_onednn_kernels(device: torch.device, dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
+    """Whether products on ``tensors`` take ``cpu_kernels``' paths: a CPU where oneDNN runs ``dtype`` (float32, or
+    bf16 on AVX-512 or AMX), and no gradient wanted (those paths have no backward)."""
+    if device.type != "cpu" or not cpu_kernels.onednn_runs(dtype):
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def default_attention(device: torch.device, dtype: torch.dtype, *tensors: torch.Tensor) -> str:
-    """``blocked`` where ``cpu_bf16_kernels`` holds (2.6x faster than the flash kernel there, README: Performance),
-    else ``sdpa``."""
-    return "blocked" if cpu_bf16_kernels(device, dtype, *tensors) else "sdpa"
+    """``blocked`` where ``cpu_onednn_kernels`` holds (1.9x-2.6x faster than the flash kernel there, README:
+    Performance), else ``sdpa``."""
+    return "blocked" if cpu_onednn_kernels(device, dtype, *tensors) else "sdpa"
 
 
 def interpolate_position_embedding(table: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -77,9 +78,9 @@ def interpolate_position_embedding(table: torch.Tensor, grid_h: int, grid_w: int
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``F.linear`` in x's dtype, the weights cast per call (bf16 → fp32, say); bf16 on a CPU fuses the bias."""
+    """``F.linear`` in x's dtype, the weights cast per call (bf16 → fp32, say); oneDNN's on a CPU, the bias fused."""
     weight, bias = weight.to(x.dtype), bias.to(x.dtype)
-    fused = cpu_bf16_kernels(x.device, x.dtype, x, weight, bias)
+    fused = cpu_onednn_kernels(x.device, x.dtype, x, weight, bias)
     return cpu_kernels.linear(x, weight, bias) if fused else F.linear(x, weight, bias)
 
 
@@ -204,7 +205,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``(B, N, D)`` → ``(B, N, D)``, the products in ``dtype`` (default: x's)."""
         dtype = dtype or x.dtype
-        if cpu_bf16_kernels(x.device, dtype, x, self.fc1.weight, self.fc2.weight):
+        if cpu_onednn_kernels(x.device, dtype, x, self.fc1.weight, self.fc2.weight):
             # fc1 + GELU fused, in chunks of tokens (cpu_kernels); like qkv(), this reads fc1 and fc2's parameters
             # rather than calling the modules
             fc1, fc2 = ((fc.weight.to(dtype), fc.bias.to(dtype)) for fc in (self.fc1, self.fc2))
