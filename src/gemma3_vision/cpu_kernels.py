@@ -3,18 +3,20 @@
 Every product here is a oneDNN call. Why not the obvious calls. Measured on 2 vCPUs of an AMD EPYC (Zen 5,
 AVX-512 and AVX512-BF16), torch 2.13, one full-size Gemma 3 layer (4096 tokens, 16 heads of 72):
 
-- torch's float32 matmuls (``F.linear``, ``torch.mm``) go to MKL, which runs its AVX2 code on AMD CPUs: 0.19-0.21
-  TFLOP/s on the tower's shapes, the rate transformers' float32 tower ran at, against 0.37-0.45 for oneDNN's own
-  AVX-512 kernels on the same shapes. Held to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``), oneDNN still ran at 0.22-0.24.
+- torch's float32 matmuls (``F.linear``, ``torch.mm``) go to MKL: 0.19-0.21 TFLOP/s on the tower's shapes, its rate
+  when held to AVX2 too (it does not use AVX-512 on this AMD CPU) and the rate transformers' float32 tower ran at.
+  oneDNN's own kernels run the same shapes at 0.37-0.45; held to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``), at 0.22-0.24.
 - ``scaled_dot_product_attention``'s CPU flash kernel runs bf16 at 0.19 TFLOP/s, no faster than fp32: 0.42 s, two
   thirds of the layer. ``torch.bmm`` on the attention's shapes in bf16 is as slow (0.22 TFLOP/s for q·kᵀ).
-- A 2-D bf16 ``torch.mm`` (oneDNN) on the same shapes reaches 0.7-0.9 TFLOP/s, and torch's bf16 softmax over a block
+- A 2-D bf16 product in oneDNN on the same shapes reaches 0.7-0.9 TFLOP/s, and torch's bf16 softmax over a block
   of rows that stays in cache takes 0.06 s for the layer. So ``blocked_attention`` works one head and one block of
-  queries at a time: 0.15-0.16 s for the layer, with the same cosine to the fp32 tower as the flash kernel.
+  queries at a time: 0.15-0.18 s for the layer, with the same cosine to the fp32 tower as the flash kernel. In
+  float32 it takes 0.28 s against the flash kernel's 0.43 s.
 - oneDNN's linear with the bias (and fc1's tanh GELU) fused saves ``addmm``'s copy of the bias into its output and
   the separate GELU pass: fc1 + GELU 52 ms against 63 ms.
 - glibc maps every allocation above 32 MB afresh, so its pages fault in on each use; fc1's output for 4096 tokens
-  (35 MB) did. ``mlp`` runs 2048 tokens at a time in bf16, 1024 in float32. The last two gained 2-5% each, near this machine's noise.
+  (35 MB) did. ``mlp`` runs 2048 tokens at a time in bf16, 1024 in float32. The last two gained 2-5% each, near
+  this machine's noise.
 
 Full-tower figures against transformers: README, Performance.
 """
