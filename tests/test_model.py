@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY_VISION, TOL, cosine, max_abs
-from gemma3_vision import api, cpu_kernels
+from gemma3_vision import api, cpu_kernels, model
 from gemma3_vision.errors import ConfigError
 from gemma3_vision.model import Attention, VisionTower
 
@@ -77,19 +77,23 @@ def test_blocked_attention_is_a_well_formed_custom_op():
 
 
 def test_attention_path_by_device_dtype_and_gradients(tiny_state):
-    from gemma3_vision.model import default_attention
+    from gemma3_vision.model import BLOCKED_FP32_MIN_TOKENS, default_attention
 
-    # blocked: a CPU where oneDNN runs the dtype (float32; bf16 on AVX-512 or AMX), and no gradient wanted
-    assert default_attention(CPU, torch.bfloat16) == ("blocked" if cpu_kernels.ONEDNN_BF16 else "sdpa")
-    assert default_attention(CPU, torch.float32) == ("blocked" if cpu_kernels.ONEDNN else "sdpa")
-    assert default_attention(CPU, torch.float16) == "sdpa"
-    assert default_attention(CPU, torch.float32, torch.ones(1, requires_grad=True)) == "sdpa"
-    assert default_attention(CPU, torch.bfloat16, torch.ones(1, requires_grad=True)) == "sdpa"
+    # blocked: a CPU where oneDNN runs the dtype (float32; bf16 on AVX-512 or AMX), and no gradient wanted; in
+    # float32 only from BLOCKED_FP32_MIN_TOKENS tokens an image (Gemma 3's 896 px: 4096)
+    assert default_attention(CPU, torch.bfloat16, 4096) == ("blocked" if cpu_kernels.ONEDNN_BF16 else "sdpa")
+    assert default_attention(CPU, torch.bfloat16, 256) == ("blocked" if cpu_kernels.ONEDNN_BF16 else "sdpa")
+    assert default_attention(CPU, torch.float32, 4096) == ("blocked" if cpu_kernels.ONEDNN else "sdpa")
+    assert default_attention(CPU, torch.float32, BLOCKED_FP32_MIN_TOKENS - 1) == "sdpa"
+    assert default_attention(CPU, torch.float16, 4096) == "sdpa"
+    wanting_grad = torch.ones(1, requires_grad=True)
+    assert default_attention(CPU, torch.float32, 4096, wanting_grad) == "sdpa"
+    assert default_attention(CPU, torch.bfloat16, 4096, wanting_grad) == "sdpa"
     with torch.no_grad():
-        assert default_attention(CPU, torch.bfloat16, torch.ones(1, requires_grad=True)) == default_attention(
-            CPU, torch.bfloat16)
-    assert default_attention(torch.device("cuda"), torch.bfloat16) == "sdpa"
-    assert default_attention(torch.device("cuda"), torch.float32) == "sdpa"
+        assert default_attention(CPU, torch.bfloat16, 4096, wanting_grad) == default_attention(
+            CPU, torch.bfloat16, 4096)
+    assert default_attention(torch.device("cuda"), torch.bfloat16, 4096) == "sdpa"
+    assert default_attention(torch.device("cuda"), torch.float32, 4096) == "sdpa"
     t = tower(tiny_state)
     t.attention = "flash"
     with pytest.raises(ConfigError, match="attention must be one of sdpa, blocked, got 'flash'"):
@@ -137,8 +141,6 @@ def test_batch_independence(tiny_state):
 @torch.inference_mode()
 def test_cpu_batch_in_chunks_equals_one_pass(tiny_state, monkeypatch):
     """A CPU batch runs in chunks of CPU_CHUNK_TOKENS tokens: outputs and hidden states as one pass over the batch."""
-    from gemma3_vision import model
-
     t = tower(tiny_state)
     x = pixels(5, seed=6)
     whole = t(x, output_hidden_states=True)
@@ -196,6 +198,7 @@ def test_cpu_tower_takes_the_onednn_paths(tiny_state, monkeypatch, dtype):
             return fn(*args, **kwargs)
         return wrapper
 
+    monkeypatch.setattr(model, "BLOCKED_FP32_MIN_TOKENS", TINY_VISION.num_patches)  # the tiny tower's image size
     monkeypatch.setattr(cpu_kernels, "blocked_attention", counted("attention", cpu_kernels.blocked_attention))
     monkeypatch.setattr(cpu_kernels, "linear", counted("linear", cpu_kernels.linear))
     tower(tiny_state, dtype, compute=dtype)(pixels(1))

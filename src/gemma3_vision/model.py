@@ -54,10 +54,17 @@ def cpu_onednn_kernels(device: torch.device, dtype: torch.dtype, *tensors: torch
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
-def default_attention(device: torch.device, dtype: torch.dtype, *tensors: torch.Tensor) -> str:
-    """``blocked`` where ``cpu_onednn_kernels`` holds (faster than the flash kernel there: 2.6x in bf16, 1.5x in fp32;
-    README: Performance), else ``sdpa``."""
-    return "blocked" if cpu_onednn_kernels(device, dtype, *tensors) else "sdpa"
+# Tokens per image below which torch's fp32 flash kernel beats the blocked attention: at 256 tokens (224 px) it took
+# 1.8 ms a layer against 3.1, at 576 they tied, at 1024 blocked took 23 ms against 26. In bf16 blocked wins at 256.
+BLOCKED_FP32_MIN_TOKENS = 1024
+
+
+def default_attention(device: torch.device, dtype: torch.dtype, tokens: int, *tensors: torch.Tensor) -> str:
+    """``blocked`` where ``cpu_onednn_kernels`` holds (faster than the flash kernel there: 2.6x in bf16, 1.5x in fp32
+    at 4096 tokens; README: Performance), except fp32 under ``BLOCKED_FP32_MIN_TOKENS`` tokens; else ``sdpa``."""
+    if not cpu_onednn_kernels(device, dtype, *tensors):
+        return "sdpa"
+    return "sdpa" if dtype == torch.float32 and tokens < BLOCKED_FP32_MIN_TOKENS else "blocked"
 
 
 def interpolate_position_embedding(table: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -275,7 +282,7 @@ class VisionTower(nn.Module):
         # dtype of the residual stream and the LayerNorms: float32 keeps the sum of 27 layers close to the fp32
         # reference; bfloat16 (what transformers does in a bf16 run) moves half the bytes between the matmuls.
         self.residual_dtype = torch.float32
-        # One of ATTENTION_PATHS; None: default_attention() for the device and the products' dtype.
+        # One of ATTENTION_PATHS; None: default_attention() for the device, the products' dtype and the image size.
         self.attention: str | None = None
         # scaled_dot_product_attention kernels allowed (torch picks among them in its own order); None: all.
         # On Hopper and Blackwell torch already puts cuDNN first, the fastest at head_dim 72 (README: GPU).
@@ -298,10 +305,14 @@ class VisionTower(nn.Module):
                 f"e.g. (B, {c.image_size}, {c.image_size}, {c.num_channels}); got {tuple(pixels.shape)}"
             )
 
+    def tokens_per_image(self, pixels: torch.Tensor) -> int:
+        """Patches in one image of NHWC ``pixels`` (a remainder under one patch is dropped, as the conv drops it)."""
+        P = self.config.patch_size
+        return (pixels.shape[1] // P) * (pixels.shape[2] // P)
+
     def forward(self, pixels: torch.Tensor, *, output_hidden_states: bool = False) -> torch.Tensor | TowerOutput:
         self.check_pixels(pixels)
-        P = self.config.patch_size
-        per_chunk = max(1, CPU_CHUNK_TOKENS // ((pixels.shape[1] // P) * (pixels.shape[2] // P)))
+        per_chunk = max(1, CPU_CHUNK_TOKENS // self.tokens_per_image(pixels))
         if pixels.device.type == "cpu" and pixels.shape[0] > per_chunk:
             parts = [self.forward_chunk(chunk, output_hidden_states) for chunk in pixels.split(per_chunk)]
             return concat_outputs(parts)
@@ -331,7 +342,8 @@ class VisionTower(nn.Module):
         if self.residual_dtype not in (torch.float32, torch.bfloat16):  # fp16 cannot hold SigLIP's residuals
             raise ConfigError(f"residual_dtype must be float32 or bfloat16, got {self.residual_dtype}")
         inputs = (pixels, *self.parameters())  # what a gradient could be wanted for
-        attention = self.attention or default_attention(pixels.device, dtype, *inputs)
+        tokens = self.tokens_per_image(pixels)
+        attention = self.attention or default_attention(pixels.device, dtype, tokens, *inputs)
         if attention not in ATTENTION_PATHS:
             raise ConfigError(f"attention must be one of {', '.join(ATTENTION_PATHS)}, got {attention!r}")
         if attention == "blocked" and torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
