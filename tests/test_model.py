@@ -80,10 +80,11 @@ def test_attention_path_by_device_dtype_and_gradients(tiny_state):
     from gemma3_vision.model import BLOCKED_FP32_MIN_TOKENS, default_attention
 
     # blocked: a CPU where oneDNN runs the dtype (float32; bf16 on AVX-512 or AMX), and no gradient wanted; in
-    # float32 only from BLOCKED_FP32_MIN_TOKENS tokens an image (Gemma 3's 896 px: 4096)
+    # float32 only with AVX-512 and from BLOCKED_FP32_MIN_TOKENS tokens an image (Gemma 3's 896 px: 4096)
     assert default_attention(CPU, torch.bfloat16, 4096) == ("blocked" if cpu_kernels.ONEDNN_BF16 else "sdpa")
     assert default_attention(CPU, torch.bfloat16, 256) == ("blocked" if cpu_kernels.ONEDNN_BF16 else "sdpa")
-    assert default_attention(CPU, torch.float32, 4096) == ("blocked" if cpu_kernels.ONEDNN else "sdpa")
+    assert default_attention(CPU, torch.float32, 4096) == ("blocked" if cpu_kernels.ONEDNN and cpu_kernels.AVX512
+                                                           else "sdpa")
     assert default_attention(CPU, torch.float32, BLOCKED_FP32_MIN_TOKENS - 1) == "sdpa"
     assert default_attention(CPU, torch.float16, 4096) == "sdpa"
     wanting_grad = torch.ones(1, requires_grad=True)
@@ -161,7 +162,7 @@ needs_onednn_linear = pytest.mark.skipif(
 
 @needs_onednn_linear
 def test_fused_linear_gelu_equals_linear_then_gelu():
-    """oneDNN's linear + tanh GELU (fc1 in bf16 on a CPU), checked in float32 where it must match to rounding."""
+    """oneDNN's linear + tanh GELU (fc1 on a CPU), checked in float32 where it must match to rounding."""
     g = torch.Generator().manual_seed(9)
     x, w, b = torch.randn(2, 5, 16, generator=g), torch.randn(24, 16, generator=g), torch.randn(24, generator=g)
     out = cpu_kernels.linear(x, w, b, activation="gelu")
@@ -199,12 +200,73 @@ def test_cpu_tower_takes_the_onednn_paths(tiny_state, monkeypatch, dtype):
         return wrapper
 
     monkeypatch.setattr(model, "BLOCKED_FP32_MIN_TOKENS", TINY_VISION.num_patches)  # the tiny tower's image size
+    monkeypatch.setattr(cpu_kernels, "AVX512", True)  # fp32 runs the same on AVX2, only slower than the flash kernel
     monkeypatch.setattr(cpu_kernels, "blocked_attention", counted("attention", cpu_kernels.blocked_attention))
     monkeypatch.setattr(cpu_kernels, "linear", counted("linear", cpu_kernels.linear))
     tower(tiny_state, dtype, compute=dtype)(pixels(1))
     layers = TINY_VISION.num_hidden_layers
     assert calls["attention"] == layers
     assert calls["linear"] == 4 * layers  # qkv, out_proj, fc1 and fc2 (one MLP chunk at this size)
+
+
+def test_mlp_chunks_are_equal_and_within_the_byte_budget():
+    assert cpu_kernels.mlp_chunk(4096, 4304, 2) == 2048  # Gemma 3, bf16: 2 x 17.6 MB
+    assert cpu_kernels.mlp_chunk(4096, 4304, 4) == 1024  # float32: 4 x 17.6 MB
+    assert cpu_kernels.mlp_chunk(64, 40, 4) == 64  # one chunk
+    assert cpu_kernels.mlp_chunk(1, 4304, 4) == 1
+    assert cpu_kernels.mlp_chunk(0, 4304, 4) == 1  # an empty batch: one empty chunk, no division by zero
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocked_attention_products_run_in_onednn(dtype):
+    """Not torch.mm (MKL for fp32, half oneDNN's rate on AMD CPUs): the profiler sees oneDNN's linear."""
+    if not cpu_kernels.onednn_runs(dtype):
+        pytest.skip(f"oneDNN does not run {dtype} here, so the products fall back to torch.mm")
+    q, k, v = torch.randn(3, 1, 2, 40, 8, dtype=dtype).unbind(0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        cpu_kernels.blocked_attention(q, k, v, 0.3)
+    names = {event.name for event in prof.events()}
+    assert "mkldnn::_linear_pointwise" in names and "aten::mm" not in names, sorted(names)
+
+
+@needs_onednn_linear
+def test_matmul_transposed_copies_an_operand_with_gapped_rows():
+    """k sliced out of a fused qkv has rows 3 widths apart; dense() copies it (oneDNN took 2000x longer on it)."""
+    g = torch.Generator().manual_seed(11)
+    a, fused = torch.randn(5, 8, generator=g), torch.randn(7, 3 * 8, generator=g)
+    b = fused[:, 8:16]  # (7, 8), rows 24 elements apart
+    assert not (b.is_contiguous() or b.T.is_contiguous())
+    d = max_abs(cpu_kernels.matmul_transposed(a, b), a @ b.T)
+    assert d <= 1e-5, f"a·bᵀ on a gapped b: max abs diff {d:.3g} > 1e-5"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.inference_mode()
+def test_empty_batch(tiny_state, dtype):
+    t = tower(tiny_state, dtype, compute=dtype)
+    assert t(pixels(0)).shape == (0, TINY_VISION.num_patches, TINY_VISION.hidden_size)
+
+
+def test_compiles_without_freezing(tiny_state):
+    """Under torch.compile the linears are torch's (inductor fails on oneDNN's unless freezing is on); the blocked
+    attention stays an opaque op."""
+    t = tower(tiny_state)
+    t.attention = "blocked"
+    x = pixels(1)
+    with torch.no_grad():
+        expected = t(x)
+        compiled = torch.compile(t)(x)
+    d = max_abs(compiled, expected)
+    assert d <= 1e-4, f"compiled vs eager tower: max abs diff {d:.3g} > 1e-4"
+
+
+def test_bias_gradients_alone(tiny_state):
+    """A bias that wants a gradient is enough to keep the MLP off oneDNN's path, which has no backward."""
+    t = tower(tiny_state).requires_grad_(False)
+    t.encoder.layers[0].mlp.fc1.bias.requires_grad_(True)
+    t(pixels(1)).square().sum().backward()
+    grad = t.encoder.layers[0].mlp.fc1.bias.grad
+    assert grad is not None and bool(grad.abs().sum() > 0), "fc1.bias: no gradient"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -330,10 +330,17 @@ def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype:
             runners["transformers+compile"] = lambda: theirs_c(pixel_values=pixels_nchw).last_hidden_state
 
     progress(f"{dtype} batch {batch}, {threads} threads: measuring the GEMM peak")
-    rows = min(batch * vision.num_patches, 2048 if device.type == "cpu" else 32768)  # a GPU needs big ones
-    shape = (rows, vision.hidden_size, vision.intermediate_size)  # the fc1 product
-    peak = max(gemm_tflops(torch_dtype, device, *shape),
-               gemm_tflops(torch.float32, device, *shape) if torch_dtype != torch.float32 else 0.0,
+
+    def fc1_peak(product_dtype: torch.dtype) -> float:
+        """The fc1 product's rate, as many rows at a time as the tower runs: a GPU all of them, a CPU one MLP chunk
+        (a 35 MB fp32 output would be fresh pages on every call, and oneDNN's rate fell from 0.46 to 0.37 TFLOP/s)."""
+        tokens = batch * vision.num_patches
+        rows = (min(tokens, 32768) if device.type == "cuda"
+                else cpu_kernels.mlp_chunk(min(tokens, vision.num_patches), vision.intermediate_size,
+                                           product_dtype.itemsize))
+        return gemm_tflops(product_dtype, device, rows, vision.hidden_size, vision.intermediate_size)
+
+    peak = max(fc1_peak(torch_dtype), fc1_peak(torch.float32) if torch_dtype != torch.float32 else 0.0,
                gemm_tflops(torch_dtype, device, 8192, 8192, 8192) if device.type == "cuda" else 0.0)
     progress(f"{dtype} batch {batch}: warm-up and {repeats} alternating runs of {', '.join(runners)}")
     with torch.inference_mode():

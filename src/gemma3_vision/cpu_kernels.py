@@ -1,6 +1,7 @@
 """Attention, linears and the MLP on a CPU, in float32 and in bf16 where the CPU computes it natively.
 
-Every product here is a oneDNN call. Why not the obvious calls. Measured on 2 vCPUs of an AMD EPYC (Zen 5,
+Every product here is a oneDNN call where oneDNN runs the dtype (``torch.mm`` otherwise, as for the tests' float64).
+Why not the obvious calls. Measured on 2 vCPUs of an AMD EPYC (Zen 5,
 AVX-512 and AVX512-BF16), torch 2.13, one full-size Gemma 3 layer (4096 tokens, 16 heads of 72):
 
 - torch's float32 matmuls (``F.linear``, ``torch.mm``) go to MKL: 0.19-0.21 TFLOP/s on the tower's shapes, its rate
@@ -15,7 +16,7 @@ AVX-512 and AVX512-BF16), torch 2.13, one full-size Gemma 3 layer (4096 tokens, 
 - oneDNN's linear with the bias (and fc1's tanh GELU) fused saves ``addmm``'s copy of the bias into its output and
   the separate GELU pass: fc1 + GELU 52 ms against 63 ms.
 - glibc maps every allocation above 32 MB afresh, so its pages fault in on each use; fc1's output for 4096 tokens
-  (35 MB) did. ``mlp`` runs 2048 tokens at a time in bf16, 1024 in float32. The last two gained 2-5% each, near
+  (35 MB in bf16) did. ``mlp`` runs 2048 tokens at a time in bf16, 1024 in float32. The last two gained 2-5% each, near
   this machine's noise.
 
 Full-tower figures against transformers: README, Performance.
@@ -25,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-# Scores held at once: 2M elements, 4 MB in bf16, so a block and its softmax stay in cache (512 queries at 4096 keys).
+# Scores held at once: 2M elements (512 queries at 4096 keys), 4 MB in bf16 and 8 MB in float32, so a block and its
+# softmax stay in cache. Tuned in bf16: 256 or 1024 queries took as long, in either dtype.
 SCORE_BLOCK_ELEMENTS = 1 << 21
 # Bytes of fc1's output per chunk of the MLP (2048 tokens x 4304 in bf16, 1024 in float32): under glibc's 32 MB.
 MLP_CHUNK_BYTES = 18 << 20
@@ -35,6 +37,10 @@ MLP_CHUNK_BYTES = 18 << 20
 # run). Read once here, not in the forward, where torch.compile would trace it.
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 ONEDNN_BF16 = ONEDNN and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+# Whether torch's own kernels (the softmax among them) run AVX-512 here. On AVX2 only (simulated on the Zen 5 with
+# ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2) the float32 blocked attention was 2-3% slower than the flash
+# kernel, while oneDNN's linears stayed about 6% faster than MKL's.
+AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 def onednn_runs(dtype: torch.dtype) -> bool:
@@ -42,15 +48,26 @@ def onednn_runs(dtype: torch.dtype) -> bool:
     return (dtype == torch.float32 and ONEDNN) or (dtype == torch.bfloat16 and ONEDNN_BF16)
 
 
-def matmul_transposed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a·bᵀ`` for 2-D ``(M, K)`` and ``(N, K)`` → ``(M, N)``: oneDNN's linear where it runs the dtype, else mm.
+def mlp_chunk(tokens: int, width: int, element_size: int) -> int:
+    """Tokens per chunk of ``mlp``: equal chunks of at most ``MLP_CHUNK_BYTES`` of fc1's ``(tokens, width)`` output
+    (2048 + 2048 tokens ran 3% faster than 2192 + 1904 in bf16)."""
+    chunks = max(1, -(-tokens * width * element_size // MLP_CHUNK_BYTES))  # ceil division; one for no tokens
+    return max(1, -(-tokens // chunks))
 
-    ``b`` must be contiguous: oneDNN took 1.6 s, against 0.7 ms, for one (512, 72)·(72, 4096) product whose
-    ``(4096, 72)`` operand was a view with rows 3456 elements apart (k sliced out of the fused qkv).
-    """
-    if onednn_runs(a.dtype):
-        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-    return torch.mm(a, b.T)  # float64 (the tests' exact reference), and bf16 where oneDNN refuses it
+
+def dense(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` as a row- or column-major matrix, copied only if it is neither. oneDNN took 1.6 s, against 0.7 ms,
+    for one (512, 72)·(72, 4096) product whose ``(4096, 72)`` operand had rows 3456 elements apart (k sliced out of
+    the fused qkv)."""
+    return weight if weight.is_contiguous() or weight.T.is_contiguous() else weight.contiguous()
+
+
+def matmul_transposed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a·bᵀ`` for 2-D ``(M, K)`` and ``(N, K)`` → ``(M, N)``: oneDNN's linear on a CPU where it runs the dtype, else
+    ``torch.mm``."""
+    if a.device.type == "cpu" and onednn_runs(a.dtype):
+        return torch.ops.mkldnn._linear_pointwise(a, dense(b), None, "none", [], "")
+    return torch.mm(a, b.T)  # float64 (the tests' exact reference), CUDA, and bf16 where oneDNN refuses it
 
 
 # A custom op, so that torch.compile keeps it whole: dynamo would unroll the loops (27 layers x 16 heads x 8 blocks),
@@ -68,7 +85,7 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     out = q.new_empty(B, H, N, Dh)
     for b in range(B):
         for h in range(H):
-            # one head's operands, contiguous (see matmul_transposed): q scaled once here, not on every block of scores
+            # one head's operands, contiguous once here (see dense), and q scaled once rather than on every block
             q_h, k_h, v_t = q[b, h] * scale, k[b, h].contiguous(), v[b, h].T.contiguous()  # (N, Dh), (Nk, Dh), (Dh, Nk)
             for start in range(0, N, rows):
                 scores = matmul_transposed(q_h[start:start + rows], k_h)  # (rows, Nk)
@@ -90,19 +107,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation
     The bias and the GELU apply to the fp32 accumulator, before the result is rounded to x's dtype. No backward.
     """
     algorithm = "tanh" if activation == "gelu" else ""
-    if not (weight.is_contiguous() or weight.T.is_contiguous()):
-        weight = weight.contiguous()  # oneDNN crawls on other strides (see matmul_transposed)
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, activation, [], algorithm)
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), dense(weight), bias, activation, [], algorithm)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def mlp(x: torch.Tensor, fc1: tuple[torch.Tensor, torch.Tensor], fc2: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """``fc2(gelu_tanh(fc1(x)))`` for ``(..., D)``, ``MLP_CHUNK_BYTES`` of fc1's output at a time; ``fc1``, ``fc2``:
-    (weight, bias)."""
+    """``fc2(gelu_tanh(fc1(x)))`` for ``(..., D)``, ``mlp_chunk`` tokens at a time; ``fc1``, ``fc2``: (weight, bias)."""
     rows = x.reshape(-1, x.shape[-1])  # (T, D): every token of the batch, so a chunk crosses images
-    chunks = -(-rows.shape[0] * fc1[0].shape[0] * x.element_size() // MLP_CHUNK_BYTES)  # ceil division
-    # equal chunks: 2048 + 2048 tokens ran 3% faster than 2192 + 1904 (bf16, one image)
-    chunk = max(1, -(-rows.shape[0] // chunks))
+    chunk = mlp_chunk(rows.shape[0], fc1[0].shape[0], x.element_size())
     out = rows.new_empty(rows.shape[0], fc2[0].shape[0])  # (T, D)
     for start in range(0, rows.shape[0], chunk):
         h = linear(rows[start:start + chunk], *fc1, activation="gelu")  # (chunk, I)

@@ -48,8 +48,9 @@ CPU_CHUNK_TOKENS = 4096
 
 def cpu_onednn_kernels(device: torch.device, dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
     """Whether products on ``tensors`` take ``cpu_kernels``' paths: a CPU where oneDNN runs ``dtype`` (float32, or
-    bf16 on AVX-512 or AMX), and no gradient wanted (those paths have no backward)."""
-    if device.type != "cpu" or not cpu_kernels.onednn_runs(dtype):
+    bf16 on AVX-512 or AMX), and no gradient wanted (those paths have no backward). Not while torch.compile traces:
+    inductor lowers torch's own linears itself, and fails on oneDNN's unless freezing is on."""
+    if device.type != "cpu" or not cpu_kernels.onednn_runs(dtype) or torch.compiler.is_compiling():
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
@@ -61,10 +62,12 @@ BLOCKED_FP32_MIN_TOKENS = 1024
 
 def default_attention(device: torch.device, dtype: torch.dtype, tokens: int, *tensors: torch.Tensor) -> str:
     """``blocked`` where ``cpu_onednn_kernels`` holds (faster than the flash kernel there: 2.6x in bf16, 1.5x in fp32
-    at 4096 tokens; README: Performance), except fp32 under ``BLOCKED_FP32_MIN_TOKENS`` tokens; else ``sdpa``."""
+    at 4096 tokens; README: Performance), except fp32 under ``BLOCKED_FP32_MIN_TOKENS`` tokens or without AVX-512
+    (``cpu_kernels.AVX512``); else ``sdpa``."""
     if not cpu_onednn_kernels(device, dtype, *tensors):
         return "sdpa"
-    return "sdpa" if dtype == torch.float32 and tokens < BLOCKED_FP32_MIN_TOKENS else "blocked"
+    fp32_slower = dtype == torch.float32 and (tokens < BLOCKED_FP32_MIN_TOKENS or not cpu_kernels.AVX512)
+    return "sdpa" if fp32_slower else "blocked"
 
 
 def interpolate_position_embedding(table: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -212,7 +215,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``(B, N, D)`` → ``(B, N, D)``, the products in ``dtype`` (default: x's)."""
         dtype = dtype or x.dtype
-        if cpu_onednn_kernels(x.device, dtype, x, self.fc1.weight, self.fc2.weight):
+        if cpu_onednn_kernels(x.device, dtype, x, *self.parameters()):
             # fc1 + GELU fused, in chunks of tokens (cpu_kernels); like qkv(), this reads fc1 and fc2's parameters
             # rather than calling the modules
             fc1, fc2 = ((fc.weight.to(dtype), fc.bias.to(dtype)) for fc in (self.fc1, self.fc2))
