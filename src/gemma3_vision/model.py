@@ -48,11 +48,16 @@ CPU_CHUNK_TOKENS = 4096
 
 def cpu_onednn_kernels(device: torch.device, dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
     """Whether products on ``tensors`` take ``cpu_kernels``' paths: a CPU where oneDNN runs ``dtype`` (float32, or
-    bf16 on AVX-512 or AMX), and no gradient wanted (those paths have no backward). Not while torch.compile traces:
-    inductor lowers torch's own linears itself, and fails on oneDNN's unless freezing is on."""
-    if device.type != "cpu" or not cpu_kernels.onednn_runs(dtype) or torch.compiler.is_compiling():
+    bf16 on AVX-512 or AMX), and no gradient wanted (those paths have no backward)."""
+    if device.type != "cpu" or not cpu_kernels.onednn_runs(dtype):
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def onednn_linears(device: torch.device, dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
+    """``cpu_onednn_kernels`` for the linears, except while torch.compile traces: inductor lowers torch's own linears
+    itself, and fails on oneDNN's unless freezing is on. (The blocked attention is an op it keeps whole.)"""
+    return cpu_onednn_kernels(device, dtype, *tensors) and not torch.compiler.is_compiling()
 
 
 # Tokens per image below which torch's fp32 flash kernel beats the blocked attention: at 256 tokens (224 px) it took
@@ -90,7 +95,7 @@ def interpolate_position_embedding(table: torch.Tensor, grid_h: int, grid_w: int
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``F.linear`` in x's dtype, the weights cast per call (bf16 → fp32, say); oneDNN's on a CPU, the bias fused."""
     weight, bias = weight.to(x.dtype), bias.to(x.dtype)
-    fused = cpu_onednn_kernels(x.device, x.dtype, x, weight, bias)
+    fused = onednn_linears(x.device, x.dtype, x, weight, bias)
     return cpu_kernels.linear(x, weight, bias) if fused else F.linear(x, weight, bias)
 
 
@@ -215,7 +220,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``(B, N, D)`` → ``(B, N, D)``, the products in ``dtype`` (default: x's)."""
         dtype = dtype or x.dtype
-        if cpu_onednn_kernels(x.device, dtype, x, *self.parameters()):
+        if onednn_linears(x.device, dtype, x, *self.parameters()):
             # fc1 + GELU fused, in chunks of tokens (cpu_kernels); like qkv(), this reads fc1 and fc2's parameters
             # rather than calling the modules
             fc1, fc2 = ((fc.weight.to(dtype), fc.bias.to(dtype)) for fc in (self.fc1, self.fc2))
