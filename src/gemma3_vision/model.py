@@ -14,8 +14,8 @@ bf16 (8x faster there than emulated bf16) while memory stays at the bf16 size. A
 checkpoint's weights as stored the same way, with the same results as widening them all at load. In float16 a
 product that overflows (SigLIP activations can pass 65504) is redone in float32: see ``fp16_safe``. float32 products
 on a CPU, and bf16 ones where oneDNN runs bf16, take ``cpu_kernels``' paths when no gradient is wanted: blocked
-attention (in bf16, scores rounded to bf16 before an fp32 softmax) and oneDNN linears (bias and GELU applied to the
-fp32 accumulator).
+attention (a softmax as 2**x normalised after the product with v; in bf16 the scores and probabilities rounded to
+bf16) and oneDNN linears (bias and GELU applied to the fp32 accumulator).
 """
 
 from __future__ import annotations
@@ -61,13 +61,14 @@ def onednn_linears(device: torch.device, dtype: torch.dtype, *tensors: torch.Ten
 
 
 # Tokens per image below which torch's fp32 flash kernel beats the blocked attention: at 256 tokens (224 px) it took
-# 1.8 ms a layer against 3.1, at 576 they tied, at 1024 blocked took 23 ms against 26. In bf16 blocked wins at 256.
-BLOCKED_FP32_MIN_TOKENS = 1024
+# 2.8 ms a layer against 4.5, at 576 blocked took 8.7 ms against 10.2, at 1024 19 against 27. In bf16 blocked wins
+# at 256.
+BLOCKED_FP32_MIN_TOKENS = 576
 
 
 def default_attention(device: torch.device, dtype: torch.dtype, tokens: int, *tensors: torch.Tensor) -> str:
-    """``blocked`` where ``cpu_onednn_kernels`` holds (faster than the flash kernel there: 2.6x in bf16, 1.5x in fp32
-    at 4096 tokens; README: Performance), except fp32 under ``BLOCKED_FP32_MIN_TOKENS`` tokens or without AVX-512
+    """``blocked`` where ``cpu_onednn_kernels`` holds (faster than the flash kernel there: about 2.9x in bf16, 1.8x in
+    fp32 at 4096 tokens; README: Performance), except fp32 under ``BLOCKED_FP32_MIN_TOKENS`` tokens or without AVX-512
     (``cpu_kernels.AVX512``); else ``sdpa``."""
     if not cpu_onednn_kernels(device, dtype, *tensors):
         return "sdpa"
