@@ -69,12 +69,28 @@ def test_blocked_attention_in_blocks_equals_one_softmax(monkeypatch, tokens, dty
     assert d <= tolerance, f"blocked attention vs one softmax: max abs diff {d:.3g} > {tolerance:g} ({dtype})"
 
 
-# float64 takes torch.mm, float32 oneDNN; in bf16 scores near 300 round by a whole unit, so no exact check there
-@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-12), (torch.float32, 1e-4)])
-def test_blocked_attention_redoes_only_the_rows_out_of_the_fast_paths_range(monkeypatch, dtype, tolerance):
+def rows_by_path(monkeypatch) -> Counter:
+    """Counts the query rows blocked_attention sends through each path: {shifted (bool): rows}."""
+    rows: Counter = Counter()
+    real = cpu_kernels._scores_times_v
+
+    def counted(q_rows, k_h, v_ones, shifted):
+        rows[shifted] += q_rows.shape[0]
+        return real(q_rows, k_h, v_ones, shifted)
+
+    monkeypatch.setattr(cpu_kernels, "_scores_times_v", counted)
+    return rows
+
+
+# float32 takes oneDNN, float64 torch.mm, whose range holds these rows (so none is redone); in bf16 scores near 300
+# round by a whole unit, so no exact check there
+@pytest.mark.parametrize(("dtype", "tolerance", "extreme_rows_redone"),
+                         [(torch.float32, 1e-4, True), (torch.float64, 1e-12, False)])
+def test_blocked_attention_redoes_only_the_rows_out_of_the_fast_paths_range(monkeypatch, dtype, tolerance,
+                                                                            extreme_rows_redone):
     """The fast path leaves out the softmax's max subtraction. Rows whose largest score is near 300 (2**s would
-    overflow) or whose scores all lie near -300 (2**s would underflow) sit in blocks beside ordinary rows: those
-    rows alone go again with their maximum subtracted, and every row gives the textbook softmax."""
+    overflow float32) or whose scores all lie near -300 (2**s would underflow it) sit in blocks beside ordinary rows:
+    those rows alone go again with their maximum subtracted, and every row gives the textbook softmax."""
     g = torch.Generator().manual_seed(6)
     q, k, v = torch.randn(3, 1, 2, 40, 8, generator=g, dtype=torch.float64).unbind(0)  # (B, H, N, Dh) each
     k[..., 0] += 10.0  # every key shares a component, so a query against it scores low on every key
@@ -83,19 +99,28 @@ def test_blocked_attention_redoes_only_the_rows_out_of_the_fast_paths_range(monk
     q[:, :, low, 0] = -100.0  # about -300 against every key
     expected = torch.softmax(q @ k.transpose(-2, -1) * 0.3, dim=-1) @ v  # (1, 2, 40, 8)
     expected = expected.transpose(1, 2).reshape(1, 40, 2 * 8)
-    redone = Counter()
-    real = cpu_kernels._scores_times_v
-
-    def counted(q_rows, k_h, v_ones, shifted):
-        redone[shifted] += q_rows.shape[0]
-        return real(q_rows, k_h, v_ones, shifted)
-
-    monkeypatch.setattr(cpu_kernels, "_scores_times_v", counted)
+    redone = rows_by_path(monkeypatch)
     monkeypatch.setattr(cpu_kernels, "SCORE_BLOCK_ELEMENTS", 16 * 40)  # blocks of 16 queries: 3 a head
     out = cpu_kernels.blocked_attention(q.to(dtype), k.to(dtype), v.to(dtype), 0.3)
     d = max_abs(out, expected)
     assert d <= tolerance, f"blocked attention, extreme rows, vs one softmax: max abs diff {d:.3g} > {tolerance:g}"
-    assert redone == {False: 2 * 40, True: 2 * len(high + low)}, redone  # every row once, the extreme ones again
+    extreme = 2 * len(high + low) if extreme_rows_redone else 0
+    assert redone == Counter({False: 2 * 40, True: extreme}), redone  # every row once, the extreme ones again
+
+
+def test_blocked_attention_in_float16_always_subtracts_the_maximum(monkeypatch):
+    """float16's exponent range is too narrow for the unshifted 2**x (2**16 already overflows): every row is shifted,
+    none goes through the fast path first, and the result is the textbook softmax."""
+    g = torch.Generator().manual_seed(7)
+    q, k, v = torch.randn(3, 1, 2, 40, 8, generator=g, dtype=torch.float64).unbind(0)  # (B, H, N, Dh) each
+    q *= 10.0  # scores of tens: 2**s would overflow float16
+    expected = torch.softmax(q.half().double() @ k.half().double().transpose(-2, -1) * 0.3, dim=-1) @ v.half().double()
+    expected = expected.transpose(1, 2).reshape(1, 40, 2 * 8)
+    rows = rows_by_path(monkeypatch)
+    out = cpu_kernels.blocked_attention(q.half(), k.half(), v.half(), 0.3)
+    d = max_abs(out, expected)
+    assert d <= 2e-2, f"float16 blocked attention vs one softmax: max abs diff {d:.3g} > 2e-2"
+    assert rows == {True: 2 * 40}, rows
 
 
 def test_blocked_attention_is_a_well_formed_custom_op():
