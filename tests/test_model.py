@@ -82,10 +82,10 @@ def rows_by_path(monkeypatch) -> Counter:
     return rows
 
 
-# float32 takes oneDNN, float64 torch.mm, whose range holds these rows (so none is redone); in bf16 scores near 300
-# round by a whole unit, so no exact check there
+# float32 and bf16 take oneDNN, float64 torch.mm, whose range holds these rows (so none is redone). In bf16 scores
+# near 300 round by a whole unit: there only the routing is checked, and that the output is finite.
 @pytest.mark.parametrize(("dtype", "tolerance", "extreme_rows_redone"),
-                         [(torch.float32, 1e-4, True), (torch.float64, 1e-12, False)])
+                         [(torch.float32, 1e-4, True), (torch.bfloat16, None, True), (torch.float64, 1e-12, False)])
 def test_blocked_attention_redoes_only_the_rows_out_of_the_fast_paths_range(monkeypatch, dtype, tolerance,
                                                                             extreme_rows_redone):
     """The fast path leaves out the softmax's max subtraction. Rows whose largest score is near 300 (2**s would
@@ -102,10 +102,42 @@ def test_blocked_attention_redoes_only_the_rows_out_of_the_fast_paths_range(monk
     redone = rows_by_path(monkeypatch)
     monkeypatch.setattr(cpu_kernels, "SCORE_BLOCK_ELEMENTS", 16 * 40)  # blocks of 16 queries: 3 a head
     out = cpu_kernels.blocked_attention(q.to(dtype), k.to(dtype), v.to(dtype), 0.3)
-    d = max_abs(out, expected)
-    assert d <= tolerance, f"blocked attention, extreme rows, vs one softmax: max abs diff {d:.3g} > {tolerance:g}"
+    if tolerance is None:
+        assert out.isfinite().all()
+    else:
+        d = max_abs(out, expected)
+        assert d <= tolerance, f"blocked attention, extreme rows, vs one softmax: max abs diff {d:.3g} > {tolerance:g}"
     extreme = 2 * len(high + low) if extreme_rows_redone else 0
     assert redone == Counter({False: 2 * 40, True: extreme}), redone  # every row once, the extreme ones again
+
+
+def test_blocked_attention_redoes_a_row_whose_sum_fits_but_whose_products_overflow(monkeypatch):
+    """float32, one query scoring 62 (2**90 in log2 units) on each of 40 keys: the row sums to 2**95, in range, but
+    with v = 2**40 its products reach 2**135 and overflow. Only that row goes again, and it gives v's mean."""
+    q, k = torch.zeros(1, 1, 3, 4), torch.zeros(1, 1, 40, 4)  # (B, H, N, Dh)
+    k[..., 0] = 1.0
+    q[0, 0, 1, 0] = 62.4 / 0.3  # every key scores 62.4 for query 1 (0 for the others)
+    v = torch.full((1, 1, 40, 4), 2.0**40)
+    v[0, 0, ::2] *= 0.5  # even keys 2**39: the mean is 0.75 * 2**40
+    rows = rows_by_path(monkeypatch)
+    out = cpu_kernels.blocked_attention(q, k, v, 0.3)  # (1, 3, 4)
+    d = max_abs(out / 2.0**40, torch.full((1, 3, 4), 0.75))
+    assert d <= 1e-6, f"a row with overflowing products, in units of 2**40: max abs diff {d:.3g} > 1e-6"
+    assert rows == Counter({False: 3, True: 1}), rows
+
+
+def test_blocked_attention_in_float16_normalises_before_v(monkeypatch):
+    """float16 (largest 65504) over 4096 keys with v = 20: unnormalised, Σ p·v would reach 4096 x 20 and overflow.
+    Every row takes the shifted path, which normalises p first, and gives 20."""
+    g = torch.Generator().manual_seed(8)
+    q, k = (0.01 * torch.randn(1, 1, n, 8, generator=g) for n in (4, 4096))  # scores near 0: nearly uniform
+    q, k = q.half(), k.half()
+    v = torch.full((1, 1, 4096, 8), 20.0, dtype=torch.float16)
+    rows = rows_by_path(monkeypatch)
+    out = cpu_kernels.blocked_attention(q, k, v, 0.3)
+    d = max_abs(out, torch.full((1, 4, 8), 20.0))
+    assert d <= 2e-2, f"float16 blocked attention on 4096 keys of v = 20: max abs diff {d:.3g} > 2e-2"
+    assert rows == Counter({True: 4}), rows
 
 
 def test_blocked_attention_in_float16_always_subtracts_the_maximum(monkeypatch):
@@ -120,7 +152,7 @@ def test_blocked_attention_in_float16_always_subtracts_the_maximum(monkeypatch):
     out = cpu_kernels.blocked_attention(q.half(), k.half(), v.half(), 0.3)
     d = max_abs(out, expected)
     assert d <= 2e-2, f"float16 blocked attention vs one softmax: max abs diff {d:.3g} > 2e-2"
-    assert rows == {True: 2 * 40}, rows
+    assert rows == Counter({True: 2 * 40}), rows
 
 
 def test_blocked_attention_is_a_well_formed_custom_op():
@@ -131,15 +163,16 @@ def test_blocked_attention_is_a_well_formed_custom_op():
 
 
 def test_attention_path_by_device_dtype_and_gradients(tiny_state):
-    from gemma3_vision.model import BLOCKED_FP32_MIN_TOKENS, default_attention
+    from gemma3_vision.model import BLOCKED_MIN_TOKENS, default_attention
 
-    # blocked: a CPU where oneDNN runs the dtype (float32; bf16 on AVX-512 or AMX), and no gradient wanted; in
-    # float32 only with AVX-512 and from BLOCKED_FP32_MIN_TOKENS tokens an image (Gemma 3's 896 px: 4096)
+    # blocked: a CPU where oneDNN runs the dtype (float32; bf16 on AVX-512 or AMX), no gradient wanted, and from
+    # BLOCKED_MIN_TOKENS tokens an image (Gemma 3's 896 px: 4096); in float32 only with AVX-512
     assert default_attention(CPU, torch.bfloat16, 4096) == ("blocked" if cpu_kernels.ONEDNN_BF16 else "sdpa")
-    assert default_attention(CPU, torch.bfloat16, 256) == ("blocked" if cpu_kernels.ONEDNN_BF16 else "sdpa")
+    assert default_attention(CPU, torch.bfloat16, BLOCKED_MIN_TOKENS) == default_attention(CPU, torch.bfloat16, 4096)
+    assert default_attention(CPU, torch.bfloat16, BLOCKED_MIN_TOKENS - 1) == "sdpa"
     assert default_attention(CPU, torch.float32, 4096) == ("blocked" if cpu_kernels.ONEDNN and cpu_kernels.AVX512
                                                            else "sdpa")
-    assert default_attention(CPU, torch.float32, BLOCKED_FP32_MIN_TOKENS - 1) == "sdpa"
+    assert default_attention(CPU, torch.float32, BLOCKED_MIN_TOKENS - 1) == "sdpa"
     assert default_attention(CPU, torch.float16, 4096) == "sdpa"
     wanting_grad = torch.ones(1, requires_grad=True)
     assert default_attention(CPU, torch.float32, 4096, wanting_grad) == "sdpa"
@@ -253,7 +286,7 @@ def test_cpu_tower_takes_the_onednn_paths(tiny_state, monkeypatch, dtype):
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(model, "BLOCKED_FP32_MIN_TOKENS", TINY_VISION.num_patches)  # the tiny tower's image size
+    monkeypatch.setattr(model, "BLOCKED_MIN_TOKENS", TINY_VISION.num_patches)  # the tiny tower's image size
     monkeypatch.setattr(cpu_kernels, "AVX512", True)  # fp32 runs the same on AVX2, only slower than the flash kernel
     monkeypatch.setattr(cpu_kernels, "blocked_attention", counted("attention", cpu_kernels.blocked_attention))
     monkeypatch.setattr(cpu_kernels, "linear", counted("linear", cpu_kernels.linear))
@@ -308,6 +341,7 @@ def test_compiles_without_freezing(tiny_state, monkeypatch):
     calls: Counter[str] = Counter()
     real = cpu_kernels.blocked_attention
     monkeypatch.setattr(cpu_kernels, "blocked_attention", lambda *a: calls.update(["attention"]) or real(*a))
+    monkeypatch.setattr(model, "BLOCKED_MIN_TOKENS", TINY_VISION.num_patches)  # the tiny tower's image size
     x = pixels(1)
     with torch.no_grad():
         expected = t(x)

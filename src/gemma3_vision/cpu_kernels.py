@@ -28,6 +28,8 @@ Full-tower figures against transformers: README, Performance.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Scores held at once: 2M elements (512 queries at 4096 keys), 4 MB in bf16 and 8 MB in float32, so a block and its
@@ -76,27 +78,35 @@ def matmul_transposed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 # The softmax as 2**x: torch's exp2 ran a (512, 4096) block in 0.23 ms in bf16 and 0.16 ms in float32, its exp in
 # 0.29 and 0.84 ms, its whole softmax in 0.45 and 0.41 ms. log2(e) folds into q's scale.
-LOG2_E = 1.4426950408889634
+LOG2_E = math.log2(math.e)
 
 
 def row_sum_bounds(dtype: torch.dtype) -> tuple[float, float]:
-    """The range a row's sum of ``2**score`` must lie in for the unshifted fast path to be exact in ``dtype``:
-    2**-80 to 2**100 in float32 and bf16. Below it the smallest terms would be lost (oneDNN may flush subnormals to
-    zero: 4096 terms under 2**-126 against a sum of 2**-80 are a relative 2**-34); above it a term, the sum or a sum
-    of terms times v could overflow. That admits a row whose largest score (in natural units) lies between about
-    -60 and +60. float16 has too few exponent bits: its range is empty, so every row takes the shifted path."""
+    """The range a row's sum of ``2**score`` must lie in for the unshifted fast path in ``dtype``: 2**-80 to 2**100
+    in float32 and bf16. Above it a term, the sum or a sum of terms times v could overflow (a product that overflows
+    all the same, from a huge v, is caught as non-finite). Below it terms would underflow: oneDNN may flush
+    subnormals to zero, which with a sum of at least 2**-80 costs the output at most Nk·2**-126 / 2**-80 = Nk·2**-46
+    in absolute terms (2**-34 for Gemma 3's 4096 keys), far below rounding. That admits a row whose largest score (in
+    natural units) lies between about -60 and +60. float16 has too few exponent bits: its range is empty, so every
+    row takes the shifted path."""
     info = torch.finfo(dtype)
     return info.tiny * 2.0**46, info.max * 2.0**-28
 
 
 def _scores_times_v(q_rows: torch.Tensor, k: torch.Tensor, v_ones: torch.Tensor, shifted: bool) -> torch.Tensor:
-    """``(rows, Dh)``, ``(Nk, Dh)``, ``(Dh + 1, Nk)`` → ``(rows, Dh + 1)``: ``[Σ p·v, Σ p]`` with ``p = 2**(q·kᵀ)``,
-    less each row's largest score first when ``shifted``. ``v_ones`` is vᵀ with a row of ones, so the one product
-    that weights v also sums p, in float32 inside oneDNN."""
-    p = matmul_transposed(q_rows, k)  # (rows, Nk): scores, in log2 units
-    if shifted:
-        p -= p.amax(dim=-1, keepdim=True)
-    return matmul_transposed(p.exp2_(), v_ones)  # (rows, Dh + 1)
+    """``(rows, Dh)``, ``(Nk, Dh)``, ``(Dh + 1, Nk)`` → ``(rows, Dh + 1)``: ``[Σ p·v, Σ p]``. ``v_ones`` is vᵀ with a
+    row of ones, so the one product that weights v also sums p, in float32 inside oneDNN.
+
+    Unshifted, ``p = 2**(q·kᵀ)``. Shifted, the textbook softmax: each row's largest score is subtracted in float32
+    (at least) and p normalised before the product, so that no sum can overflow, even float16's (4096 keys of v = 20
+    would); the division after it is then by a sum near 1."""
+    scores = matmul_transposed(q_rows, k)  # (rows, Nk), in log2 units
+    if not shifted:
+        return matmul_transposed(scores.exp2_(), v_ones)  # (rows, Dh + 1)
+    wide = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    p = (wide - wide.amax(dim=-1, keepdim=True)).exp2_()  # (rows, Nk), each in (0, 1]
+    p /= p.sum(dim=-1, keepdim=True)
+    return matmul_transposed(p.to(scores.dtype), v_ones)  # (rows, Dh + 1)
 
 
 # A custom op, so that torch.compile keeps it whole: dynamo would unroll the loops (27 layers x 16 heads x 8 blocks),
@@ -115,7 +125,7 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     B, H, N, Dh = q.shape
     rows = max(1, min(N, SCORE_BLOCK_ELEMENTS // k.shape[2]))
     least_sum, most_sum = row_sum_bounds(q.dtype)
-    fast = least_sum < most_sum
+    unshifted_first = least_sum < most_sum  # float16: never
     out = q.new_empty(B, H, N, Dh)
     for b in range(B):
         for h in range(H):
@@ -124,8 +134,8 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
             v_ones = torch.cat([v[b, h].T, v.new_ones(1, v.shape[2])])  # (Dh + 1, Nk)
             for start in range(0, N, rows):
                 q_rows = q_h[start:start + rows]
-                pv = _scores_times_v(q_rows, k_h, v_ones, shifted=not fast)  # (rows, Dh + 1)
-                if fast:
+                pv = _scores_times_v(q_rows, k_h, v_ones, shifted=not unshifted_first)  # (rows, Dh + 1)
+                if unshifted_first:
                     least, most = (float(x) for x in torch.aminmax(pv[:, Dh]))  # NaN fails the test below
                     if not (least_sum <= least and most <= most_sum and pv.isfinite().all()):
                         total = pv[:, Dh]

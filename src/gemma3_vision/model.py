@@ -60,19 +60,19 @@ def onednn_linears(device: torch.device, dtype: torch.dtype, *tensors: torch.Ten
     return cpu_onednn_kernels(device, dtype, *tensors) and not torch.compiler.is_compiling()
 
 
-# Tokens per image below which torch's fp32 flash kernel beats the blocked attention: at 256 tokens (224 px) it took
-# 2.8 ms a layer against 4.5, at 576 blocked took 8.7 ms against 10.2, at 1024 19 against 27. In bf16 blocked wins
-# at 256.
-BLOCKED_FP32_MIN_TOKENS = 576
+# Tokens per image below which torch's flash kernel beats the blocked attention, in either dtype
+# (benchmarks/cpu_attention.py; benchmarks/results_attention_zen5_cpu.json): at 256 tokens (224 px) it took 1.9 ms
+# a layer against 3.1 (fp32) and 2.6 (bf16); at 576 the blocked attention was 1.2x (fp32) and 1.8x (bf16) faster.
+BLOCKED_MIN_TOKENS = 576
 
 
 def default_attention(device: torch.device, dtype: torch.dtype, tokens: int, *tensors: torch.Tensor) -> str:
-    """``blocked`` where ``cpu_onednn_kernels`` holds (faster than the flash kernel there: about 2.9x in bf16, 1.8x in
-    fp32 at 4096 tokens; README: Performance), except fp32 under ``BLOCKED_FP32_MIN_TOKENS`` tokens or without AVX-512
-    (``cpu_kernels.AVX512``); else ``sdpa``."""
-    if not cpu_onednn_kernels(device, dtype, *tensors):
+    """``blocked`` where ``cpu_onednn_kernels`` holds from ``BLOCKED_MIN_TOKENS`` tokens an image (faster than the
+    flash kernel there: 3.1x in bf16 and 1.9x in fp32 at Gemma 3's 4096 tokens; README: Performance), except fp32
+    without AVX-512 (``cpu_kernels.AVX512``); else ``sdpa``."""
+    if not cpu_onednn_kernels(device, dtype, *tensors) or tokens < BLOCKED_MIN_TOKENS:
         return "sdpa"
-    fp32_slower = dtype == torch.float32 and (tokens < BLOCKED_FP32_MIN_TOKENS or not cpu_kernels.AVX512)
+    fp32_slower = dtype == torch.float32 and not cpu_kernels.AVX512
     return "sdpa" if fp32_slower else "blocked"
 
 
