@@ -15,27 +15,21 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from gemma3_vision import cpu_kernels
+from gemma3_vision.bench import _time_runners
 
 HEADS, HEAD_DIM = 16, 72
 
 
-def alternate(runners: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each runner over ``repeats`` calls taken in turn, after one warm-up call each."""
-    for run in runners.values():
-        run()
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
+def alternate(runners: dict[str, Callable[[], torch.Tensor]], repeats: int) -> dict[str, float]:
+    """Median seconds of each runner over ``repeats`` calls taken in turn, after one warm-up call each (the tower
+    benchmark's own timing loop)."""
+    times, _, _, _ = _time_runners(runners, repeats, batch=1, device=torch.device("cpu"))
     return {name: statistics.median(t) for name, t in times.items()}
 
 

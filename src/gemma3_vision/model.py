@@ -70,10 +70,9 @@ def default_attention(device: torch.device, dtype: torch.dtype, tokens: int, *te
     """``blocked`` where ``cpu_onednn_kernels`` holds from ``BLOCKED_MIN_TOKENS`` tokens an image (faster than the
     flash kernel there: 3.1x in bf16 and 1.9x in fp32 at Gemma 3's 4096 tokens; README: Performance), except fp32
     without AVX-512 (``cpu_kernels.AVX512``); else ``sdpa``."""
-    if not cpu_onednn_kernels(device, dtype, *tensors) or tokens < BLOCKED_MIN_TOKENS:
-        return "sdpa"
     fp32_slower = dtype == torch.float32 and not cpu_kernels.AVX512
-    return "sdpa" if fp32_slower else "blocked"
+    blocked = cpu_onednn_kernels(device, dtype, *tensors) and tokens >= BLOCKED_MIN_TOKENS and not fp32_slower
+    return "blocked" if blocked else "sdpa"
 
 
 def interpolate_position_embedding(table: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
