@@ -43,6 +43,7 @@ from .output_folder import (
 from .preprocess import (
     DEFAULT_MAX_PIXELS,
     PreprocessConfig,
+    _one_line,
     decode_image,
     open_regular_file,
     pil_to_input,
@@ -376,7 +377,3 @@ def _batches(prepared: Iterator[_Prepared], batch_size: int) -> Iterator[list[_P
             batch = [q for q in batch if q.kind == "encode"]
     if batch:
         yield batch
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
