@@ -19,6 +19,7 @@ from gemma3_vision.discovery import discover, read_list
 from gemma3_vision.errors import OutputError
 from gemma3_vision.output_folder import (
     INDEX_NAME,
+    LOCK_NAME,
     TMP_DIR_NAME,
     OutputFolder,
     ResumeState,
@@ -265,6 +266,32 @@ def test_stale_temporaries_are_removed_and_a_second_job_is_refused(tree, tmp_pat
     finally:
         held.close()
     assert job([str(tree)], out).encoded == 5
+
+
+def test_the_temporary_folder_goes_while_the_lock_is_held(tmp_path, monkeypatch):
+    """Removed after unlocking, it could be another job's: one that took the lock in between and writes there."""
+    fcntl = pytest.importorskip("fcntl")  # without flock there is no lock to hold
+    import shutil
+
+    out = tmp_path / "out"
+    folder = OutputFolder(out)
+    real_rmtree, held = shutil.rmtree, []
+
+    def rmtree(path, *args, **kwargs):
+        fd = os.open(out / LOCK_NAME, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(False)
+        except BlockingIOError:
+            held.append(True)
+        finally:
+            os.close(fd)
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    folder.close()
+    assert held == [True] and not (out / TMP_DIR_NAME).exists()
+    OutputFolder(out).close()  # and released after
 
 
 def test_unusable_output_folder_is_an_output_error(tree, tmp_path):

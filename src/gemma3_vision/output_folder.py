@@ -22,7 +22,8 @@ What makes the job safe to kill and re-run:
 - ``--overwrite`` appends an ``overwrite`` record instead of starting a new index: every record before it still
   names its input's files (so re-encoding drops stale extras, even after a kill mid-run or a failure), but none
   counts as done;
-- a lock file keeps two jobs from writing one folder, and the temporary folder is emptied when a job starts.
+- a lock file keeps two jobs from writing one folder; the temporary folder is emptied when a job starts and
+  removed before the job lets the lock go.
 """
 
 from __future__ import annotations
@@ -352,12 +353,16 @@ class OutputFolder:
         save_npy(self.dir, rel, array, self.tmp / f"{os.getpid()}-{self._counter}.npy", unlike=unlike)
 
     def close(self) -> None:
-        for fd in ("_index", "_lock"):
-            if hasattr(self, fd):
-                os.close(getattr(self, fd))
-                delattr(self, fd)
+        # The temporary folder goes before the lock: once unlocked, the folder may be another job's, writing there.
+        if hasattr(self, "_index"):
+            os.close(self._index)
+            del self._index
         if hasattr(self, "tmp"):
             shutil.rmtree(self.tmp, ignore_errors=True)
+            del self.tmp
+        if hasattr(self, "_lock"):
+            os.close(self._lock)
+            del self._lock
 
 
 def save_npy(out_dir: Path, rel: str, array: np.ndarray, tmp: Path, *, unlike: bytes = b"") -> None:
