@@ -114,6 +114,23 @@ def test_a_job_that_cannot_run_exits_1_with_one_line(images, tmp_path):
     assert "cannot use as the output folder" in result.stderr
 
 
+def test_an_index_naming_a_file_outside_the_folder_is_ignored_with_a_warning(images, tmp_path):
+    # A crafted index: a.png "encoded" into ../victim.txt, with a pooled file beside it. Taken at its word, the job
+    # would remove the old main file and write both outside OUT.
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / INDEX_NAME).write_text(json.dumps({"input": str(images / "a.png"), "status": "ok", "output": "../victim.txt",
+                                              "outputs": {"pooled": "../victim.txt.pooled.npy"}, "job": "old"}) + "\n")
+    result = encode(str(images / "a.png"), "-o", str(out), "--pool", "mean")
+    assert result.exit_code == EXIT_OK, result.output
+    assert victim.read_bytes() == b"precious" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "images", "out", "victim.txt"]
+    assert f"warning: {out / INDEX_NAME}: 1 line ignored" in result.stderr
+    assert records(out)[-1]["output"] == "a.png.npy" and (out / "a.png.pooled.npy").is_file()
+
+
 def test_a_folder_held_by_another_job_exits_1(images, tmp_path):
     out = tmp_path / "out"
     held = OutputFolder(out)

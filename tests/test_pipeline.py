@@ -24,6 +24,7 @@ from gemma3_vision.output_folder import (
     OutputFolder,
     ResumeState,
     load_index,
+    short_hash,
 )
 from gemma3_vision.pipeline import run_job
 from gemma3_vision.preprocess import PreprocessConfig, pil_to_input
@@ -471,6 +472,81 @@ def test_stale_names_that_may_be_another_inputs_file_are_kept():
     state.add({**base, "input": "a.png.layer13", "output": "a.png.layer13.npy"})  # its main file
     state.add({**base, "input": "a.png.crop1", "output": "a.png.crop1.npy"})  # may own a.png.crop1.pooled.npy
     assert state.stale_outputs({**base, "input": "a.png", "output": "a.png.npy"}) == ["a.png.pooled.npy"]
+
+
+# ----------------------------------------------------------------------------------------------- hostile index
+
+def ok_record(display: str, output: str, **extra) -> str:
+    return json.dumps({"input": display, "status": "ok", "output": output, "bytes": 1, "mtime_ns": 2,
+                       "content": "c", "job": "old", **extra}) + "\n"
+
+
+def files_outside(root: Path, out: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.is_relative_to(out)}
+
+
+@pytest.mark.parametrize("hostile", ["../victim.npy", "sub/../../victim.npy", "ABS", f"{TMP_DIR_NAME}/a.png.npy",
+                                     f"{TMP_DIR_NAME.upper()}/a.png.npy", "../victim.txt", ""])
+def test_an_index_naming_files_outside_the_folder_never_touches_them(tmp_path, hostile):
+    # A crafted index claims a.png was encoded into a file outside OUT (or into the job's own temporary folder,
+    # which every job empties), with an extra file, so that re-encoding it would also remove that file first.
+    a = png(tmp_path / "in" / "a.png", 1)
+    (tmp_path / "victim.npy").write_bytes(b"precious")
+    (tmp_path / "victim.txt").write_bytes(b"precious")
+    (tmp_path / "victim.pooled.npy").write_bytes(b"precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    hostile = str(tmp_path / "victim.npy") if hostile == "ABS" else hostile
+    (out / INDEX_NAME).write_text(ok_record(str(a), hostile, outputs={"pooled": hostile[:-4] + ".pooled.npy"}))
+    before = files_outside(tmp_path, out)
+    with pytest.warns(UserWarning, match=f"{INDEX_NAME}: 1 line ignored"):
+        summary = job([str(a)], out, encode=with_extras("pooled"))
+    assert files_outside(tmp_path, out) == before
+    assert summary.encoded == 1 and records(out)[-1]["output"] == "a.png.npy"
+    assert npy_files(out) == ["a.png.npy", "a.png.pooled.npy"]
+    np.testing.assert_array_equal(np.load(out / "a.png.npy"), expected(a))
+    with pytest.warns(UserWarning, match="1 line ignored"):  # the line stays; the input's new record counts
+        assert job([str(a)], out, encode=with_extras("pooled")).done_before == 1
+
+
+def test_resume_state_ignores_ok_records_naming_what_the_library_never_writes():
+    state = ResumeState()
+    state.add({"input": "a.png", "status": "ok", "output": "a.png.npy", "job": "k"})
+    for output in ["../a.npy", "/abs/a.npy", "x/../../a.npy", "a.png", "a.png.npy\0", 7,
+                   f"{TMP_DIR_NAME}/a.png.npy", f"./{TMP_DIR_NAME}/a.npy"]:
+        state.add({"input": "a.png", "status": "ok", "output": output, "job": "other"})
+    assert state.bad_lines == 8 and state.output_of(state.prior("a.png")) == "a.png.npy"  # the last good word
+    assert ResumeState.facts_key_of(state.prior("a.png")) == short_hash(None, None, "k")
+    state.add({"input": "b.png", "status": "ok", "output": f"{TMP_DIR_NAME}.npy", "job": "k"})  # beside it: fine
+    assert state.output_of(state.prior("b.png")) == f"{TMP_DIR_NAME}.npy"
+
+
+def test_deeply_nested_index_lines_are_bad_lines(tmp_path):
+    a = png(tmp_path / "in" / "a.png", 1)
+    out = tmp_path / "out"
+    job([str(a)], out)
+    with open(out / INDEX_NAME, "a") as f:
+        f.write("[" * 100_000 + "\n" + "{" * 100_000 + "\n")
+    state, good_end = load_index(out / INDEX_NAME)
+    assert (len(state), state.bad_lines, good_end) == (1, 2, (out / INDEX_NAME).stat().st_size)
+    with pytest.warns(UserWarning, match="2 lines ignored"):
+        assert job([str(a)], out).done_before == 1
+    assert not (out / TMP_DIR_NAME).exists()
+
+
+def test_an_input_folder_with_a_subfolder_named_like_the_temporary_folder(tmp_path):
+    # Its outputs would go into OUT/.gemma3-vision-tmp/, which every job empties: they go one folder over.
+    png(tmp_path / "in" / TMP_DIR_NAME / "a.png", 1)
+    png(tmp_path / "in" / "b.png", 2)
+    out = tmp_path / "out"
+    assert job([str(tmp_path / "in")], out).encoded == 2
+    assert npy_files(out) == [f"{TMP_DIR_NAME}~2/a.png.npy", "b.png.npy"]
+    assert not (out / TMP_DIR_NAME).exists()
+    assert job([str(tmp_path / "in")], out).done_before == 2
+    state = ResumeState()
+    assert state.free(f"{TMP_DIR_NAME}.npy") and state.free(f"{TMP_DIR_NAME}~2/a.png.npy")
+    assert not state.free(f"{TMP_DIR_NAME}/a.png.npy") and not state.free(f"{TMP_DIR_NAME.upper()}/a.png.npy")
 
 
 # ---------------------------------------------------------------------------------------------- failures, kills

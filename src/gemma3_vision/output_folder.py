@@ -35,10 +35,11 @@ import os
 import re
 import shutil
 import stat
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -106,6 +107,23 @@ def extra_output(output: str, suffix: str) -> str:
     return f"{output.removesuffix('.npy')}.{suffix}.npy"
 
 
+def in_tmp_dir(name: PurePath) -> bool:
+    """Whether the output name ``name`` lies in the temporary folder, which every job empties. In any case: on a
+    case-insensitive disk ``.GEMMA3-VISION-TMP/`` is that folder."""
+    parts = name.parts
+    return len(parts) > 1 and parts[0].casefold() == TMP_DIR_NAME.casefold()
+
+
+def is_output_name(output: object) -> TypeGuard[str]:
+    """Whether an index record's ``output`` is a name this library could have given: a ``.npy`` file inside the
+    folder, not in its temporary folder. Anything else comes from a hand-edited or crafted index, and writing or
+    removing it could reach any file the job may write."""
+    if not (isinstance(output, str) and output.endswith(".npy") and "\0" not in output):
+        return False
+    path = PurePath(output)  # on Windows also C:x.npy and \\x.npy, which have an anchor
+    return not path.anchor and ".." not in path.parts and not in_tmp_dir(path)
+
+
 def _owners(name: str) -> Iterator[str]:
     """The main output names whose extra files could be called ``name``: ``a.png.crop1.pooled.npy`` could be
     ``a.png.crop1.npy``'s pooled vector or ``a.png.npy``'s crop 1 pooled vector. Usually none (``a.png.npy``)."""
@@ -129,7 +147,8 @@ class ResumeState:
     for ``OVERWRITTEN``). The bracketed part, the input's naming, is an ``ok`` record's; an ``error`` or
     ``skipped`` record keeps the one its input had, so an input keeps its output name, and the extra files to
     drop, through failures. An ``overwrite`` record (``--overwrite``) turns every input so far ``OVERWRITTEN``:
-    naming kept, keys matching nothing, so none counts as done or failed before."""
+    naming kept, keys matching nothing, so none counts as done or failed before. An ``ok`` record whose output
+    is not a name this library gives (``is_output_name``) is ignored, a bad line: its input keeps what it had."""
 
     OK, ERROR, SKIPPED, OVERWRITTEN = b"o", b"e", b"s", b"w"
     OVERWRITE_RECORD = {"status": "overwrite"}
@@ -158,7 +177,7 @@ class ResumeState:
             return
         key = short_hash(name)
         output = record.get("output")
-        if status == "ok" and isinstance(output, str) and "\0" not in output:
+        if status == "ok" and is_output_name(output):
             self.take(output)
             size, mtime = record.get("output_bytes"), record.get("output_mtime_ns")
             written = short_hash(size, mtime) if type(size) is int and type(mtime) is int else NO_FILE_ID
@@ -175,7 +194,7 @@ class ResumeState:
                      + short_hash(record.get("content"), record.get("job")) + self._naming(key))
         elif status == "skipped":
             value = self.skipped(record.get("reason")) + self._naming(key)
-        else:
+        else:  # an unknown status, or an ok record naming a file elsewhere: never acted on
             self.bad_lines += 1
             return
         self._last[key] = value
@@ -232,9 +251,11 @@ class ResumeState:
     def free(self, output: str) -> bool:
         """Whether a new input may be called ``output``: no input has it, and neither is it an extra file of an
         input (``a.png.pooled.npy`` could be ``a.png.npy``'s) nor are that input's extra files another input's.
-        Decided by name alone, so it holds for the extras of any job, earlier or later, and any crop count."""
+        Decided by name alone, so it holds for the extras of any job, earlier or later, and any crop count. Never
+        a name in the temporary folder (an input folder's own ``.gemma3-vision-tmp/``), whose files a job removes;
+        every name ends in ``.npy``, so none is the index's or the lock's."""
         key = output.casefold()
-        return (short_hash(key) not in self.taken and short_hash(key) not in self._owners
+        return (not in_tmp_dir(PurePath(key)) and short_hash(key) not in self.taken and short_hash(key) not in self._owners
                 and not any(short_hash(owner) in self.taken for owner in _owners(key)))
 
     def stale_outputs(self, record: dict[str, Any]) -> list[str]:
@@ -284,7 +305,7 @@ def load_index(path: Path) -> tuple[ResumeState, int]:
             good_end += len(line)
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested thousands deep
                 state.bad_lines += 1
                 continue
             if isinstance(record, dict):
@@ -320,6 +341,9 @@ class OutputFolder:
             self.tmp.mkdir()
             index = out_dir / INDEX_NAME
             self.state, good_end = load_index(index)
+            if n := self.state.bad_lines:
+                warnings.warn(f"{index}: {n} line{'s' * (n > 1)} ignored (not a record this library writes: "
+                              "damaged or edited by hand)", stacklevel=2)
             self._index = os.open(index, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             if os.fstat(self._index).st_size > good_end:
                 os.ftruncate(self._index, good_end)  # drop only the torn partial line
@@ -332,6 +356,9 @@ class OutputFolder:
             self.close()
             raise OutputError(f"{out_dir}: cannot use as the output folder ({e.strerror or e}: "
                               f"{e.filename or ''})") from None
+        except BaseException:
+            self.close()
+            raise
 
     def append(self, record: dict[str, Any]) -> None:
         """One record, one ``write`` call; ASCII JSON, so undecodable file names survive as escapes. Then, for an

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,7 @@ from .output_folder import (
     content_digest,
     extra_output,
     fingerprint,
+    in_tmp_dir,
     output_intact,
     short_hash,
 )
@@ -188,7 +189,8 @@ def _name_outputs(items: Iterable[InputItem], state: ResumeState) -> Iterator[tu
     ``ResumeState``), else its relative path plus ``.npy``,
     made distinct (case-insensitively) from every name taken so far and from every extra file those could have
     (``ResumeState.free``: beside ``a.png.npy``, an input named ``a.png.pooled`` is ``a.png.pooled~2.npy``). Inputs
-    named twice come once."""
+    named twice come once. Inputs in a folder named like the temporary folder go one folder over
+    (``.gemma3-vision-tmp~2/a.png.npy``): every job empties that folder."""
     seen: set[bytes] = set()
     for item in items:
         key = short_hash(item.display)
@@ -201,6 +203,9 @@ def _name_outputs(items: Iterable[InputItem], state: ResumeState) -> Iterator[tu
             yield item, kept
             continue
         base = item.rel or os.path.basename(item.display.rstrip("/")) or "input"
+        if in_tmp_dir(PurePath(base)):  # only rel has folders, joined with "/"
+            head, _, rest = base.partition("/")
+            base = f"{head}~2/{rest}"
         name, n = base + ".npy", 1
         while not state.free(name):
             n += 1
