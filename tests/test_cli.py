@@ -121,8 +121,9 @@ def test_an_index_naming_a_file_outside_the_folder_is_ignored_with_a_warning(ima
     victim.write_text("precious")
     out = tmp_path / "out"
     out.mkdir()
-    (out / INDEX_NAME).write_text(json.dumps({"input": str(images / "a.png"), "status": "ok", "output": "../victim.txt",
-                                              "outputs": {"pooled": "../victim.txt.pooled.npy"}, "job": "old"}) + "\n")
+    record = {"input": str(images / "a.png"), "status": "ok", "output": "../victim.txt",
+              "outputs": {"pooled": "../victim.txt.pooled.npy"}, "job": "old"}
+    (out / INDEX_NAME).write_text(json.dumps(record) + "\n")
     result = encode(str(images / "a.png"), "-o", str(out), "--pool", "mean")
     assert result.exit_code == EXIT_OK, result.output
     assert victim.read_bytes() == b"precious" and sorted(p.name for p in tmp_path.iterdir()) == [

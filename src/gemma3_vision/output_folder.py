@@ -255,7 +255,8 @@ class ResumeState:
         a name in the temporary folder (an input folder's own ``.gemma3-vision-tmp/``), whose files a job removes;
         every name ends in ``.npy``, so none is the index's or the lock's."""
         key = output.casefold()
-        return (not in_tmp_dir(PurePath(key)) and short_hash(key) not in self.taken and short_hash(key) not in self._owners
+        return (not in_tmp_dir(PurePath(key))
+                and short_hash(key) not in self.taken and short_hash(key) not in self._owners
                 and not any(short_hash(owner) in self.taken for owner in _owners(key)))
 
     def stale_outputs(self, record: dict[str, Any]) -> list[str]:
