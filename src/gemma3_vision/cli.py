@@ -191,8 +191,10 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
         for source in lists:
             yield from read_list(source)
 
-    progress = _progress_bar()
-    say = progress.write if progress else functools.partial(click.echo, err=True)
+    progress = _progress_bar()  # tested with `is None`: a tqdm bar without a total refuses bool()
+    # on a terminal, above the bar; tqdm.write would print to stdout unless told the bar's file
+    say = (functools.partial(click.echo, err=True) if progress is None
+           else functools.partial(progress.write, file=sys.stderr))
 
     def on_record(record: dict[str, Any]) -> None:
         if record["status"] == "error":
@@ -200,7 +202,7 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
             say(f"failed: {reason}" if reason.startswith(record["input"]) else f"failed: {record['input']}: {reason}")
         elif record["status"] == "skipped":
             say(f"skipped: {record['input']}: {record['reason']}")
-        if progress:
+        if progress is not None:
             progress.update(1)
 
     try:
@@ -224,7 +226,7 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
                 max_pixels=max_pixels, workers=workers, overwrite=overwrite, on_record=on_record,
             )
     finally:
-        if progress:
+        if progress is not None:
             progress.close()
     click.echo(summary.line(), err=True)
     sys.exit(EXIT_SOME_FAILED if summary.any_failed else EXIT_OK)
