@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -98,3 +103,25 @@ def make_rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w]
     base = np.stack([xx * 255 / max(w - 1, 1), yy * 255 / max(h - 1, 1), (xx + yy) % 256], -1)
     return np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def without_blocking(fn: Callable[[], Any], fifo: Path, seconds: float = 10.0) -> Any:
+    """``fn()``, failing the test (not hanging it) if it is still blocked on opening ``fifo`` after ``seconds``."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as e:  # handed to the caller below
+            result["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a reader is waiting: this releases it
+        thread.join(seconds)
+        pytest.fail(f"blocked for {seconds} s opening the FIFO {fifo}")
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")

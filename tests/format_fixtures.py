@@ -92,7 +92,8 @@ def storage_type(canonical: str, t: torch.Tensor, matrices: Q, projection: Q) ->
 
 def write_mmproj(path: Path, state: dict[str, torch.Tensor], vision: VisionConfig, projector: ProjectorConfig,
                  *, matrices: Q = Q.F32, projection: Q = Q.F16, legacy_ffn: bool = False,
-                 projector_type: str = "gemma3", omit: tuple[str, ...] = (), extra_kv: dict | None = None) -> Path:
+                 projector_type: str = "gemma3", omit: tuple[str, ...] = (), extra_kv: dict | None = None,
+                 image_mean: list[float] | float = [0.5] * 3, image_std: list[float] | float = [0.5] * 3) -> Path:
     w = gguf.GGUFWriter(str(path), "clip")
     w.add_clip_projector_type(projector_type)
     w.add_clip_has_vision_encoder(True)
@@ -105,8 +106,11 @@ def write_mmproj(path: Path, state: dict[str, torch.Tensor], vision: VisionConfi
     w.add_vision_head_count(vision.num_attention_heads)
     w.add_vision_attention_layernorm_eps(vision.layer_norm_eps)
     w.add_vision_projection_dim(projector.text_hidden_size)
-    w.add_vision_image_mean([0.5, 0.5, 0.5])
-    w.add_vision_image_std([0.5, 0.5, 0.5])
+    for key, value in (("clip.vision.image_mean", image_mean), ("clip.vision.image_std", image_std)):
+        if isinstance(value, list):
+            w.add_array(key, value)  # what add_vision_image_mean / _std write
+        else:  # not what any converter writes: a hostile file
+            w.add_float32(key, value)
     scale = vision.grid_size // projector.tokens_per_side
     if scale != 4:
         w.add_vision_projector_scale_factor(scale)

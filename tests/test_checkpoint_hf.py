@@ -138,3 +138,33 @@ def test_random_models_warn_and_are_deterministic():
         assert torch.equal(x, y), name
     with pytest.raises(g3.ModelNotFoundError, match="random:nope"):
         g3.load("random:nope")
+
+
+def assert_state(state: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert set(state) == set(want)
+    for name, t in want.items():
+        assert torch.equal(state[name], t), f"{name}: max abs diff {(state[name] - t).abs().max().item():.3g}"
+
+
+def test_a_named_weights_file_is_the_one_loaded(tmp_path, tiny_state):
+    """A fine-tune saved beside the original: naming it loads its weights, with the folder's config files."""
+    folder = write_checkpoint(tmp_path / "ckpt", file_state(tiny_state, "released"))
+    finetuned = {k: v + 1 for k, v in tiny_state.items()}
+    save_file({k: v.contiguous() for k, v in file_state(finetuned, "released").items()},
+              str(folder / "finetuned.safetensors"))
+    ck = resolve(folder / "finetuned.safetensors")
+    assert ck.description == str(folder / "finetuned.safetensors")
+    assert [p.name for p in ck.files] == ["config.json", "finetuned.safetensors"]
+    assert_state(loaded_state(folder / "finetuned.safetensors"), finetuned)
+    assert_state(loaded_state(folder / "model.safetensors"), tiny_state)
+    assert_state(loaded_state(folder), tiny_state)
+
+
+def test_a_named_shard_loads_its_indexed_checkpoint(tmp_path, tiny_state):
+    """One shard holds part of the model: naming it means the checkpoint it belongs to."""
+    folder = write_checkpoint(tmp_path / "ckpt", file_state(tiny_state, "released"), shards=3)
+    assert_state(loaded_state(folder / "model-00002-of-00003.safetensors"), tiny_state)
+    # A file the index does not list is read alone, even beside an index.
+    save_file({k: v.contiguous() + 2 for k, v in file_state(tiny_state, "released").items()},
+              str(folder / "other.safetensors"))
+    assert_state(loaded_state(folder / "other.safetensors"), {k: v + 2 for k, v in tiny_state.items()})

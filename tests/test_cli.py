@@ -105,7 +105,7 @@ def test_a_job_that_cannot_run_exits_1_with_one_line(images, tmp_path):
     (bad_model / "config.json").write_text("{not json")
     result = CliRunner().invoke(main, ["encode", str(images), "-m", str(bad_model), "-o", str(tmp_path / "o")])
     assert result.exit_code == EXIT_CANNOT_RUN
-    assert result.stderr.startswith(f"error: {bad_model / 'config.json'}: not valid JSON")
+    assert result.stderr.startswith(f"error: {bad_model / 'config.json'}: config is not UTF-8 JSON")
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert not (tmp_path / "o").exists()  # nothing written before the model loads
     (tmp_path / "file").write_text("")

@@ -109,6 +109,10 @@ def test_siglip_converts_to_hf_but_not_to_mmproj(tmp_path, tiny_state):
     convert(resolve(folder), tmp_path / "out", "hf")
     assert_equal(tensors(folder), tensors(tmp_path / "out"))
     assert resolve(tmp_path / "out").format == "siglip-safetensors"
+    # SiglipImageProcessor resizes bicubic (3), not Gemma 3's bilinear (2): the written config must say so
+    written = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
+    assert (written["image_processor_type"], written["resample"]) == ("SiglipImageProcessor", 3)
+    assert resolve(tmp_path / "out").preprocess == resolve(folder).preprocess
 
 
 def test_refusals_leave_nothing_behind(tmp_path):

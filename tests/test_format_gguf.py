@@ -3,7 +3,9 @@ read back exactly (stored precision, or bit-exact against gguf.quants.dequantize
 
 from __future__ import annotations
 
+import gc
 import warnings
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -14,7 +16,7 @@ from gguf import GGMLQuantizationType as Q
 import gemma3_vision as g3
 from conftest import TINY_PROJECTOR, TINY_VISION
 from format_fixtures import NORM, PROJECTION, storage_type, stored, write_mmproj, write_ollama_blob
-from gemma3_vision.errors import WeightsError
+from gemma3_vision.errors import ConfigError, WeightsError
 from gemma3_vision.format_gguf import FFN_SWAPPED, PLUS_ONE, load_gguf, read_tensor
 from gemma3_vision.gguf_header import TensorInfo
 from gemma3_vision.weights import load_model
@@ -166,3 +168,44 @@ def test_full_size_gemma3_mmproj_f16_loads_exactly(tmp_path):
         warnings.simplefilter("ignore", g3.RandomWeightsWarning)
         model = load_model(ck, dtype=torch.float16)
     assert sum(p.numel() for p in model.parameters()) == sum(t.numel() for t in state.values())
+
+
+@pytest.mark.parametrize("mean, std, fragment", [
+    (0.5, [0.5] * 3, "image_mean must be a list of 3 numbers, found 0.5"),  # a scalar, not an array
+    ([0.5] * 3, 0.5, "image_std must be a list of 3 numbers, found 0.5"),
+    ([0.5] * 2000, [0.5] * 3, r"image_mean must be a list of 3 numbers, found ArraySummary\(item_type='float32', "
+                              r"count=2000\)"),  # too long to keep: the header summarises it
+    ([0.5] * 2, [0.5] * 3, r"image_mean must be a list of 3 numbers, found \[0.5, 0.5\]"),
+    (["a", "b", "c"], [0.5] * 3, "image_mean must be a list of 3 numbers"),
+    ([0.5] * 3, [0.5, float("nan"), 0.5], "image_std must be 3 finite numbers > 0"),
+    ([0.5] * 3, [0.5, 0.0, 0.5], "image_std must be 3 finite numbers > 0"),
+    ([float("inf"), 0.5, 0.5], [0.5] * 3, "image_mean must be 3 finite numbers"),
+])
+def test_bad_image_mean_or_std_is_a_config_error(tmp_path, tiny_state, mean, std, fragment):
+    path = write_mmproj(tmp_path / "m.gguf", tiny_state, TINY_VISION, TINY_PROJECTOR, image_mean=mean, image_std=std)
+    with pytest.raises(ConfigError, match=f"{path}: clip.vision.{fragment}"):
+        load_gguf(path)
+
+
+def test_image_mean_and_std_are_read(tmp_path, tiny_state):
+    path = write_mmproj(tmp_path / "m.gguf", tiny_state, TINY_VISION, TINY_PROJECTOR, image_mean=[0.25, 0.5, 0.75],
+                        image_std=[0.5, 1.0, 2.0])
+    p = load_gguf(path).preprocess
+    assert (p.image_mean, p.image_std, p.resample) == ((0.25, 0.5, 0.75), (0.5, 1.0, 2.0), "bilinear")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings from /proc")
+@pytest.mark.parametrize("flavour", ["mmproj", "ollama"])
+def test_a_loaded_model_keeps_no_mapping_of_the_file(tmp_path, tiny_state, flavour):
+    """Every tensor is copied out of the file, so once loaded the model needs none of it: an Ollama blob is often
+    17 GB, and ``encoder.checkpoint`` lives as long as the encoder."""
+    write = write_mmproj if flavour == "mmproj" else write_ollama_blob
+    path = write(tmp_path / "model.gguf", tiny_state, TINY_VISION, TINY_PROJECTOR).resolve()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        encoder = g3.load(path, dtype="float32", device="cpu")
+    gc.collect()
+    assert str(path) not in Path("/proc/self/maps").read_text(), "the GGUF is still memory-mapped after loading"
+    # Released, not broken: a later read (convert, say) maps the file again.
+    name = "vision_tower.post_layernorm.weight"
+    assert torch.equal(encoder.checkpoint.tensors[name].read(), tiny_state[name])

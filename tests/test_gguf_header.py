@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import without_blocking
 from gemma3_vision.errors import FormatError
 from gemma3_vision.gguf_header import read_gguf_header
 
@@ -145,6 +146,33 @@ def test_fifo_is_refused_without_blocking(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(FormatError, match="regular file"):
         read_gguf_header(fifo)
+
+
+def test_fifo_swapped_in_after_the_stat_is_refused_without_blocking(tmp_path, monkeypatch):
+    # The path still looked like a regular file when it was stat-ed; by the open it is a FIFO. A blocking open would
+    # wait for a writer forever: the descriptor must be opened non-blocking and checked again with fstat.
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    regular = os.stat(__file__)
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: regular if Path(p) == fifo else real_stat(p, *a, **k))
+    with pytest.raises(FormatError, match="expected a non-empty regular file, found a FIFO"):
+        without_blocking(lambda: read_gguf_header(fifo), fifo)
+
+
+def test_unopenable_file_is_a_format_error(tmp_path, monkeypatch):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF" + b"\0" * 40)
+    real_open = os.open
+
+    def denied(p, *args, **kwargs):  # as for a file without read permission (chmod cannot show it to root)
+        if Path(p) == path:
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_open(p, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(FormatError, match=r"model.gguf: cannot read \(Permission denied\)"):
+        read_gguf_header(path)
 
 
 def test_big_vocabulary_is_summarised(tmp_path):

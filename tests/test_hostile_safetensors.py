@@ -15,8 +15,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from conftest import without_blocking
 from format_fixtures import populate_hf_cache, write_hf_folder
 from gemma3_vision.config import PRESETS
 from gemma3_vision.errors import ConfigError, FormatError, ModelNotFoundError, WeightsError
@@ -116,7 +117,7 @@ def test_smallest_legal_files_pass(tmp_path):
 def test_fifo_weights_file_is_refused_without_blocking(tmp_path):
     fifo = tmp_path / "model.safetensors"
     os.mkfifo(fifo)
-    with pytest.raises(FormatError, match="is not a regular file"):
+    with pytest.raises(FormatError, match="expected a regular file, found a FIFO"):
         read_header(fifo)
 
 
@@ -406,3 +407,80 @@ def test_misaligned_tensors_load_as_copies(tiny_state, tmp_path):
     for name, got in model.state_dict().items():
         assert torch.equal(got, tiny_state[name]), name
         assert got.data_ptr() % 4 == 0, f"{name} left misaligned"
+
+
+# -------------------------------------------------------------------------------- config.json, preprocessor config
+
+@pytest.mark.parametrize("name", ["config.json", "preprocessor_config.json"])
+def test_config_files_are_read_only_if_regular_and_small(tiny_state, tmp_path, name):
+    folder = write_hf_folder(tmp_path / "ckpt", tiny_state, TINY_VISION, TINY_PROJECTOR)
+    (folder / name).unlink()
+    os.mkfifo(folder / name)  # a plain open() waits for a writer forever
+    with pytest.raises(ConfigError, match=f"{name} is not a regular file"):
+        without_blocking(lambda: resolve(folder), folder / name)
+    (folder / name).unlink()
+    (folder / name).symlink_to("/dev/zero")  # never ends
+    with pytest.raises(ConfigError, match=f"{name} is a link to /dev/zero, outside the checkpoint folder"):
+        resolve(folder)
+    (folder / name).unlink()
+    (folder / name).write_text(json.dumps({"padding": " " * (9 << 20)}))  # valid JSON, but no config is 9 MB
+    with pytest.raises(ConfigError, match="must be at most 8,388,608 bytes"):
+        resolve(folder)
+
+
+@pytest.mark.parametrize("name", ["config.json", "preprocessor_config.json"])
+@pytest.mark.parametrize("text, fragment", [
+    ("[" * 100_000 + "]" * 100_000, "nests too deeply"),  # json.loads raises RecursionError, not ValueError
+    ("{not json", "is not UTF-8 JSON"),
+    ('{"a": 1, "a": 2}', "duplicate key 'a'"),
+    ("[1, 2]", "must be a JSON object, found an array"),
+])
+def test_malformed_config_files_are_config_errors(tiny_state, tmp_path, name, text, fragment):
+    folder = write_hf_folder(tmp_path / "ckpt", tiny_state, TINY_VISION, TINY_PROJECTOR)
+    (folder / name).write_text(text)
+    with pytest.raises(ConfigError, match=fragment):
+        resolve(folder)
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ({"image_mean": ["a", "b", "c"]}, r"image_mean must be a list of 3 numbers, found \['a', 'b', 'c'\]"),
+    ({"image_mean": [0.5, 0.5]}, "image_mean must be a list of 3 numbers"),
+    ({"image_mean": [True, 0.5, 0.5]}, "image_mean must be a list of 3 numbers"),
+    ({"image_mean": "0.5"}, "image_mean must be a list of 3 numbers"),
+    ({"image_std": [math.nan, 1, 1]}, "image_std must be 3 finite numbers > 0"),  # all-NaN embeddings otherwise
+    ({"image_std": [0, 1, 1]}, "image_std must be 3 finite numbers > 0"),
+    ({"image_mean": [10**400, 0, 0]}, "image_mean must be 3 finite numbers"),  # beyond float range
+    ({"resample": 1}, r"resample must be 2 \(bilinear\) or 3 \(bicubic\), found 1 \(lanczos\)"),
+    ({"resample": "bicubic"}, "resample must be 2 .bilinear. or 3 .bicubic., found 'bicubic'"),
+    ({"resample": True}, "resample must be 2 .bilinear. or 3 .bicubic., found True"),
+])
+def test_bad_preprocessor_values_are_config_errors(tiny_state, tmp_path, content, fragment):
+    folder = write_hf_folder(tmp_path / "ckpt", tiny_state, TINY_VISION, TINY_PROJECTOR)
+    # allow_nan: json writes NaN, which Python's parser (and transformers) read back
+    (folder / "preprocessor_config.json").write_text(json.dumps(content, allow_nan=True))
+    with pytest.raises(ConfigError, match="preprocessor_config.json: " + fragment):
+        resolve(folder)
+
+
+def test_preprocessor_values_that_transformers_accepts_load(tiny_state, tmp_path):
+    folder = write_hf_folder(tmp_path / "ckpt", tiny_state, TINY_VISION, TINY_PROJECTOR)
+    # one number for all channels, as transformers' normalize takes it; integers are numbers too
+    (folder / "preprocessor_config.json").write_text('{"image_mean": 0.25, "image_std": [1, 2, 0.5], "resample": 3}')
+    p = resolve(folder).preprocess
+    assert (p.image_mean, p.image_std, p.resample) == ((0.25,) * 3, (1.0, 2.0, 0.5), "bicubic")
+
+
+# ------------------------------------------------------------------------------------- ambiguous names in one file
+
+def test_two_keys_for_one_tensor_are_refused(tiny_state, tmp_path):
+    """The Hub layout's name and the transformers 4.52 one for the same tensor: which was meant is unknowable, so
+    neither wins silently."""
+    folder = write_hf_folder(tmp_path / "ckpt", tiny_state, TINY_VISION, TINY_PROJECTOR)
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    tensors["model.vision_tower.vision_model.post_layernorm.weight"] = torch.full((64,), 123.0)
+    save_file(tensors, str(path))
+    with pytest.raises(WeightsError, match=r"model\.vision_tower\.vision_model\.post_layernorm\.weight and "
+                                           r"vision_tower\.vision_model\.post_layernorm\.weight are both "
+                                           r"vision_tower\.post_layernorm\.weight"):
+        resolve(folder)

@@ -16,7 +16,7 @@ import torch
 from conftest import TINY_PROJECTOR, TINY_VISION
 from format_fixtures import populate_hf_cache, write_hf_folder
 from gemma3_vision import hub
-from gemma3_vision.errors import ModelNotFoundError
+from gemma3_vision.errors import FormatError, ModelNotFoundError
 from gemma3_vision.resolve import resolve
 
 REPO = "acme/gemma-3-tiny-it"
@@ -89,6 +89,15 @@ def test_hf_hub_cache_variable_is_honoured(tmp_path, hf_env, monkeypatch, sharde
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert_same_tensors(resolve(REPO), tiny_state)
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_hostile_cached_json_is_a_format_error(hf_env, monkeypatch, sharded_remote, name):
+    (sharded_remote / name).write_text("[" * 100_000 + "]" * 100_000)  # json.loads: RecursionError
+    populate_hf_cache(hf_env, REPO, {p.name: p for p in sharded_remote.iterdir()})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FormatError, match=f"{name}: .* nests too deeply"):
+        resolve(REPO)
 
 
 def test_offline_miss_is_its_own_error(hf_env, monkeypatch):

@@ -104,7 +104,21 @@ def test_broken_manifests_are_format_errors(store, tmp_path, tiny_state):
     with pytest.raises(FormatError, match="no application/vnd.ollama.image.model layer"):
         resolve("m:t")
     manifest.write_text("{not json")
-    with pytest.raises(FormatError, match="not an Ollama manifest"):
+    with pytest.raises(FormatError, match="Ollama manifest is not UTF-8 JSON"):
+        resolve("m:t")
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("[" * 100_000 + "]" * 100_000, "Ollama manifest nests too deeply"),  # RecursionError, not a ValueError
+    ('{"layers": {}}', "expected a list of layers, found an object"),
+    ('{"layers": [], "layers": []}', "duplicate key 'layers'"),
+    ("[]", "Ollama manifest must be a JSON object, found an array"),
+])
+def test_hostile_manifest_json_is_a_format_error(store, tmp_path, tiny_state, text, fragment):
+    blob = write_ollama_blob(tmp_path / "b.gguf", tiny_state, TINY_VISION, TINY_PROJECTOR)
+    manifest = write_ollama_store(store, "m:t", blob)
+    manifest.write_text(text)
+    with pytest.raises(FormatError, match=fragment):
         resolve("m:t")
 
 

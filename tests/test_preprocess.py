@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import make_rgb
+import gemma3_vision as g3
+from conftest import TINY_PROJECTOR, TINY_VISION, make_rgb
+from format_fixtures import write_hf_folder, write_siglip_folder
+from gemma3_vision.errors import ConfigError
+from gemma3_vision.pan_and_scan import PanAndScanConfig, pan_and_scan_inputs
 from gemma3_vision.preprocess import PreprocessConfig, normalize, preprocess, to_rgb
+from gemma3_vision.resolve import resolve
 
 TOL_PIXELS = 1e-6  # same uint8 image, same PIL resize: only float rounding may differ
 
@@ -102,3 +112,86 @@ def test_array_inputs():
     b = preprocess(Image.fromarray(arr), PreprocessConfig(image_size=112))
     assert torch.equal(a, b)
     assert preprocess([arr, arr[..., 0]], PreprocessConfig(image_size=56)).shape == (2, 56, 56, 3)
+
+
+# ------------------------------------------------------------------------------ the resize filter a checkpoint asks
+
+SIGLIP_CASES = ("rgb_downscale", "rgb_upscale", "rgba", "odd_aspect", "l")
+
+
+def _so400m_like(tmp_path, tiny_state, **preprocessor) -> Path:
+    """A standalone SigLIP folder whose config says 384 px; its preprocessor_config.json as so400m-patch14-384's
+    (resample 3) unless overridden (None: the key left out)."""
+    state = {k: v for k, v in tiny_state.items() if k.startswith("vision_tower.")}
+    folder = write_siglip_folder(tmp_path / "siglip", state, replace(TINY_VISION, image_size=384))
+    config = {"image_processor_type": "SiglipImageProcessor", "do_normalize": True, "do_rescale": True,
+              "do_resize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "resample": 3,
+              "rescale_factor": 1 / 255, "size": {"height": 384, "width": 384}, **preprocessor}
+    (folder / "preprocessor_config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    return folder
+
+
+@pytest.mark.parametrize("case", SIGLIP_CASES)
+@pytest.mark.parametrize("resample", [3, None], ids=["resample-3", "resample-default"])
+def test_siglip_checkpoint_matches_siglip_image_processor(tmp_path, tiny_state, case, resample):
+    """so400m's processor resizes bicubic; bilinear would be off by up to ~0.16 at 384 px. transformers reads the
+    same preprocessor_config.json (its class default, when the key is absent, is bicubic too)."""
+    transformers = pytest.importorskip("transformers")
+    folder = _so400m_like(tmp_path, tiny_state, resample=resample)
+    processor = transformers.SiglipImageProcessorPil.from_pretrained(folder)
+    config = resolve(folder).preprocess
+    assert (config.image_size, config.resample) == (384, "bicubic")
+    img = CASES[case]()
+    ours = preprocess(img, config)
+    theirs = processor(images=[img], return_tensors="pt")["pixel_values"].permute(0, 2, 3, 1)  # NHWC
+    assert ours.shape == theirs.shape == (1, 384, 384, 3)
+    d = (ours - theirs).abs().max().item()
+    assert d <= TOL_PIXELS, f"{case}: max abs pixel diff {d:.3g} > {TOL_PIXELS}"
+
+
+def test_gemma3_checkpoint_stays_bilinear(tmp_path, tiny_state):
+    """Gemma3ImageProcessor's filter is bilinear (2), whether preprocessor_config.json says so or not."""
+    folder = write_hf_folder(tmp_path / "g", tiny_state, TINY_VISION, TINY_PROJECTOR)  # no resample key
+    assert resolve(folder).preprocess == PreprocessConfig(image_size=TINY_VISION.image_size)
+    assert resolve(folder).preprocess.resample == "bilinear"
+    (folder / "preprocessor_config.json").unlink()
+    assert resolve(folder).preprocess.resample == "bilinear"
+
+
+def test_siglip_without_preprocessor_config_is_bicubic(tmp_path, tiny_state):
+    folder = _so400m_like(tmp_path, tiny_state)
+    (folder / "preprocessor_config.json").unlink()
+    assert resolve(folder).preprocess.resample == "bicubic"  # SiglipImageProcessor's own default
+
+
+def test_pan_and_scan_views_use_the_checkpoint_filter():
+    img = Image.fromarray(make_rgb(300, 900))
+    config = PreprocessConfig(image_size=56, resample="bicubic")
+    views, _ = pan_and_scan_inputs(img, config, PanAndScanConfig(min_crop_size=64))
+    assert len(views) > 1
+    whole = preprocess(img, config)[0].numpy()
+    assert np.array_equal(views[0], whole), f"max abs diff {np.abs(views[0] - whole).max():.3g}"
+
+
+def test_unknown_filter_is_a_config_error():
+    with pytest.raises(ConfigError, match="resample must be one of bilinear, bicubic, got 'lanczos'"):
+        PreprocessConfig(resample="lanczos")
+
+
+def test_job_keys_of_bilinear_models_are_unchanged_and_the_filter_is_in_the_key(tmp_path, tiny_state):
+    """Gemma 3 keys must not change with the new field, or every output folder made before would be encoded again
+    on resume; the digests below are what the code before it computed."""
+    from gemma3_vision.job import EncodeOptions, job_key
+    from gemma3_vision.output_folder import checkpoint_identity
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        encoder = g3.load("random:tiny", dtype="float32", device="cpu")
+    assert job_key(encoder, EncodeOptions()) == "846cc669238797d7"
+    assert job_key(encoder, EncodeOptions(project=False, pool="mean")) == "bd85454cff231094"
+
+    checkpoint = resolve(_so400m_like(tmp_path, tiny_state))
+    bicubic = checkpoint_identity(checkpoint)
+    checkpoint.preprocess = replace(checkpoint.preprocess, resample="bilinear")
+    assert checkpoint_identity(checkpoint) != bicubic
+    assert "resample" not in checkpoint_identity(checkpoint)["preprocess"]

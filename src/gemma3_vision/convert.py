@@ -26,6 +26,7 @@ from gguf import GGMLQuantizationType as Q
 from .checkpoint import PROJECTOR, TOWER, Checkpoint
 from .errors import ConfigError, WeightsError
 from .format_gguf import MMPROJ_TO_CANONICAL
+from .preprocess import RESAMPLE_CODES
 from .weights import check_tensors
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -120,7 +121,7 @@ def preprocessor_config(checkpoint: Checkpoint) -> dict:
     p = checkpoint.preprocess
     return {"image_processor_type": "Gemma3ImageProcessor" if checkpoint.projector else "SiglipImageProcessor",
             "do_convert_rgb": True, "do_resize": True, "size": {"height": p.image_size, "width": p.image_size},
-            "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "resample": RESAMPLE_CODES[p.resample], "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
             "image_mean": list(p.image_mean), "image_std": list(p.image_std)}
 
 

@@ -12,7 +12,7 @@ tensors are ever touched, so a 17 GB Ollama blob costs its 0.8 GB tower. Quantiz
 
 from __future__ import annotations
 
-import math
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +27,8 @@ from .checkpoint import Checkpoint, TensorSource
 from .config import ProjectorConfig, VisionConfig
 from .errors import ConfigError, WeightsError
 from .gguf_header import GGUFHeader, TensorInfo, read_gguf_header
-from .preprocess import PreprocessConfig
+from .preprocess import PreprocessConfig, channel_values
+from .safe_io import open_regular
 
 Fix = Callable[[torch.Tensor], torch.Tensor]
 Entry = str | tuple[str, Fix] | None
@@ -119,14 +120,6 @@ def lookup(table: dict[str, Entry], name: str) -> tuple[str, Fix | None] | None 
     return (target.format(bid=bid) if bid is not None else target), fix
 
 
-def is_gguf(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
-
-
 def load_gguf(path: str | Path, description: str | None = None) -> Checkpoint:
     """A llama.cpp mmproj or an Ollama gemma3 blob → ``Checkpoint`` (configs from its metadata, lazy tensors).
 
@@ -160,7 +153,7 @@ def load_gguf(path: str | Path, description: str | None = None) -> Checkpoint:
 
     tensors: dict[str, TensorSource] = {}
     unexpected: list[str] = []
-    data = np.memmap(path, dtype=np.uint8, mode="r")
+    data = _Mapping(header)
     for name in vision_names:
         mapped = lookup(table, name)
         if not isinstance(mapped, tuple):
@@ -182,7 +175,7 @@ def load_gguf(path: str | Path, description: str | None = None) -> Checkpoint:
         conventions.append(FFN_SWAPPED)
     return Checkpoint(format=fmt, files=[path], vision=vision, projector=projector, preprocess=preprocess,
                       tensors=tensors, conventions=conventions, unexpected=sorted(unexpected),
-                      description=description or str(path))
+                      description=description or str(path), release=data.release)
 
 
 def swap_legacy_ffn(tensors: dict[str, TensorSource], vision: VisionConfig) -> bool:
@@ -216,9 +209,32 @@ def _check_readable(path: Path, info: TensorInfo) -> None:
                        "dequantize it")
 
 
-def _reader(data: np.memmap, info: TensorInfo, fix: Fix | None) -> Callable[[], torch.Tensor]:
+class _Mapping:
+    """The file memory-mapped while tensors are read; ``release`` unmaps it (``read_tensor`` copies, so nothing
+    read still points into it). Without that, a loaded model would keep a 17 GB Ollama blob mapped for good."""
+
+    def __init__(self, header: GGUFHeader):
+        self.header = header
+        self.data: np.memmap | None = None
+
+    def get(self) -> np.memmap:
+        if self.data is None:
+            path = self.header.path
+            with open_regular(path, WeightsError) as f:  # a FIFO swapped in since the header was read would block
+                size = os.fstat(f.fileno()).st_size
+                if size != self.header.file_size:  # shorter: a read past the end of a mapping is SIGBUS
+                    raise WeightsError(f"{path}: the file changed after its header was validated ("
+                                       f"{self.header.file_size:,} bytes then, {size:,} now)")
+                self.data = np.memmap(f, dtype=np.uint8, mode="r")
+        return self.data
+
+    def release(self) -> None:
+        self.data = None
+
+
+def _reader(data: _Mapping, info: TensorInfo, fix: Fix | None) -> Callable[[], torch.Tensor]:
     def read() -> torch.Tensor:
-        t = read_tensor(data, info)
+        t = read_tensor(data.get(), info)
         return fix(t) if fix else t
     return read
 
@@ -276,8 +292,8 @@ def configs_from_gguf_metadata(header: GGUFHeader, fmt: str
             projection = header.tensors.get("mm.input_projection.weight")
             width = _int(meta, k + "projection_dim", projection.ne[0] if projection else None)
             projector = ProjectorConfig(text_hidden_size=width, mm_tokens_per_image=(vision.grid_size // scale) ** 2)
-            mean = tuple(meta.get(k + "image_mean", (0.5, 0.5, 0.5)))
-            std = tuple(meta.get(k + "image_std", (0.5, 0.5, 0.5)))
+            mean = channel_values(meta.get(k + "image_mean", (0.5, 0.5, 0.5)), k + "image_mean")
+            std = channel_values(meta.get(k + "image_std", (0.5, 0.5, 0.5)), k + "image_std", positive=True)
         else:
             k = "gemma3.vision."
             vision = VisionConfig(
@@ -298,10 +314,6 @@ def configs_from_gguf_metadata(header: GGUFHeader, fmt: str
         projector.pool_kernel(vision)
     except ConfigError as e:
         raise ConfigError(f"{header.path}: {e}") from None
-    if len(mean) != 3 or len(std) != 3 or not all(isinstance(x, float) and math.isfinite(x) for x in mean + std) \
-            or any(s <= 0 for s in std):
-        raise ConfigError(f"{header.path}: image_mean and image_std must be 3 finite numbers (std > 0), got "
-                          f"{mean} and {std}")
-    preprocess = PreprocessConfig(image_size=vision.image_size, image_mean=mean, image_std=std)  # type: ignore[arg-type]
+    preprocess = PreprocessConfig(image_size=vision.image_size, image_mean=mean, image_std=std)
     return vision, projector, preprocess
 

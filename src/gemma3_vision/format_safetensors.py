@@ -7,7 +7,6 @@ tensors that are views of its mapping: reading one costs nothing until its pages
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import stat
@@ -15,7 +14,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -23,7 +22,8 @@ from safetensors import SafetensorError, safe_open
 from .checkpoint import PROJECTOR, TOWER, Checkpoint, TensorSource
 from .config import VisionConfig, configs_from_hf_dict
 from .errors import ConfigError, FormatError, ModelNotFoundError, WeightsError
-from .preprocess import PreprocessConfig
+from .preprocess import RESAMPLE_CODES, PreprocessConfig, channel_values, resample_name
+from .safe_io import open_regular, parse_json, read_json, read_json_object
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
@@ -32,6 +32,8 @@ _OTHER_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16":
 _DTYPE_BYTES = {**FLOAT_DTYPES, **_OTHER_DTYPES}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+PREPROCESSOR_NAME = "preprocessor_config.json"
 
 # File key prefix → canonical root, per layout. Longest prefixes first: the first match wins.
 GEMMA3_PREFIXES: tuple[tuple[str, str], ...] = (
@@ -75,7 +77,7 @@ def read_header(path: Path) -> Header:
 
 def read_shard(path: Path) -> ShardFile:
     """``read_header``, keeping which file was validated (for ``open_shard``)."""
-    with _open_regular(path, "safetensors file") as f:
+    with open_regular(path) as f:
         st = os.fstat(f.fileno())
         size = st.st_size
         if size < 8:
@@ -86,7 +88,7 @@ def read_shard(path: Path) -> ShardFile:
         if 8 + n > size:
             raise FormatError(f"{path}: header claims {n:,} bytes but the file holds {size - 8:,} after the length")
         raw = f.read(n)
-    header = _parse_json(path, raw, "header")
+    header = parse_json(path, raw, "header")
     if not isinstance(header, dict):
         raise FormatError(f"{path}: header must be a JSON object, found {type(header).__name__}")
     metadata = header.get("__metadata__", {})
@@ -133,37 +135,6 @@ def open_shard(shard: ShardFile) -> Any:
         raise WeightsError(f"{shard.path}: safetensors cannot open the file ({e})") from None
     check_unchanged()
     return handle
-
-
-def _open_regular(path: Path, what: str) -> BinaryIO:
-    """Open a file only if it is a regular file, never blocking on a FIFO or reading a device."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    except OSError as e:
-        raise WeightsError(f"{path}: cannot open {what} ({e.strerror or e})") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise FormatError(f"{path}: {what} is not a regular file")
-    return os.fdopen(fd, "rb")
-
-
-def _parse_json(path: Path, raw: bytes, what: str) -> Any:
-    """Strict JSON: UTF-8, no duplicate keys (a second entry could hide behind the first), bounded nesting."""
-
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        d: dict[str, Any] = {}
-        for k, v in pairs:
-            if k in d:
-                raise FormatError(f"{path}: {what} has a duplicate key {k!r}")
-            d[k] = v
-        return d
-
-    try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: {what} is not UTF-8 JSON ({e})") from None
-    except RecursionError:
-        raise FormatError(f"{path}: {what} nests too deeply to be a safetensors {what}") from None
 
 
 def _check_entry(path: Path, name: str, info: Any) -> tuple[str, tuple[int, ...], tuple[int, int]]:
@@ -216,34 +187,43 @@ def _regular_file(folder: Path, name: str, what: str) -> Path:
     return path
 
 
-def list_shards(folder: Path) -> dict[str, Path]:
-    """Every tensor name → the shard file holding it, from the index or the single file."""
+def _index_shards(folder: Path, index: Path) -> dict[str, Path]:
+    """Tensor name → shard path from ``model.safetensors.index.json``, every shard name checked first."""
+    parsed = read_json(_regular_file(folder, INDEX_NAME, "index"), "index", max_bytes=MAX_HEADER_BYTES)
+    weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
+    if weight_map is None:
+        raise FormatError(f"{index}: not a safetensors index: expected an object with a weight_map")
+    if not isinstance(weight_map, dict):
+        raise FormatError(f"{index}: weight_map must be an object, found {type(weight_map).__name__}")
+    shards: dict[str, Path] = {}
+    by_name: dict[str, Path] = {}
+    for tensor, shard in weight_map.items():
+        if not (isinstance(shard, str) and shard.endswith(".safetensors")):
+            raise FormatError(f"{index}: shard for {tensor} must be a .safetensors file name, found {shard!r}")
+        if shard not in by_name:
+            try:
+                by_name[shard] = _regular_file(folder, shard, "shard")
+            except FormatError:
+                raise
+            except WeightsError:  # missing: a partial hub download holds only the shards the tower needs;
+                by_name[shard] = folder / shard  # load_hf_folder fails if a needed tensor lives here
+        shards[tensor] = by_name[shard]
+    return shards
+
+
+def list_shards(folder: Path, weights: Path | None = None) -> dict[str, Path]:
+    """Every tensor name → the shard file holding it, from the index or the single file.
+
+    ``weights`` is a ``.safetensors`` file in ``folder`` that the user named: when the index lists it, it is one
+    shard of the indexed checkpoint, which is read whole; any other file is read alone.
+    """
     index = folder / INDEX_NAME
     if index.exists():
-        with _open_regular(_regular_file(folder, INDEX_NAME, "index"), "index") as f:
-            raw = f.read(MAX_HEADER_BYTES + 1)
-        if len(raw) > MAX_HEADER_BYTES:
-            raise FormatError(f"{index}: larger than {MAX_HEADER_BYTES:,} bytes; not a safetensors index")
-        parsed = _parse_json(index, raw, "index")
-        weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
-        if weight_map is None:
-            raise FormatError(f"{index}: not a safetensors index: expected an object with a weight_map")
-        if not isinstance(weight_map, dict):
-            raise FormatError(f"{index}: weight_map must be an object, found {type(weight_map).__name__}")
-        shards: dict[str, Path] = {}
-        by_name: dict[str, Path] = {}
-        for tensor, shard in weight_map.items():
-            if not (isinstance(shard, str) and shard.endswith(".safetensors")):
-                raise FormatError(f"{index}: shard for {tensor} must be a .safetensors file name, found {shard!r}")
-            if shard not in by_name:
-                try:
-                    by_name[shard] = _regular_file(folder, shard, "shard")
-                except FormatError:
-                    raise
-                except WeightsError:  # missing: a partial hub download holds only the shards the tower needs;
-                    by_name[shard] = folder / shard  # load_hf_folder fails if a needed tensor lives here
-            shards[tensor] = by_name[shard]
-        return shards
+        shards = _index_shards(folder, index)
+        if weights is None or weights.name in {p.name for p in shards.values()}:
+            return shards
+    if weights is not None:
+        return dict.fromkeys(read_header(weights), weights)
     single = folder / SINGLE_NAME
     if single.exists():
         path = _regular_file(folder, SINGLE_NAME, "weights file")
@@ -265,21 +245,23 @@ def _map_key(key: str, prefixes: tuple[tuple[str, str], ...], ignored: tuple[str
     return False
 
 
-def load_hf_folder(folder: Path) -> Checkpoint:
-    """A Hugging Face-layout folder: config.json, optional preprocessor_config.json, safetensors."""
-    config_path = folder / "config.json"
-    try:
-        config_dict = json.loads(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelNotFoundError(f"{folder}: no config.json (not a Hugging Face checkpoint folder)") from None
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{config_path}: not valid JSON ({e})") from None
+def load_hf_folder(folder: Path, weights: Path | None = None) -> Checkpoint:
+    """A Hugging Face-layout folder: config.json, optional preprocessor_config.json, safetensors.
+
+    Args:
+        weights: a ``.safetensors`` file in ``folder`` that the user named (see ``list_shards``); the configs still
+            come from the folder.
+    """
+    config_path = folder / CONFIG_NAME
+    config_dict = _read_config(folder, CONFIG_NAME, "config")
+    if config_dict is None:
+        raise ModelNotFoundError(f"{folder}: no config.json (not a Hugging Face checkpoint folder)")
     vision, projector = configs_from_hf_dict(config_dict)
-    preprocess = _preprocess_config(folder, vision)
     is_siglip = projector is None
+    preprocess = _preprocess_config(folder, vision, "bicubic" if is_siglip else "bilinear")
     prefixes, ignored = (SIGLIP_PREFIXES, SIGLIP_IGNORED) if is_siglip else (GEMMA3_PREFIXES, GEMMA3_IGNORED)
 
-    shard_of = list_shards(folder)
+    shard_of = list_shards(folder, weights)
     wanted: dict[str, str] = {}  # canonical → file key
     unexpected: list[str] = []
     for key in shard_of:
@@ -287,11 +269,16 @@ def load_hf_folder(folder: Path) -> Checkpoint:
         if name is False:
             unexpected.append(key)
         elif isinstance(name, str):
+            if name in wanted:  # two layouts' names for one tensor: which one was meant is anyone's guess
+                first, second = sorted((wanted[name], key))
+                raise WeightsError(f"{folder}: {first} and {second} are both {name}; expected each tensor "
+                                   "once, in one key layout")
             wanted[name] = key
 
     shards: dict[Path, ShardFile] = {}
     for path in sorted({shard_of[key] for key in wanted.values()}):
-        shards[path] = read_shard(_regular_file(folder, path.name, "shard"))
+        # A file the user named may be a link to anywhere they like; names from the index may not.
+        shards[path] = read_shard(path if path == weights else _regular_file(folder, path.name, "shard"))
 
     # Open while the model is read. Checkpoint.release() drops them: the tensors kept in the stored dtype hold the
     # mapping alive themselves, and when they are cast nothing of the file stays mapped or resident.
@@ -328,7 +315,7 @@ def load_hf_folder(folder: Path) -> Checkpoint:
     return Checkpoint(
         format=fmt, files=[config_path, *sorted(shards)], vision=vision, projector=projector,
         preprocess=preprocess, tensors=tensors, conventions=conventions, unexpected=unexpected,
-        description=str(folder), release=handles.clear,
+        description=str(weights or folder), release=handles.clear,
     )
 
 
@@ -345,17 +332,29 @@ def _patch_conv_layout(path: Path, key: str, shape: tuple[int, ...], vision: Vis
     return shape, None  # a wrong shape is reported by the strict load, with every other problem
 
 
-def _preprocess_config(folder: Path, vision: VisionConfig) -> PreprocessConfig:
-    path = folder / "preprocessor_config.json"
-    if not path.exists():
-        return PreprocessConfig(image_size=vision.image_size)
+def _read_config(folder: Path, name: str, what: str) -> dict[str, Any] | None:
+    """``folder/name`` as a JSON object, or None when there is no such file. Read like the index: a regular file
+    (a FIFO would block, ``/dev/zero`` never ends), links kept inside the checkpoint, bounded size, strict JSON."""
+    if not (folder / name).exists():
+        return None
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    mean = tuple(float(x) for x in d.get("image_mean", (0.5, 0.5, 0.5)))
-    std = tuple(float(x) for x in d.get("image_std", (0.5, 0.5, 0.5)))
-    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-        raise ConfigError(f"{path}: image_mean and image_std must be 3 numbers (std > 0), got {mean} and {std}")
-    return PreprocessConfig(image_size=vision.image_size, image_mean=mean, image_std=std)  # type: ignore[arg-type]
+        path = _regular_file(folder, name, what)
+    except WeightsError as e:
+        raise ConfigError(str(e)) from None
+    return read_json_object(path, what, ConfigError)
 
+
+def _preprocess_config(folder: Path, vision: VisionConfig, resample: str) -> PreprocessConfig:
+    """From ``preprocessor_config.json`` when present. ``resample`` is the default of the model's image processor
+    class (transformers' SiglipImageProcessor: bicubic; Gemma3ImageProcessor: bilinear)."""
+    d = _read_config(folder, PREPROCESSOR_NAME, "preprocessor config")
+    if d is None:
+        return PreprocessConfig(image_size=vision.image_size, resample=resample)
+    default = PreprocessConfig()
+    try:
+        mean = channel_values(d.get("image_mean", default.image_mean), "image_mean", broadcast=True)
+        std = channel_values(d.get("image_std", default.image_std), "image_std", broadcast=True, positive=True)
+        resample = resample_name(d.get("resample", RESAMPLE_CODES[resample]))
+    except ConfigError as e:
+        raise ConfigError(f"{folder / PREPROCESSOR_NAME}: {e}") from None
+    return PreprocessConfig(image_size=vision.image_size, image_mean=mean, image_std=std, resample=resample)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import FormatError
+from .safe_io import open_regular
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -63,13 +63,6 @@ class TensorInfo:
     def shape(self) -> tuple[int, ...]:
         """The torch (row-major) shape: ``ne`` reversed."""
         return tuple(reversed(self.ne))
-
-    @property
-    def n_elements(self) -> int:
-        n = 1
-        for d in self.ne:
-            n *= d
-        return n
 
 
 @dataclass
@@ -140,17 +133,6 @@ class _Cursor:
 _U64 = struct.Struct("<Q")
 
 
-def _open_regular(path: Path) -> int:
-    """A file descriptor for ``path``, refusing FIFOs, devices and directories (they block or never end)."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
-    if not stat.S_ISREG(mode):
-        raise FormatError(f"{path}: expected a regular file")
-    return os.open(path, os.O_RDONLY)
-
-
 def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
     """Parse and validate a GGUF file's header, tensor infos and data layout without reading tensor data.
 
@@ -159,15 +141,12 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
             unknown types, more than 4 dims, misaligned, overlapping or out-of-file tensor data).
     """
     path = Path(path)
-    fd = _open_regular(path)
-    try:
-        size = os.fstat(fd).st_size
+    with open_regular(path, FormatError) as f:
+        size = os.fstat(f.fileno()).st_size
         if size < 24:
             raise FormatError(f"{path}: a GGUF file is at least 24 bytes (magic, version, counts), found {size}")
-        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mm:
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             return _parse(mm, path, size)
-    finally:
-        os.close(fd)
 
 
 def _parse(buf: mmap.mmap, path: Path, size: int) -> GGUFHeader:

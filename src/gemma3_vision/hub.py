@@ -8,7 +8,6 @@ or projector tensors are downloaded (a 27B checkpoint costs its ~0.8 GB tower, n
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from typing import Any
 
 from .errors import FormatError, ModelNotFoundError
 from .format_safetensors import GEMMA3_IGNORED, INDEX_NAME, SIGLIP_IGNORED, SINGLE_NAME
+from .safe_io import read_json_object
 
 CONFIG_NAME = "config.json"
 OPTIONAL_CONFIGS = ("preprocessor_config.json",)
@@ -73,20 +73,8 @@ def needed_shards(weight_map: dict[str, Any], config: dict[str, Any], where: str
     return sorted(shards)
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        if path.stat().st_size > MAX_INDEX_BYTES:
-            raise FormatError(f"{path}: {what} larger than {MAX_INDEX_BYTES:,} bytes")
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise FormatError(f"{path}: {what} is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise FormatError(f"{path}: {what} must be a JSON object")
-    return data
-
-
 def _weight_map(index: Path) -> dict[str, Any]:
-    weight_map = _read_json(index, "shard index").get("weight_map")
+    weight_map = read_json_object(index, "shard index", max_bytes=MAX_INDEX_BYTES).get("weight_map")
     if not isinstance(weight_map, dict):
         raise FormatError(f"{index}: not a safetensors index: expected an object with a weight_map")
     return weight_map
@@ -101,7 +89,7 @@ def cached_snapshot(repo_id: str, cache: Path) -> Path | None:
         return None
     snapshot = Path(config).parent
     if (snapshot / INDEX_NAME).is_file():
-        shards = needed_shards(_weight_map(snapshot / INDEX_NAME), _read_json(Path(config), "config"),
+        shards = needed_shards(_weight_map(snapshot / INDEX_NAME), read_json_object(Path(config), "config"),
                                str(snapshot / INDEX_NAME))
         return snapshot if all((snapshot / s).is_file() for s in shards) else None
     return snapshot if (snapshot / SINGLE_NAME).is_file() else None
@@ -140,7 +128,7 @@ def fetch(repo_id: str, *, download: Callable[..., str] | None = None) -> Path:
     index = get(INDEX_NAME, required=False)
     if index is not None:
         files.append(index)
-        for shard in needed_shards(_weight_map(index), _read_json(config, "config"), f"{repo_id}/{INDEX_NAME}"):
+        for shard in needed_shards(_weight_map(index), read_json_object(config, "config"), f"{repo_id}/{INDEX_NAME}"):
             files.append(get(shard))  # type: ignore[arg-type]
     else:
         files.append(get(SINGLE_NAME))  # type: ignore[arg-type]

@@ -63,7 +63,8 @@ def job_key(encoder: Gemma3Vision, options: EncodeOptions) -> str:
     compute = encoder.model.vision_tower.compute_dtype or encoder.dtype
     precision = str(encoder.dtype) if compute == encoder.dtype else f"{encoder.dtype} computed in {compute}"
     return fingerprint(checkpoint_identity(encoder.checkpoint), precision, options.project,
-                       options.exif_transpose, encoder.preprocess_config, *([extras] if wanted else []))
+                       options.exif_transpose, encoder.preprocess_config.identity(),
+                       *([extras] if wanted else []))
 
 
 def encode_batch_for(encoder: Gemma3Vision, options: EncodeOptions) -> EncodeBatch:

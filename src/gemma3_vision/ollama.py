@@ -8,7 +8,6 @@ Ollama's store (OL ``envconfig/config.go``, ``types/model/name.go``, ``manifest/
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
@@ -18,6 +17,7 @@ from pathlib import Path
 from .checkpoint import Checkpoint
 from .errors import FormatError, ModelNotFoundError
 from .format_gguf import load_gguf
+from .safe_io import json_type, read_json_object
 
 DEFAULT_HOST, DEFAULT_NAMESPACE, DEFAULT_TAG = "registry.ollama.ai", "library", "latest"
 MODEL_LAYER = "application/vnd.ollama.image.model"
@@ -95,13 +95,9 @@ def find_model(name: str, root: Path | None = None) -> OllamaModel | None:
     manifest = root / "manifests" / parsed.host / parsed.namespace / parsed.model / parsed.tag
     if not manifest.is_file():
         return None
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-        layers = data["layers"]
-        if not isinstance(layers, list):
-            raise TypeError("layers is not a list")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise FormatError(f"{manifest}: not an Ollama manifest ({e})") from None
+    layers = read_json_object(manifest, "Ollama manifest").get("layers")
+    if not isinstance(layers, list):
+        raise FormatError(f"{manifest}: not an Ollama manifest: expected a list of layers, found {json_type(layers)}")
     model = _layer_blob(root, manifest, layers, MODEL_LAYER)
     if model is None:
         raise FormatError(f"{manifest}: no {MODEL_LAYER} layer (only GGUF models are supported, not "

@@ -71,7 +71,7 @@ def checkpoint_identity(checkpoint: Checkpoint) -> dict[str, Any]:
         except OSError:
             files.append([os.path.abspath(path), None, None])
     return {"description": checkpoint.description, "format": checkpoint.format, "vision": checkpoint.vision,
-            "projector": checkpoint.projector, "preprocess": checkpoint.preprocess,
+            "projector": checkpoint.projector, "preprocess": checkpoint.preprocess.identity(),
             "conventions": checkpoint.conventions, "files": files}
 
 

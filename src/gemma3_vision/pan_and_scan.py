@@ -92,6 +92,6 @@ def pan_and_scan_inputs(img: Image.Image, preprocess: PreprocessConfig = _GEMMA3
                         config: PanAndScanConfig = PanAndScanConfig()) -> tuple[np.ndarray, list[Box]]:
     """One decoded image → float32 ``(1 + n_crops, S, S, 3)`` model input (original first) and the boxes."""
     images, boxes = views(img, config)
-    arrays = [normalize(np.asarray(resize(view, preprocess.image_size)), preprocess.image_mean,
-                        preprocess.image_std) for view in images]  # each (S, S, 3)
+    arrays = [normalize(np.asarray(resize(view, preprocess.image_size, preprocess.resample)),
+                        preprocess.image_mean, preprocess.image_std) for view in images]  # each (S, S, 3)
     return np.stack(arrays), boxes

@@ -2,7 +2,7 @@
 
 Pipeline: decode (allow-listed formats, bomb-checked, first frame) → EXIF orientation (files only, see the policy
 below) → RGB (alpha composited onto white, 16-bit scaled) → stretch-resize to ``image_size²`` with Pillow's
-antialiasing bilinear filter → ``x/255`` → ``(x - mean) / std`` → float32 NHWC.
+antialiasing bilinear filter (bicubic for SigLIP checkpoints that ask for it) → ``x/255`` → ``(x - mean) / std`` → float32 NHWC.
 
 EXIF policy: an image given as a *file path* is rotated by its EXIF orientation tag (as transformers'
 ``load_image(path)`` does); an image given as a PIL image or an array is taken as already oriented (as transformers
@@ -11,17 +11,19 @@ takes it). ``exif_transpose=False`` turns the rotation off for files.
 
 from __future__ import annotations
 
+import math
 import os
-import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import BinaryIO
+from dataclasses import asdict, dataclass
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .errors import ImageError
+from .errors import ConfigError, ImageError
+from .safe_io import file_kind as file_kind  # re-exported: discovery takes it from here
+from .safe_io import open_regular
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
@@ -29,40 +31,89 @@ ImageInput = str | os.PathLike | Image.Image | np.ndarray
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own warning threshold; 896² needs a tiny fraction of it
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # opening a FIFO must not wait for a writer
+
+
+# preprocessor_config.json's ``resample`` (PIL's filter numbers) → the filters honoured. Gemma3ImageProcessor uses
+# bilinear (2); SiglipImageProcessor defaults to bicubic (3), and so400m's config says 3.
+RESAMPLE_CODES = {"bilinear": 2, "bicubic": 3}
+_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """What turns an RGB image into model input. Gemma 3: 896 px, mean = std = 0.5 (from preprocessor_config)."""
+    """What turns an RGB image into model input. Gemma 3: 896 px, mean = std = 0.5 (from preprocessor_config),
+    bilinear resize."""
 
     image_size: int = 896
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    resample: str = "bilinear"  # a key of RESAMPLE_CODES
+
+    def __post_init__(self) -> None:
+        if self.resample not in RESAMPLE_CODES:
+            raise ConfigError(f"resample must be one of {', '.join(RESAMPLE_CODES)}, got {self.resample!r}")
+
+    def identity(self) -> dict[str, Any]:
+        """The fields, for job keys: bilinear (the only filter before ``resample`` existed) is left out, so the
+        keys of jobs made before stay the same and resume."""
+        fields = asdict(self)
+        if self.resample == "bilinear":
+            del fields["resample"]
+        return fields
+
+
+def resample_name(code: Any) -> str:
+    """A preprocessor_config.json ``resample`` number → its name in RESAMPLE_CODES.
+
+    Raises:
+        ConfigError: any other value (nearest, lanczos, box, hamming are not implemented).
+    """
+    for name, value in RESAMPLE_CODES.items():
+        if code == value and isinstance(code, int) and not isinstance(code, bool):
+            return name
+    known = {0: "nearest", 1: "lanczos", 4: "box", 5: "hamming"}
+    found = f"{code} ({known[code]})" if isinstance(code, int) and code in known else _short(code)
+    raise ConfigError(f"resample must be 2 (bilinear) or 3 (bicubic), found {found}")
+
+
+def channel_values(value: Any, key: str, *, broadcast: bool = False,
+                   positive: bool = False) -> tuple[float, float, float]:
+    """``image_mean`` / ``image_std`` as three finite floats (``positive``: each > 0). ``broadcast``: one number
+    stands for all three channels, as transformers' ``normalize`` allows.
+
+    Raises:
+        ConfigError: anything else (a string, a wrong length, NaN, a std of 0, a number too large for a float).
+    """
+    if broadcast and _is_number(value):
+        value = [value] * 3
+    if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_number(x) for x in value)):
+        raise ConfigError(f"{key} must be a list of 3 numbers, found {_short(value)}")
+    try:
+        out = (float(value[0]), float(value[1]), float(value[2]))
+    except OverflowError:  # a JSON integer beyond float range
+        out = (math.inf,) * 3
+    if not all(math.isfinite(x) and (x > 0 or not positive) for x in out):
+        raise ConfigError(f"{key} must be 3 finite numbers{' > 0' if positive else ''}, found {_short(value)}")
+    return out
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def open_regular_file(path: str | os.PathLike) -> BinaryIO:
-    """Open ``path`` for binary reading only if it is a regular, non-empty file, without ever blocking.
-
-    A FIFO blocks ``open`` forever and ``/dev/zero`` never ends, so the kind is checked with ``stat`` before
-    opening, and again with ``fstat`` on the opened descriptor (the path may have been swapped in between).
+    """Open ``path`` for binary reading only if it is a regular, non-empty file, without ever blocking
+    (``safe_io.open_regular``).
 
     Raises:
         ImageError: missing, unreadable, not a regular file, or empty.
     """
-    try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise ImageError(f"{path}: expected a regular file, found {file_kind(st.st_mode)}")
-        fd = os.open(path, os.O_RDONLY | _NONBLOCK | getattr(os, "O_BINARY", 0))
-    except OSError as e:
-        raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
-        os.close(fd)
-        found = "an empty file (0 bytes)" if stat.S_ISREG(st.st_mode) else file_kind(st.st_mode)
-        raise ImageError(f"{path}: expected a non-empty image file, found {found}")
-    return os.fdopen(fd, "rb")
+    return open_regular(path, ImageError, allow_empty=False)
 
 
 def open_image(path: str | os.PathLike, *, exif_transpose: bool = True,
@@ -178,9 +229,10 @@ def _array_to_pil(a: np.ndarray) -> Image.Image:
     raise ImageError(f"image arrays must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {a.shape}")
 
 
-def resize(img: Image.Image, size: int) -> Image.Image:
-    """Stretch to size×size with Pillow's bilinear filter (antialiased on downscale), aspect not kept."""
-    return img.resize((size, size), Image.Resampling.BILINEAR)
+def resize(img: Image.Image, size: int, resample: str = "bilinear") -> Image.Image:
+    """Stretch to size×size with Pillow's bilinear or bicubic filter (antialiased on downscale), aspect not kept.
+    As transformers' PIL backend calls it: no ``reducing_gap``."""
+    return img.resize((size, size), _FILTERS[resample])
 
 
 def _normalize_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -216,7 +268,7 @@ def preprocess_one(image: ImageInput, config: PreprocessConfig = PreprocessConfi
 def pil_to_input(img: Image.Image, config: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
     """A decoded PIL image → float32 ``(S, S, 3)``: RGB, resize, normalize."""
     try:
-        rgb = np.asarray(resize(to_rgb(img), config.image_size))  # (S, S, 3) uint8
+        rgb = np.asarray(resize(to_rgb(img), config.image_size, config.resample))  # (S, S, 3) uint8
     except ImageError:
         raise
     except Exception as e:
@@ -233,15 +285,6 @@ def preprocess(images: ImageInput | Sequence[ImageInput], config: PreprocessConf
     if not arrays:
         raise ImageError("no images given")
     return torch.from_numpy(np.stack(arrays))  # (B, S, S, 3)
-
-
-def file_kind(mode: int) -> str:
-    """What a non-regular file is, for messages: "a FIFO", "a socket", ..."""
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return name
-    return "not a regular file"
 
 
 def _one_line(e: BaseException) -> str:

@@ -87,8 +87,8 @@ def load_path(path: Path) -> Checkpoint:
 
         return load_gguf(path)
     if kind == "safetensors":
-        if path.parent.joinpath("config.json").is_file():
-            return load_hf_folder(path.parent)  # a weights file inside a Hugging Face folder
+        if path.parent.joinpath("config.json").is_file():  # a weights file inside a Hugging Face folder
+            return load_hf_folder(path.parent, weights=path)
         raise ModelNotFoundError(f"{path}: a safetensors file needs its config.json beside it (the head count and "
                                  "image size are not in the tensors); pass the folder that holds both")
     raise ModelNotFoundError(f"{path}: neither a GGUF file nor a safetensors file (by content), nor a checkpoint "
