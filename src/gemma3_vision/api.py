@@ -33,6 +33,43 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` as a ``torch.device``, without asking whether this machine has it (a Ray
+    driver names the device of other machines).
+
+    Raises:
+        ConfigError: anything else.
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):  # torch's own message lists every device type it knows
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be cpu, cuda or cuda:N (N a GPU index), got {str(device)!r}")
+    return parsed
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on: ``None`` picks CUDA when available, else the CPU; a named one must exist here.
+
+    Raises:
+        ConfigError: not cpu, cuda or cuda:N; CUDA asked for where there is none; a GPU index this machine lacks.
+    """
+    if device is None:
+        return default_device()
+    parsed = parse_device(device)
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ConfigError(f"device {str(device)!r} asked for, but CUDA is not available on this machine "
+                              f"({why}): use cpu")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise ConfigError(f"device must be one of cuda:0..cuda:{count - 1} on this machine ({count} GPU"
+                              f"{'s' if count > 1 else ''}), got {str(device)!r}")
+    return parsed
+
+
 @functools.lru_cache(maxsize=1)
 def _cpu_flags() -> frozenset[str]:
     try:
@@ -360,14 +397,18 @@ def load(model: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
             name, an MLX or SigLIP folder, or ``random`` / ``random:tiny`` for seeded random weights (the
             resolution order is in ``resolve.py`` and the README).
         dtype: ``float32``, ``bfloat16`` or ``float16``; ``None`` picks bfloat16 where it is fast, else float32.
-        device: ``cpu``, ``cuda``, ...; ``None`` picks CUDA when available.
+        device: ``cpu``, ``cuda`` or ``cuda:N``; ``None`` picks CUDA when available.
         image_size: input side in pixels, overriding the checkpoint's (e.g. 448 or 1344 for Gemma 3, whose
             position table is 64×64: it is interpolated bicubically, as transformers does).
 
     Returns:
         A ``Gemma3Vision`` whose ``encode(images)`` returns embeddings.
+
+    Raises:
+        ConfigError: a bad dtype, device or image size; a device this machine does not have.
+        ModelNotFoundError, WeightsError: the model cannot be found, or its files cannot be read as one.
     """
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     run_dtype = resolve_dtype(dtype, device)
     checkpoint = resolve(model, dtype=run_dtype)  # random weights are made in it: nothing to cast
     if image_size is not None:
