@@ -18,7 +18,14 @@ from format_fixtures import write_hf_folder
 from gemma3_vision.config import PRESETS
 from gemma3_vision.errors import WeightsError
 from gemma3_vision.resolve import resolve
-from gemma3_vision.weights import VisionModel, _one_thread, all_finite, empty_model, expected_shapes, load_model
+from gemma3_vision.weights import (
+    VisionModel,
+    _one_thread,
+    all_finite,
+    empty_model,
+    expected_shapes,
+    load_model,
+)
 
 TINY_VISION, TINY_PROJECTOR = PRESETS["tiny"]
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
