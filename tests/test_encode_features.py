@@ -1,5 +1,5 @@
 """``gemma3-vision encode`` with --pan-and-scan, --image-size, --layers, --pool: the extra .npy files and the
-index records, equal to the Python API's arrays."""
+index records, equal to the Python API's arrays; the API's ``encode`` on edge inputs (empty, zero-size)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import TOL, make_rgb
-from gemma3_vision import RandomWeightsWarning
+from gemma3_vision import ImageError, RandomWeightsWarning
 from gemma3_vision.cli import main
+from gemma3_vision.pan_and_scan import crop_boxes
 
 
 @pytest.fixture
@@ -113,3 +114,20 @@ def test_bad_options(tmp_path, inputs, args, code, message):
     result_code, output = run(str(inputs / "square.png"), "--out", str(tmp_path / "out"), *args)
     assert result_code == code, output
     assert message in output
+
+
+ZERO_SIZE = {"pil-10x0": lambda: Image.new("RGB", (10, 0)), "array-0x10x3": lambda: np.zeros((0, 10, 3), np.uint8),
+             "array-10x0": lambda: np.zeros((10, 0), np.uint8)}
+
+
+@pytest.mark.parametrize("pan_and_scan", [False, True])
+@pytest.mark.parametrize("kind", list(ZERO_SIZE))
+def test_zero_size_images_are_refused(tiny_model, kind, pan_and_scan):
+    # Decoded files had this check; images handed over in memory came out black, or divided by zero in Pan & Scan.
+    with pytest.raises(ImageError, match=r": expected an image of at least 1x1 pixels, found (10x0|0x10)$"):
+        tiny_model.encode([ZERO_SIZE[kind]()], pan_and_scan=pan_and_scan)
+
+
+def test_pan_and_scan_boxes_refuse_a_zero_side():
+    with pytest.raises(ImageError, match=r"^Pan & Scan input: expected an image of at least 1x1 pixels, found 0x7$"):
+        crop_boxes(0, 7)
