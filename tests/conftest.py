@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+import weakref
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -98,3 +100,24 @@ def make_rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w]
     base = np.stack([xx * 255 / max(w - 1, 1), yy * 255 / max(h - 1, 1), (xx + yy) % 256], -1)
     return np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def states_alive_at_the_last_norm(t: torch.nn.Module, run: Callable[[], object]) -> list[int]:
+    """Which states (0 the embeddings, i the output of layer i) are still held when ``run()`` reaches the tower's
+    post_layernorm: those it keeps, plus the last layer's, which the norm is about to read."""
+    refs: dict[int, weakref.ref] = {}
+
+    def keep_ref(i: int) -> Callable[..., None]:
+        return lambda module, args, out: refs.__setitem__(i, weakref.ref(out))
+
+    alive: list[int] = []
+    hooks = [t.embeddings.register_forward_hook(keep_ref(0)),
+             *(layer.register_forward_hook(keep_ref(i)) for i, layer in enumerate(t.encoder.layers, start=1)),
+             t.post_layernorm.register_forward_pre_hook(
+                 lambda module, args: alive.extend(i for i, ref in sorted(refs.items()) if ref() is not None))]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return alive

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import TOL, make_rgb
+from conftest import TOL, make_rgb, states_alive_at_the_last_norm
 from gemma3_vision import ImageError, RandomWeightsWarning
 from gemma3_vision.cli import main
 from gemma3_vision.pan_and_scan import crop_boxes
@@ -131,3 +132,16 @@ def test_zero_size_images_are_refused(tiny_model, kind, pan_and_scan):
 def test_pan_and_scan_boxes_refuse_a_zero_side():
     with pytest.raises(ImageError, match=r"^Pan & Scan input: expected an image of at least 1x1 pixels, found 0x7$"):
         crop_boxes(0, 7)
+
+
+def test_encode_layers_keeps_only_the_states_asked_for(tiny_model):
+    # One 896 px image's 28 hidden states are 0.5 GB in fp32: layers=[i] must not hold the other 27 while it runs.
+    image = make_rgb(120, 160, seed=4)
+    tower = tiny_model.model.vision_tower
+    alive = states_alive_at_the_last_norm(tower, lambda: tiny_model.encode([image], layers=[1]))
+    assert alive == [1, 2], f"states held at the last norm: {alive}, expected layer 1's (asked) and 2's (the last)"
+    [result] = tiny_model.encode([image], layers=[1, 0])
+    with torch.inference_mode():
+        every = tower(tiny_model.preprocess([image]).to(tiny_model.device), output_hidden_states=True)
+    for i in (0, 1):
+        assert torch.equal(result.layers[i], every.hidden_states[i][0]), f"layer {i} differs from every state's"

@@ -346,10 +346,10 @@ class Gemma3Vision:
         if project:
             self.require_projector()
         x = pixels.to(self.device, non_blocking=True)
-        hidden: tuple[torch.Tensor, ...] = ()
+        hidden: dict[int, torch.Tensor] = {}
         if layers:
-            out = self.model.vision_tower(x, output_hidden_states=True)
-            x, hidden = out.last_hidden_state, out.hidden_states
+            out = self.model.vision_tower(x, hidden_layers=layers)  # only these states are kept
+            x, hidden = out.last_hidden_state, out.layers
         else:
             x = self.model.vision_tower(x)
         if project:
