@@ -16,6 +16,7 @@ from PIL import Image
 from conftest import TOL, make_rgb, states_alive_at_the_last_norm
 from gemma3_vision import ImageError, RandomWeightsWarning
 from gemma3_vision.cli import main
+from gemma3_vision.model import VisionTower
 from gemma3_vision.pan_and_scan import crop_boxes
 
 
@@ -145,3 +146,54 @@ def test_encode_layers_keeps_only_the_states_asked_for(tiny_model):
         every = tower(tiny_model.preprocess([image]).to(tiny_model.device), output_hidden_states=True)
     for i in (0, 1):
         assert torch.equal(result.layers[i], every.hidden_states[i][0]), f"layer {i} differs from every state's"
+
+
+def forward_sizes(monkeypatch) -> list[int]:
+    """The batch of every call of the tower's forward from now on (the list fills as the tower runs)."""
+    sizes: list[int] = []
+    forward = VisionTower.forward
+
+    def counting(self, pixels, **kwargs):  # noqa: ANN001, ANN202
+        sizes.append(pixels.shape[0])
+        return forward(self, pixels, **kwargs)
+
+    monkeypatch.setattr(VisionTower, "forward", counting)
+    return sizes
+
+
+@pytest.mark.parametrize(("batch_size", "expected"), [(1, [1] * 11), (4, [4, 4, 3])])
+def test_batch_size_counts_views_on_every_path(tiny_model, tmp_path, monkeypatch, batch_size, expected):
+    # Pan & Scan gives the two 1200x300 images 4 crops each: 5 + 1 + 5 = 11 views. batch_size bounds the views
+    # of a forward pass everywhere: the API, the CLI, and both with the extra outputs (--pool, --layers).
+    folder = tmp_path / "in"
+    folder.mkdir()
+    images = [make_rgb(300, 1200, seed=1), make_rgb(280, 280, seed=2), make_rgb(1200, 300, seed=3)]
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    sizes = forward_sizes(monkeypatch)
+    extras = {"plain": ({}, []), "pool": ({"pool": "mean"}, ["--pool", "mean"]),
+              "layers": ({"layers": [1]}, ["--layers", "1"])}
+    for name, (kwargs, args) in extras.items():
+        sizes.clear()
+        tiny_model.encode(images, batch_size=batch_size, pan_and_scan=True, **kwargs)
+        assert sizes == expected, f"API, {name}: forward passes of {sizes} views, expected {expected}"
+        sizes.clear()
+        code, output = run(str(folder), "--out", str(tmp_path / f"out-{name}-{batch_size}"), "--pan-and-scan",
+                           "-b", str(batch_size), *args)
+        assert code == 0, output
+        assert sizes == expected, f"CLI, {name}: forward passes of {sizes} views, expected {expected}"
+
+
+def test_batching_views_leaves_the_outputs_equal(tiny_model, tmp_path):
+    # Views batched differently go through the same products in other groupings: fp32 rounding at most.
+    images = [make_rgb(300, 1200, seed=1), make_rgb(280, 280, seed=2), make_rgb(1200, 300, seed=3)]
+    one = tiny_model.encode(images, batch_size=1, pan_and_scan=True, layers=[1], pool="mean")
+    four = tiny_model.encode(images, batch_size=4, pan_and_scan=True, layers=[1], pool="mean")
+    worst = 0.0
+    for a, b in zip(one, four, strict=True):
+        assert a.crop_boxes == b.crop_boxes
+        arrays_a, arrays_b = a.arrays(), b.arrays()
+        assert arrays_a.keys() == arrays_b.keys()
+        worst = max([worst, *(float((arrays_a[k] - arrays_b[k]).abs().max()) for k in arrays_a)])
+    assert worst <= TOL["fp32_max_abs"], f"batch 1 vs batch 4: max abs diff {worst:.3g} > {TOL['fp32_max_abs']}"
+    print(f"batch 1 vs batch 4: max abs diff {worst:.3g}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -278,7 +278,8 @@ class Gemma3Vision:
         Args:
             images: one image or a sequence of them.
             project: return the projector's soft tokens; ``False`` returns the tower output.
-            batch_size: views per forward pass.
+            batch_size: views per forward pass, which is what bounds memory: images, and with ``pan_and_scan``
+                each image and each of its crops counts one (views of several images share a pass).
             image_size: input side in pixels for this call (default: the encoder's, 896 for Gemma 3). Position
                 embeddings are interpolated (bicubic, as transformers' ``interpolate_pos_encoding``); the projector
                 keeps its 4×4 merge, so there are ``(image_size // 14 // 4)²`` tokens: 64 at 448, 576 at 1344.
@@ -314,16 +315,22 @@ class Gemma3Vision:
             return torch.cat(outputs)
         pas = PanAndScanConfig(pan_and_scan_min_crop_size, pan_and_scan_max_num_crops,
                                pan_and_scan_min_ratio_to_activate) if pan_and_scan else None
+        decoded: list[tuple[tuple[int, int], list[Box]]] = []  # each image's size and its views' boxes
+
+        def views() -> Iterator[np.ndarray]:
+            for image in images:
+                size, pixels, boxes = self.prepare(image, config, pas, exif_transpose=exif_transpose,
+                                                   max_pixels=max_pixels)  # (V, S, S, 3)
+                decoded.append((size, boxes))
+                yield from pixels
+
+        encoded = [view for batch in view_batches(views(), batch_size)
+                   for view in self.encode_views(torch.from_numpy(batch), project=project, layers=wanted, pool=pool,
+                                                 normalize=normalize)]
         results: list[ImageEncoding] = []
-        for i in range(0, len(images), batch_size):
-            prepared = [self.prepare(im, config, pas, exif_transpose=exif_transpose, max_pixels=max_pixels)
-                        for im in images[i:i + batch_size]]
-            pixels = np.concatenate([p for _, p, _ in prepared])  # (views, S, S, 3)
-            views = self.encode_views(torch.from_numpy(pixels), project=project, layers=wanted, pool=pool,
-                                      normalize=normalize)
-            for size, p, boxes in prepared:
-                own, views = views[:len(p)], views[len(p):]
-                results.append(ImageEncoding(size, [replace(v, box=b) for v, b in zip(own, boxes, strict=True)]))
+        for size, boxes in decoded:
+            own, encoded = encoded[:len(boxes)], encoded[len(boxes):]
+            results.append(ImageEncoding(size, [replace(v, box=b) for v, b in zip(own, boxes, strict=True)]))
         return results
 
     @staticmethod
@@ -374,6 +381,19 @@ class Gemma3Vision:
             raise ConfigError(f"layers must be in 0..{depth} (0 = the embeddings, {depth} = the last layer, "
                               f"before post_layernorm), got {bad}")
         return list(dict.fromkeys(layers))
+
+
+def view_batches(views: Iterable[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
+    """Views ``(S, S, 3)`` stacked ``batch_size`` at a time, across images: ``(batch_size, S, S, 3)``, the last
+    batch maybe smaller."""
+    batch: list[np.ndarray] = []
+    for view in views:
+        batch.append(view)
+        if len(batch) == batch_size:
+            yield np.stack(batch)
+            batch = []
+    if batch:
+        yield np.stack(batch)
 
 
 def check_input_size(image_size: int, patch_size: int) -> None:

@@ -104,7 +104,7 @@ def main(debug: bool) -> None:
 @click.option("--no-project", is_flag=True,
               help="Save the tower output (B, 4096, 1152) instead of the projected soft tokens (B, 256, D).")
 @click.option("-b", "--batch-size", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Images per forward pass.")
+              help="Images per forward pass; with --pan-and-scan, views (each image and each crop counts one).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Compute dtype. Default: bfloat16 where the hardware runs it fast, else float32.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cuda if available.")
