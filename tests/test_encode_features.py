@@ -197,3 +197,14 @@ def test_batching_views_leaves_the_outputs_equal(tiny_model, tmp_path):
         worst = max([worst, *(float((arrays_a[k] - arrays_b[k]).abs().max()) for k in arrays_a)])
     assert worst <= TOL["fp32_max_abs"], f"batch 1 vs batch 4: max abs diff {worst:.3g} > {TOL['fp32_max_abs']}"
     print(f"batch 1 vs batch 4: max abs diff {worst:.3g}")
+
+
+@pytest.mark.parametrize("project", [True, False])
+def test_no_images_give_no_rows(tiny_model, project):
+    # As for any other count: a tensor with 0 rows of the usual shape, or no ImageEncoding.
+    some = tiny_model.encode([make_rgb(40, 40)], project=project, image_size=112)
+    none = tiny_model.encode([], project=project, image_size=112)
+    assert isinstance(none, torch.Tensor) and isinstance(some, torch.Tensor)
+    assert none.shape == (0, *some.shape[1:]) and none.dtype == some.dtype and none.device == some.device
+    assert tiny_model.encode([], project=project, pan_and_scan=True) == []
+    assert tiny_model.encode([], project=project, pool="mean", layers=[1]) == []

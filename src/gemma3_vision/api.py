@@ -292,7 +292,8 @@ class Gemma3Vision:
 
         Returns:
             With none of ``pan_and_scan``, ``layers``, ``pool``: one tensor ``(B, T, text_hidden)`` projected, or
-            ``(B, N, hidden)`` with ``project=False``. Otherwise one ``ImageEncoding`` per image.
+            ``(B, N, hidden)`` with ``project=False``. Otherwise one ``ImageEncoding`` per image. No images give
+            no rows: a ``(0, T, text_hidden)`` (or ``(0, N, hidden)``) tensor, or ``[]``.
         """
         if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
             images = [images]  # type: ignore[list-item]
@@ -307,6 +308,8 @@ class Gemma3Vision:
         if normalize and pool is None:
             raise ConfigError("normalize applies to pooled vectors: set pool='mean' as well")
         if not (pan_and_scan or layers is not None or pool is not None):
+            if not images:
+                return self.empty_output(config.image_size, project=project)
             outputs = [
                 self.encode_pixels(preprocess(images[i:i + batch_size], config, exif_transpose=exif_transpose,
                                               max_pixels=max_pixels), project=project)
@@ -332,6 +335,15 @@ class Gemma3Vision:
             own, encoded = encoded[:len(boxes)], encoded[len(boxes):]
             results.append(ImageEncoding(size, [replace(v, box=b) for v, b in zip(own, boxes, strict=True)]))
         return results
+
+    def empty_output(self, image_size: int, *, project: bool) -> torch.Tensor:
+        """What ``encode`` returns for no images: ``(0, T, text_hidden)``, or ``(0, N, hidden)`` unprojected, in
+        the dtype and on the device of a non-empty result."""
+        if project:
+            self.require_projector()
+        width = self.projector_config.text_hidden_size if project else self.vision_config.hidden_size
+        return torch.empty(0, self.tokens_per_image(image_size, project=project), width, dtype=self.dtype,
+                           device=self.device)
 
     @staticmethod
     def prepare(image: ImageInput, config: PreprocessConfig, pan_and_scan: PanAndScanConfig | None = None, *,
