@@ -179,6 +179,21 @@ def test_the_api_refuses_a_bad_device_and_preset_with_config_errors(monkeypatch)
         run_benchmark(preset="nope")
 
 
+def test_every_error_class_is_exported_from_the_package():
+    # Callers catch what the library raises (OutputError from an encode job, say) by importing it from the package.
+    import inspect
+
+    import gemma3_vision
+    from gemma3_vision import errors
+
+    classes = [name for name, value in vars(errors).items()
+               if inspect.isclass(value) and issubclass(value, Exception) and value.__module__ == errors.__name__]
+    assert "OutputError" in classes
+    missing = [name for name in classes
+               if name not in gemma3_vision.__all__ or getattr(gemma3_vision, name, None) is not vars(errors)[name]]
+    assert not missing, f"not exported from gemma3_vision: {missing}"
+
+
 def test_a_folder_held_by_another_job_exits_1(images, tmp_path):
     out = tmp_path / "out"
     held = OutputFolder(out)

@@ -420,6 +420,7 @@ def pool_rows(x: torch.Tensor, *, normalize: bool = False) -> torch.Tensor:
     pooled = x.float().mean(dim=1)  # (B, D)
     return torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled
 
+
 def load(model: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None, image_size: int | None = None) -> Gemma3Vision:
     """Load a Gemma 3 vision tower and projector.

@@ -50,6 +50,7 @@ from .preprocess import (
 
 # ---------------------------------------------------------------------------------------------------------- job
 
+
 @dataclass
 class JobSummary:
     encoded: int = 0
