@@ -138,11 +138,10 @@ class _SingleThreaded:
     """``with _one_thread():`` runs the calling thread's torch ops single-threaded; what that touches beyond the
     calling thread depends on torch's parallel backend.
 
-    ``torch.set_num_threads`` is not per thread alone. With OpenMP (the backend of torch's wheels) it sets the
-    calling thread's count and also a process-wide default, which a thread takes at its first torch op; so a
-    thread that starts using torch while another is inside runs single-threaded from then on. With torch's native
-    backend it resizes the one pool every thread shares: while any thread is inside, every thread's torch ops run
-    on one thread.
+    ``torch.set_num_threads`` is not per thread alone. With the OpenMP backend (torch's usual one;
+    ``torch.__config__.parallel_info()`` names it) it sets the calling thread's count and also a process-wide
+    default, which a thread takes at its first torch op: a thread that starts using torch while another is inside
+    runs single-threaded from then on. (torch's native backend ignores the call once parallel work has started.)
 
     Overlapping uses (two loads in two threads) are counted under a lock, and every exit restores the count from
     before the first entry. A plain save-and-restore breaks here: a thread whose first torch op comes while another
