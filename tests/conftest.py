@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -125,3 +126,24 @@ def without_blocking(fn: Callable[[], Any], fifo: Path, seconds: float = 10.0) -
     if "error" in result:
         raise result["error"]
     return result.get("value")
+
+
+def states_alive_at_the_last_norm(t: torch.nn.Module, run: Callable[[], object]) -> list[int]:
+    """Which states (0 the embeddings, i the output of layer i) are still held when ``run()`` reaches the tower's
+    post_layernorm: those it keeps, plus the last layer's, which the norm is about to read."""
+    refs: dict[int, weakref.ref] = {}
+
+    def keep_ref(i: int) -> Callable[..., None]:
+        return lambda module, args, out: refs.__setitem__(i, weakref.ref(out))
+
+    alive: list[int] = []
+    hooks = [t.embeddings.register_forward_hook(keep_ref(0)),
+             *(layer.register_forward_hook(keep_ref(i)) for i, layer in enumerate(t.encoder.layers, start=1)),
+             t.post_layernorm.register_forward_pre_hook(
+                 lambda module, args: alive.extend(i for i, ref in sorted(refs.items()) if ref() is not None))]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return alive

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import TOL
 from gemma3_vision.bench import format_report, gflop_per_image, measure_memory, run_benchmark
@@ -58,3 +59,23 @@ def test_cli_attention_choices_are_the_bench_variants():
 
     option = next(p for p in main.commands["bench"].params if p.name == "attention")
     assert list(option.type.choices) == list(ATTENTION_VARIANTS)
+
+
+def test_the_benchmark_restores_the_threads_and_freezing_it_sets(monkeypatch):
+    # run_benchmark sets torch's (process-wide) thread count and inductor's freezing; a test or notebook that runs
+    # it must find both as they were. torch.compile is stubbed out: what is checked is the setting, not compilation.
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(torch, "compile", lambda module, mode: module)
+    before, freezing = torch.get_num_threads(), inductor_config.freezing
+    torch.set_num_threads(3)
+    try:
+        report = run_benchmark(preset="tiny", threads=1, device="cpu", layers=1, repeats=1, compile=True,
+                               reference=False)
+        assert [r.name for r in report.configs[0].runners] == ["ours", "ours+compile"]
+        assert report.configs[0].threads == 1
+        assert torch.get_num_threads() == 3, f"thread count left at {torch.get_num_threads()}, expected 3"
+        assert inductor_config.freezing == freezing, f"freezing left at {inductor_config.freezing}"
+    finally:
+        torch.set_num_threads(before)
+        inductor_config.freezing = freezing

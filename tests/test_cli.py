@@ -132,6 +132,86 @@ def test_an_index_naming_a_file_outside_the_folder_is_ignored_with_a_warning(ima
     assert records(out)[-1]["output"] == "a.png.npy" and (out / "a.png.pooled.npy").is_file()
 
 
+def one_line_error(result) -> str:
+    """The single ``error: ...`` line of a command that could not run, checked to be all it printed."""
+    assert result.exit_code == EXIT_CANNOT_RUN, result.output
+    assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["encode", "show", "bench"])
+def test_a_bad_device_exits_1_with_one_line(tmp_path, command):
+    args = {"encode": ["encode", "x.png", "-m", "random:tiny", "-o", str(tmp_path / "o")],
+            "show": ["show", "x.png", "-m", "random:tiny", "-o", str(tmp_path / "o.png")],
+            "bench": ["bench", "--preset", "tiny", "--no-reference", "--no-compile"]}[command]
+    line = one_line_error(CliRunner().invoke(main, [*args, "--device", "bogus"]))
+    assert line == "error: device must be cpu, cuda or cuda:N (N a GPU index), got 'bogus'"
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_cuda_where_there_is_none_exits_1_with_one_line(tmp_path, monkeypatch, device):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = CliRunner().invoke(main, ["encode", "x.png", "-m", "random:tiny", "-o", str(tmp_path / "o"),
+                                       "--device", device])
+    assert one_line_error(result).startswith(
+        f"error: device '{device}' asked for, but CUDA is not available on this machine (")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_gpu_index_this_machine_lacks_exits_1_with_one_line(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    result = CliRunner().invoke(main, ["encode", "x.png", "-m", "random:tiny", "-o", str(tmp_path / "o"),
+                                       "--device", "cuda:2"])
+    assert one_line_error(result) == ("error: device must be one of cuda:0..cuda:1 on this machine (2 GPUs), "
+                                      "got 'cuda:2'")
+
+
+def test_an_unknown_bench_preset_is_a_usage_error():
+    result = CliRunner().invoke(main, ["bench", "--preset", "nope", "--no-reference", "--no-compile"])
+    assert result.exit_code == EXIT_USAGE and isinstance(result.exception, SystemExit), result.output
+    assert "Traceback" not in result.output
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Error: Invalid value for '--preset': 'nope' is not one of 'gemma3-4b', 'gemma3-12b', 'gemma3-27b', "
+        "'tiny'.")
+
+
+def test_the_api_refuses_a_bad_device_and_preset_with_config_errors(monkeypatch):
+    import torch
+
+    import gemma3_vision as g3
+    from gemma3_vision.bench import run_benchmark
+
+    with pytest.raises(g3.ConfigError, match=r"^device must be cpu, cuda or cuda:N \(N a GPU index\), got 'bogus'$"):
+        g3.load("random:tiny", device="bogus")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(g3.ConfigError, match=r"^device 'cuda' asked for, but CUDA is not available"):
+        g3.load("random:tiny", device=torch.device("cuda"))
+    with pytest.raises(g3.ConfigError, match=r"^preset must be one of gemma3-4b, .*, got 'nope'$"):
+        run_benchmark(preset="nope")
+
+
+def test_every_error_class_is_exported_from_the_package():
+    # Callers catch what the library raises (OutputError from an encode job, say) by importing it from the package.
+    import inspect
+
+    import gemma3_vision
+    from gemma3_vision import errors
+
+    classes = [name for name, value in vars(errors).items()
+               if inspect.isclass(value) and issubclass(value, Exception) and value.__module__ == errors.__name__]
+    assert "OutputError" in classes
+    missing = [name for name in classes
+               if name not in gemma3_vision.__all__ or getattr(gemma3_vision, name, None) is not vars(errors)[name]]
+    assert not missing, f"not exported from gemma3_vision: {missing}"
+
+
 def test_a_folder_held_by_another_job_exits_1(images, tmp_path):
     out = tmp_path / "out"
     held = OutputFolder(out)

@@ -1,5 +1,5 @@
 """``gemma3-vision encode`` with --pan-and-scan, --image-size, --layers, --pool: the extra .npy files and the
-index records, equal to the Python API's arrays."""
+index records, equal to the Python API's arrays; the API's ``encode`` on edge inputs (empty, zero-size)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import TOL, make_rgb
-from gemma3_vision import RandomWeightsWarning
+from conftest import TOL, make_rgb, states_alive_at_the_last_norm
+from gemma3_vision import ImageError, RandomWeightsWarning
 from gemma3_vision.cli import main
+from gemma3_vision.model import VisionTower
+from gemma3_vision.pan_and_scan import crop_boxes
 
 
 @pytest.fixture
@@ -113,3 +116,95 @@ def test_bad_options(tmp_path, inputs, args, code, message):
     result_code, output = run(str(inputs / "square.png"), "--out", str(tmp_path / "out"), *args)
     assert result_code == code, output
     assert message in output
+
+
+ZERO_SIZE = {"pil-10x0": lambda: Image.new("RGB", (10, 0)), "array-0x10x3": lambda: np.zeros((0, 10, 3), np.uint8),
+             "array-10x0": lambda: np.zeros((10, 0), np.uint8)}
+
+
+@pytest.mark.parametrize("pan_and_scan", [False, True])
+@pytest.mark.parametrize("kind", list(ZERO_SIZE))
+def test_zero_size_images_are_refused(tiny_model, kind, pan_and_scan):
+    # Decoded files had this check; images handed over in memory came out black, or divided by zero in Pan & Scan.
+    with pytest.raises(ImageError, match=r": expected an image of at least 1x1 pixels, found (10x0|0x10)$"):
+        tiny_model.encode([ZERO_SIZE[kind]()], pan_and_scan=pan_and_scan)
+
+
+def test_pan_and_scan_boxes_refuse_a_zero_side():
+    with pytest.raises(ImageError, match=r"^Pan & Scan input: expected an image of at least 1x1 pixels, found 0x7$"):
+        crop_boxes(0, 7)
+
+
+def test_encode_layers_keeps_only_the_states_asked_for(tiny_model):
+    # One 896 px image's 28 hidden states are 0.5 GB in fp32: layers=[i] must not hold the other 27 while it runs.
+    image = make_rgb(120, 160, seed=4)
+    tower = tiny_model.model.vision_tower
+    alive = states_alive_at_the_last_norm(tower, lambda: tiny_model.encode([image], layers=[1]))
+    assert alive == [1, 2], f"states held at the last norm: {alive}, expected layer 1's (asked) and 2's (the last)"
+    [result] = tiny_model.encode([image], layers=[1, 0])
+    with torch.inference_mode():
+        every = tower(tiny_model.preprocess([image]).to(tiny_model.device), output_hidden_states=True)
+    for i in (0, 1):
+        assert torch.equal(result.layers[i], every.hidden_states[i][0]), f"layer {i} differs from every state's"
+
+
+def forward_sizes(monkeypatch) -> list[int]:
+    """The batch of every call of the tower's forward from now on (the list fills as the tower runs)."""
+    sizes: list[int] = []
+    forward = VisionTower.forward
+
+    def counting(self, pixels, **kwargs):  # noqa: ANN001, ANN202
+        sizes.append(pixels.shape[0])
+        return forward(self, pixels, **kwargs)
+
+    monkeypatch.setattr(VisionTower, "forward", counting)
+    return sizes
+
+
+@pytest.mark.parametrize(("batch_size", "expected"), [(1, [1] * 11), (4, [4, 4, 3])])
+def test_batch_size_counts_views_on_every_path(tiny_model, tmp_path, monkeypatch, batch_size, expected):
+    # Pan & Scan gives the two 1200x300 images 4 crops each: 5 + 1 + 5 = 11 views. batch_size bounds the views
+    # of a forward pass everywhere: the API, the CLI, and both with the extra outputs (--pool, --layers).
+    folder = tmp_path / "in"
+    folder.mkdir()
+    images = [make_rgb(300, 1200, seed=1), make_rgb(280, 280, seed=2), make_rgb(1200, 300, seed=3)]
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    sizes = forward_sizes(monkeypatch)
+    extras = {"plain": ({}, []), "pool": ({"pool": "mean"}, ["--pool", "mean"]),
+              "layers": ({"layers": [1]}, ["--layers", "1"])}
+    for name, (kwargs, args) in extras.items():
+        sizes.clear()
+        tiny_model.encode(images, batch_size=batch_size, pan_and_scan=True, **kwargs)
+        assert sizes == expected, f"API, {name}: forward passes of {sizes} views, expected {expected}"
+        sizes.clear()
+        code, output = run(str(folder), "--out", str(tmp_path / f"out-{name}-{batch_size}"), "--pan-and-scan",
+                           "-b", str(batch_size), *args)
+        assert code == 0, output
+        assert sizes == expected, f"CLI, {name}: forward passes of {sizes} views, expected {expected}"
+
+
+def test_batching_views_leaves_the_outputs_equal(tiny_model, tmp_path):
+    # Views batched differently go through the same products in other groupings: fp32 rounding at most.
+    images = [make_rgb(300, 1200, seed=1), make_rgb(280, 280, seed=2), make_rgb(1200, 300, seed=3)]
+    one = tiny_model.encode(images, batch_size=1, pan_and_scan=True, layers=[1], pool="mean")
+    four = tiny_model.encode(images, batch_size=4, pan_and_scan=True, layers=[1], pool="mean")
+    worst = 0.0
+    for a, b in zip(one, four, strict=True):
+        assert a.crop_boxes == b.crop_boxes
+        arrays_a, arrays_b = a.arrays(), b.arrays()
+        assert arrays_a.keys() == arrays_b.keys()
+        worst = max([worst, *(float((arrays_a[k] - arrays_b[k]).abs().max()) for k in arrays_a)])
+    assert worst <= TOL["fp32_max_abs"], f"batch 1 vs batch 4: max abs diff {worst:.3g} > {TOL['fp32_max_abs']}"
+    print(f"batch 1 vs batch 4: max abs diff {worst:.3g}")
+
+
+@pytest.mark.parametrize("project", [True, False])
+def test_no_images_give_no_rows(tiny_model, project):
+    # As for any other count: a tensor with 0 rows of the usual shape, or no ImageEncoding.
+    some = tiny_model.encode([make_rgb(40, 40)], project=project, image_size=112)
+    none = tiny_model.encode([], project=project, image_size=112)
+    assert isinstance(none, torch.Tensor) and isinstance(some, torch.Tensor)
+    assert none.shape == (0, *some.shape[1:]) and none.dtype == some.dtype and none.device == some.device
+    assert tiny_model.encode([], project=project, pan_and_scan=True) == []
+    assert tiny_model.encode([], project=project, pool="mean", layers=[1]) == []

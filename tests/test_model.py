@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_VISION, TOL, cosine, max_abs
+from conftest import TINY_VISION, TOL, cosine, max_abs, states_alive_at_the_last_norm
 from gemma3_vision import api, cpu_kernels, model
 from gemma3_vision.errors import ConfigError
 from gemma3_vision.model import Attention, VisionTower
@@ -240,6 +241,29 @@ def test_cpu_batch_in_chunks_equals_one_pass(tiny_state, monkeypatch):
                 strict=True)
     for a, b in pairs:
         assert torch.equal(a, b), f"chunked vs one pass: max abs diff {max_abs(a, b):.3g}, expected bit-identical"
+
+
+@torch.inference_mode()
+def test_hidden_layers_keeps_only_the_states_asked_for(monkeypatch):
+    torch.manual_seed(0)
+    t = VisionTower(replace(TINY_VISION, num_hidden_layers=4)).eval()
+    x = pixels(3, seed=7)
+    every = t(x, output_hidden_states=True)
+    some = t(x, hidden_layers=[3, 0, 3])
+    assert some.hidden_states == () and list(some.layers) == [3, 0]  # asked order, duplicates dropped
+    assert torch.equal(some.last_hidden_state, every.last_hidden_state)
+    for i, state in some.layers.items():
+        assert torch.equal(state, every.hidden_states[i]), f"state {i}: max abs diff {max_abs(state, every.hidden_states[i]):.3g}"
+    # What matters for memory: while the tower runs, the states not asked for are freed as it goes.
+    assert states_alive_at_the_last_norm(t, lambda: t(x, output_hidden_states=True)) == [0, 1, 2, 3, 4]
+    assert states_alive_at_the_last_norm(t, lambda: t(x, hidden_layers=[2])) == [2, 4]
+    assert states_alive_at_the_last_norm(t, lambda: t(x)) == [4]
+    monkeypatch.setattr(model, "CPU_CHUNK_TOKENS", 2 * TINY_VISION.num_patches)  # chunks of 2 and 1 images
+    chunked = t(x, hidden_layers=[3, 0])
+    for i, state in chunked.layers.items():
+        assert torch.equal(state, every.hidden_states[i]), f"chunked state {i}: max abs diff {max_abs(state, every.hidden_states[i]):.3g}"
+    with pytest.raises(ConfigError, match=r"^hidden_layers must be integers in 0..4, got \[5, -1\]$"):
+        t(x, hidden_layers=[1, 5, -1])
 
 
 needs_onednn_linear = pytest.mark.skipif(

@@ -86,7 +86,6 @@ def test_job_key_tells_apart_compute_dtypes(tmp_path, tiny_state, monkeypatch):
     assert not torch.equal(emulated.encode_pixels(pixels), native.encode_pixels(pixels))
 
 
-
 @pytest.mark.parametrize("write", [hf_bf16, mmproj_f16], ids=["hf-bf16", "mmproj-f16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ray_actors_reserve_what_their_weights_take(tmp_path, tiny_state, write, dtype):

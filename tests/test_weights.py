@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -17,7 +18,14 @@ from format_fixtures import write_hf_folder
 from gemma3_vision.config import PRESETS
 from gemma3_vision.errors import WeightsError
 from gemma3_vision.resolve import resolve
-from gemma3_vision.weights import VisionModel, all_finite, empty_model, expected_shapes, load_model
+from gemma3_vision.weights import (
+    VisionModel,
+    _one_thread,
+    all_finite,
+    empty_model,
+    expected_shapes,
+    load_model,
+)
 
 TINY_VISION, TINY_PROJECTOR = PRESETS["tiny"]
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
@@ -147,3 +155,46 @@ def test_loading_restores_the_thread_count_even_when_it_fails(tiny_state, tmp_pa
     with pytest.raises(WeightsError, match=r"post_layernorm\.weight\) holds NaN or Inf"):
         _load(write_hf_folder(tmp_path / "bad", state, TINY_VISION, TINY_PROJECTOR), torch.float32)
     assert torch.get_num_threads() == before
+
+
+def test_overlapping_single_thread_sections_restore_the_thread_count():
+    # Two fresh threads inside at once, the first leaving first. set_num_threads also sets the default a thread
+    # takes at its first torch op, so the second starts inside the first's section with 1: a per-use save and
+    # restore would leave 1 as the default for good, and every thread started later would run on one thread.
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    a_inside, b_inside, a_left = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, int] = {}
+
+    def a() -> None:
+        with _one_thread():
+            seen["a inside"] = torch.get_num_threads()
+            a_inside.set()
+            b_inside.wait(10)
+        a_left.set()
+        seen["a after"] = torch.get_num_threads()
+
+    def b() -> None:
+        a_inside.wait(10)
+        with _one_thread():
+            seen["b inside"] = torch.get_num_threads()
+            b_inside.set()
+            a_left.wait(10)
+        seen["b after"] = torch.get_num_threads()
+
+    def later() -> None:
+        seen["a thread started after both"] = torch.get_num_threads()
+
+    try:
+        for targets in ([a, b], [later]):
+            threads = [threading.Thread(target=target) for target in targets]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(20)
+        assert a_left.is_set() and len(seen) == 5, f"the sections did not run as planned: {seen}"
+        expected = {"a inside": 1, "b inside": 1, "a after": 3, "b after": 3, "a thread started after both": 3}
+        assert seen == expected, f"thread counts {seen}, expected {expected}"
+        assert torch.get_num_threads() == 3, f"the main thread's count is {torch.get_num_threads()}, expected 3"
+    finally:
+        torch.set_num_threads(before)

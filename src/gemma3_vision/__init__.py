@@ -10,7 +10,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .config import PRESETS, ProjectorConfig, VisionConfig
-from .errors import ConfigError, FormatError, Gemma3VisionError, ImageError, ModelNotFoundError, WeightsError
+from .errors import (
+    ConfigError,
+    FormatError,
+    Gemma3VisionError,
+    ImageError,
+    ModelNotFoundError,
+    OutputError,
+    WeightsError,
+)
 
 __version__ = "0.1.0"
 
@@ -37,6 +45,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "PRESETS", "ConfigError", "FormatError", "Gemma3Vision", "Gemma3VisionError", "ImageError",
-    "ModelNotFoundError", "MultiModalProjector", "PreprocessConfig", "ProjectorConfig", "RandomWeightsWarning",
+    "ModelNotFoundError", "MultiModalProjector", "OutputError", "PreprocessConfig", "ProjectorConfig", "RandomWeightsWarning",
     "VisionConfig", "VisionTower", "WeightsError", "__version__", "load", "preprocess",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -31,6 +31,43 @@ class RandomWeightsWarning(UserWarning):
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` as a ``torch.device``, without asking whether this machine has it (a Ray
+    driver names the device of other machines).
+
+    Raises:
+        ConfigError: anything else.
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):  # torch's own message lists every device type it knows
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be cpu, cuda or cuda:N (N a GPU index), got {str(device)!r}")
+    return parsed
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on: ``None`` picks CUDA when available, else the CPU; a named one must exist here.
+
+    Raises:
+        ConfigError: not cpu, cuda or cuda:N; CUDA asked for where there is none; a GPU index this machine lacks.
+    """
+    if device is None:
+        return default_device()
+    parsed = parse_device(device)
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ConfigError(f"device {str(device)!r} asked for, but CUDA is not available on this machine "
+                              f"({why}): use cpu")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise ConfigError(f"device must be one of cuda:0..cuda:{count - 1} on this machine ({count} GPU"
+                              f"{'s' if count > 1 else ''}), got {str(device)!r}")
+    return parsed
 
 
 @functools.lru_cache(maxsize=1)
@@ -241,7 +278,8 @@ class Gemma3Vision:
         Args:
             images: one image or a sequence of them.
             project: return the projector's soft tokens; ``False`` returns the tower output.
-            batch_size: views per forward pass.
+            batch_size: views per forward pass, which is what bounds memory: images, and with ``pan_and_scan``
+                each image and each of its crops counts one (views of several images share a pass).
             image_size: input side in pixels for this call (default: the encoder's, 896 for Gemma 3). Position
                 embeddings are interpolated (bicubic, as transformers' ``interpolate_pos_encoding``); the projector
                 keeps its 4×4 merge, so there are ``(image_size // 14 // 4)²`` tokens: 64 at 448, 576 at 1344.
@@ -254,7 +292,8 @@ class Gemma3Vision:
 
         Returns:
             With none of ``pan_and_scan``, ``layers``, ``pool``: one tensor ``(B, T, text_hidden)`` projected, or
-            ``(B, N, hidden)`` with ``project=False``. Otherwise one ``ImageEncoding`` per image.
+            ``(B, N, hidden)`` with ``project=False``. Otherwise one ``ImageEncoding`` per image. No images give
+            no rows: a ``(0, T, text_hidden)`` (or ``(0, N, hidden)``) tensor, or ``[]``.
         """
         if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
             images = [images]  # type: ignore[list-item]
@@ -269,6 +308,8 @@ class Gemma3Vision:
         if normalize and pool is None:
             raise ConfigError("normalize applies to pooled vectors: set pool='mean' as well")
         if not (pan_and_scan or layers is not None or pool is not None):
+            if not images:
+                return self.empty_output(config.image_size, project=project)
             outputs = [
                 self.encode_pixels(preprocess(images[i:i + batch_size], config, exif_transpose=exif_transpose,
                                               max_pixels=max_pixels), project=project)
@@ -277,17 +318,32 @@ class Gemma3Vision:
             return torch.cat(outputs)
         pas = PanAndScanConfig(pan_and_scan_min_crop_size, pan_and_scan_max_num_crops,
                                pan_and_scan_min_ratio_to_activate) if pan_and_scan else None
+        decoded: list[tuple[tuple[int, int], list[Box]]] = []  # each image's size and its views' boxes
+
+        def views() -> Iterator[np.ndarray]:
+            for image in images:
+                size, pixels, boxes = self.prepare(image, config, pas, exif_transpose=exif_transpose,
+                                                   max_pixels=max_pixels)  # (V, S, S, 3)
+                decoded.append((size, boxes))
+                yield from pixels
+
+        encoded = [view for batch in view_batches(views(), batch_size)
+                   for view in self.encode_views(torch.from_numpy(batch), project=project, layers=wanted, pool=pool,
+                                                 normalize=normalize)]
         results: list[ImageEncoding] = []
-        for i in range(0, len(images), batch_size):
-            prepared = [self.prepare(im, config, pas, exif_transpose=exif_transpose, max_pixels=max_pixels)
-                        for im in images[i:i + batch_size]]
-            pixels = np.concatenate([p for _, p, _ in prepared])  # (views, S, S, 3)
-            views = self.encode_views(torch.from_numpy(pixels), project=project, layers=wanted, pool=pool,
-                                      normalize=normalize)
-            for size, p, boxes in prepared:
-                own, views = views[:len(p)], views[len(p):]
-                results.append(ImageEncoding(size, [replace(v, box=b) for v, b in zip(own, boxes, strict=True)]))
+        for size, boxes in decoded:
+            own, encoded = encoded[:len(boxes)], encoded[len(boxes):]
+            results.append(ImageEncoding(size, [replace(v, box=b) for v, b in zip(own, boxes, strict=True)]))
         return results
+
+    def empty_output(self, image_size: int, *, project: bool) -> torch.Tensor:
+        """What ``encode`` returns for no images: ``(0, T, text_hidden)``, or ``(0, N, hidden)`` unprojected, in
+        the dtype and on the device of a non-empty result."""
+        if project:
+            self.require_projector()
+        width = self.projector_config.text_hidden_size if project else self.vision_config.hidden_size
+        return torch.empty(0, self.tokens_per_image(image_size, project=project), width, dtype=self.dtype,
+                           device=self.device)
 
     @staticmethod
     def prepare(image: ImageInput, config: PreprocessConfig, pan_and_scan: PanAndScanConfig | None = None, *,
@@ -309,10 +365,10 @@ class Gemma3Vision:
         if project:
             self.require_projector()
         x = pixels.to(self.device, non_blocking=True)
-        hidden: tuple[torch.Tensor, ...] = ()
+        hidden: dict[int, torch.Tensor] = {}
         if layers:
-            out = self.model.vision_tower(x, output_hidden_states=True)
-            x, hidden = out.last_hidden_state, out.hidden_states
+            out = self.model.vision_tower(x, hidden_layers=layers)  # only these states are kept
+            x, hidden = out.last_hidden_state, out.layers
         else:
             x = self.model.vision_tower(x)
         if project:
@@ -339,6 +395,19 @@ class Gemma3Vision:
         return list(dict.fromkeys(layers))
 
 
+def view_batches(views: Iterable[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
+    """Views ``(S, S, 3)`` stacked ``batch_size`` at a time, across images: ``(batch_size, S, S, 3)``, the last
+    batch maybe smaller."""
+    batch: list[np.ndarray] = []
+    for view in views:
+        batch.append(view)
+        if len(batch) == batch_size:
+            yield np.stack(batch)
+            batch = []
+    if batch:
+        yield np.stack(batch)
+
+
 def check_input_size(image_size: int, patch_size: int) -> None:
     """An input side must hold at least one patch (a remainder is cut, as a valid-padding conv does)."""
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < patch_size:
@@ -351,6 +420,7 @@ def pool_rows(x: torch.Tensor, *, normalize: bool = False) -> torch.Tensor:
     pooled = x.float().mean(dim=1)  # (B, D)
     return torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled
 
+
 def load(model: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None, image_size: int | None = None) -> Gemma3Vision:
     """Load a Gemma 3 vision tower and projector.
@@ -360,14 +430,18 @@ def load(model: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
             name, an MLX or SigLIP folder, or ``random`` / ``random:tiny`` for seeded random weights (the
             resolution order is in ``resolve.py`` and the README).
         dtype: ``float32``, ``bfloat16`` or ``float16``; ``None`` picks bfloat16 where it is fast, else float32.
-        device: ``cpu``, ``cuda``, ...; ``None`` picks CUDA when available.
+        device: ``cpu``, ``cuda`` or ``cuda:N``; ``None`` picks CUDA when available.
         image_size: input side in pixels, overriding the checkpoint's (e.g. 448 or 1344 for Gemma 3, whose
             position table is 64×64: it is interpolated bicubically, as transformers does).
 
     Returns:
         A ``Gemma3Vision`` whose ``encode(images)`` returns embeddings.
+
+    Raises:
+        ConfigError: a bad dtype, device or image size; a device this machine does not have.
+        ModelNotFoundError, WeightsError: the model cannot be found, or its files cannot be read as one.
     """
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     run_dtype = resolve_dtype(dtype, device)
     checkpoint = resolve(model, dtype=run_dtype)  # random weights are made in it: nothing to cast
     if image_size is not None:

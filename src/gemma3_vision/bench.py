@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,7 @@ from torch.nn.attention import SDPBackend
 
 from . import cpu_kernels
 from .config import PRESETS, VisionConfig
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .model import VisionTower
@@ -416,6 +417,23 @@ def measure_memory(model: str, dtype: str, batch: int, image_size: int | None = 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@contextlib.contextmanager
+def _torch_settings_restored(compile: bool) -> Iterator[None]:
+    """Put back the process-wide settings the benchmark changes: torch's thread count, and inductor's freezing
+    (``_compiled`` turns it on), so a caller in the same process (tests, a notebook) keeps its own."""
+    threads = torch.get_num_threads()
+    if compile:
+        import torch._inductor.config as inductor_config
+
+        freezing = inductor_config.freezing
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if compile:
+            inductor_config.freezing = freezing
+
+
 def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float32",), batches: Sequence[int] = (1,),
                   threads: int | None = None, device: str | None = None, layers: int | None = None,
                   image_size: int | None = None, repeats: int = 3, compile: bool = True, reference: bool = True,
@@ -429,7 +447,7 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
         dtypes: ``float32``, ``bfloat16``, ``float16``.
         batches: images per forward.
         threads: torch intra-op threads (default: torch's).
-        device: ``cpu`` or ``cuda`` (default: CUDA when available).
+        device: ``cpu``, ``cuda`` or ``cuda:N`` (default: CUDA when available).
         layers: run only the first N encoder layers (labelled in the report).
         image_size: input side in pixels (the position table is interpolated, as transformers does).
         repeats: timed calls per runner, in alternation, after one warm-up call each.
@@ -441,16 +459,22 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
             ``blocked``) or SDPA allowed one kernel (``flash``, ``efficient``, ``cudnn``, ``math``).
         bf16_residual: also time ours with a bf16 residual stream (what our float32 one costs).
 
+    The process-wide settings the runs change, torch's thread count and inductor's freezing, are restored on return.
+
     Returns:
         A ``BenchReport``; ``format_report`` prints it, ``to_json`` records it.
     """
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from .api import resolve_device
+
+    if preset not in PRESETS:
+        raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    dev = resolve_device(device or None)
     for d in dtypes:
         if d not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {d!r}")
+            raise ConfigError(f"dtype must be one of {', '.join(_DTYPES)}, got {d!r}")
     for name in attention:
         if name not in ATTENTION_VARIANTS:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTION_VARIANTS)}, got {name!r}")
+            raise ConfigError(f"attention must be one of {', '.join(ATTENTION_VARIANTS)}, got {name!r}")
     vision = PRESETS[preset][0]
     if layers is not None:
         vision = replace(vision, num_hidden_layers=layers)
@@ -467,15 +491,16 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
         state["embeddings.position_embedding.weight"] = interpolate_position_embedding(
             state["embeddings.position_embedding.weight"], grid, grid)
     report = BenchReport(machine={**machine_info(dev), "threads": n_threads}, configs=[])
-    for d in dtypes:
-        for b in batches:
-            report.configs.append(bench_config(vision, state, dtype=d, batch=b, threads=n_threads, device=dev,
-                                               repeats=repeats, compile=compile, reference=reference,
-                                               compile_mode=compile_mode,
-                                               full_layers=PRESETS[preset][0].num_hidden_layers,
-                                               attention=attention,
-                                               bf16_residual=bf16_residual,
-                                               progress=progress))
+    with _torch_settings_restored(compile):
+        for d in dtypes:
+            for b in batches:
+                report.configs.append(bench_config(vision, state, dtype=d, batch=b, threads=n_threads, device=dev,
+                                                   repeats=repeats, compile=compile, reference=reference,
+                                                   compile_mode=compile_mode,
+                                                   full_layers=PRESETS[preset][0].num_hidden_layers,
+                                                   attention=attention,
+                                                   bf16_residual=bf16_residual,
+                                                   progress=progress))
     if memory and dev.type == "cpu":
         for d in dtypes:
             progress(f"memory probe, {d}, batch {max(batches)}")

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import click
 
 from . import __version__
+from .config import PRESETS
 
 MODEL_HELP = ("A Hugging Face folder or hub id (org/name), a GGUF file (llama.cpp mmproj, Ollama blob), an Ollama "
               "name (gemma3:4b), an MLX or SigLIP folder, or random / random:tiny for seeded random weights.")
@@ -103,10 +104,10 @@ def main(debug: bool) -> None:
 @click.option("--no-project", is_flag=True,
               help="Save the tower output (B, 4096, 1152) instead of the projected soft tokens (B, 256, D).")
 @click.option("-b", "--batch-size", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Images per forward pass.")
+              help="Images per forward pass; with --pan-and-scan, views (each image and each crop counts one).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Compute dtype. Default: bfloat16 where the hardware runs it fast, else float32.")
-@click.option("--device", default=None, help="torch device, e.g. cpu or cuda:0. Default: cuda if available.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cuda if available.")
 @click.option("--no-exif-transpose", is_flag=True, help="Do not rotate files by their EXIF orientation tag.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=None,
               help="Refuse images above this many pixels, checked from the header (decompression-bomb guard). "
@@ -339,7 +340,7 @@ def _int_pair(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="Input size in pixels (position embeddings interpolated). Default: the model's.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="Compute dtype.")
-@click.option("--device", default=None, help="torch device, e.g. cpu or cuda:0. Default: cuda if available.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cuda if available.")
 @reports_errors
 def show(image: Path, model: str, out: Path, features_layer: int | None, attention: tuple[int, int] | None,
          patch: tuple[int, int] | None, image_size: int | None, dtype: str, device: str | None) -> None:
@@ -362,13 +363,13 @@ def show(image: Path, model: str, out: Path, features_layer: int | None, attenti
 
 
 @main.command()
-@click.option("--preset", default="gemma3-4b", show_default=True,
+@click.option("--preset", default="gemma3-4b", show_default=True, type=click.Choice(list(PRESETS)),
               help="random model preset: gemma3-4b is the full tower, tiny a smoke test.")
 @click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Repeatable. Default: float32.")
 @click.option("--batch", "batches", multiple=True, type=click.IntRange(min=1), help="Repeatable. Default: 1.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads. Default: torch's.")
-@click.option("--device", default=None, help="cpu or cuda. Default: cuda if available.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cuda if available.")
 @click.option("--layers", type=click.IntRange(min=1), default=None,
               help="Run only the first N layers (labelled TRUNCATED in the report).")
 @click.option("--image-size", type=click.IntRange(min=1), default=None, help="Input side in pixels.")

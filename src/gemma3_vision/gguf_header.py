@@ -116,7 +116,6 @@ class _Cursor:
         except UnicodeDecodeError:
             raise self.fail(f"{what} is not valid UTF-8") from None
 
-
     def skip_strings(self, count: int, what: str) -> None:
         """Walk ``count`` strings without decoding them: the fast path for vocabularies."""
         buf, pos, end, unpack = self.buf, self.pos, len(self.buf), _U64.unpack_from

@@ -28,7 +28,7 @@ class EncodeOptions:
     """Everything besides the model that changes what an encode job writes."""
 
     project: bool = True  # soft tokens (T, D); False: the tower output (N, hidden)
-    batch_size: int = 1  # images (Pan & Scan: views) per forward pass
+    batch_size: int = 1  # views per forward pass: images, and with Pan & Scan each crop counts one too
     layers: tuple[int, ...] = ()  # hidden states also saved: 0 the embeddings, i after layer i
     pool: str | None = None  # "mean": also save one vector per view
     normalize: bool = False  # L2-normalise the pooled vectors
@@ -73,12 +73,16 @@ def encode_batch_for(encoder: Gemma3Vision, options: EncodeOptions) -> EncodeBat
     project, layers = options.project, list(options.layers)
 
     def encode_batch(pixels: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
-        if not (layers or options.pool):
-            return encoder.encode_pixels(torch.from_numpy(pixels), project=project).float().cpu().numpy()
+        # The executors batch by images; with Pan & Scan those hold more views than batch_size, which bounds the
+        # views per forward pass, as in Gemma3Vision.encode.
         B = options.batch_size
-        views = [view for i in range(0, len(pixels), B)  # Pan & Scan views: batch_size at a time
-                 for view in encoder.encode_views(torch.from_numpy(pixels[i:i + B]), project=project,
-                                                  layers=layers, pool=options.pool, normalize=options.normalize)]
+        batches = [torch.from_numpy(pixels[i:i + B]) for i in range(0, len(pixels), B)]  # each (<= B, S, S, 3)
+        if not (layers or options.pool):
+            return np.concatenate([encoder.encode_pixels(batch, project=project).float().cpu().numpy()
+                                   for batch in batches])
+        views = [view for batch in batches
+                 for view in encoder.encode_views(batch, project=project, layers=layers, pool=options.pool,
+                                                  normalize=options.normalize)]
         names = views[0].arrays()
         return {name: torch.stack([v.arrays()[name] for v in views]).float().cpu().numpy() for name in names}
 

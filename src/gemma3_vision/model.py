@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
 from typing import cast
 
 import torch
@@ -254,12 +254,17 @@ class Encoder(nn.Module):
 
 @dataclass
 class TowerOutput:
-    """The tower's output plus, on request, every hidden state (index 0 = embeddings, i = after layer i)."""
+    """The tower's output plus, on request, hidden states (index 0 = embeddings, i = after layer i).
+
+    Each hidden state is ``(B, N, D)``, before post_layernorm, in the output dtype, except that float16 runs keep
+    float32 here: the residual stream may exceed fp16's range.
+    """
 
     last_hidden_state: torch.Tensor  # (B, N, D), after post_layernorm
-    # num_hidden_layers + 1 tensors of (B, N, D), before post_layernorm; in the output dtype, except that float16
-    # runs keep float32 here: the residual stream may exceed fp16's range.
+    # output_hidden_states=True: all num_hidden_layers + 1 of them; otherwise ().
     hidden_states: tuple[torch.Tensor, ...]
+    # hidden_layers=[i, ...]: those states alone, by index; the others are never kept. Otherwise {}.
+    layers: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def concat_outputs(parts: Sequence[torch.Tensor | TowerOutput]) -> torch.Tensor | TowerOutput:
@@ -269,7 +274,8 @@ def concat_outputs(parts: Sequence[torch.Tensor | TowerOutput]) -> torch.Tensor 
     outputs = cast(Sequence[TowerOutput], parts)
     layers = zip(*(o.hidden_states for o in outputs), strict=True)  # ((chunk 0's, chunk 1's, ...) per layer)
     return TowerOutput(last_hidden_state=torch.cat([o.last_hidden_state for o in outputs]),
-                       hidden_states=tuple(torch.cat(states) for states in layers))
+                       hidden_states=tuple(torch.cat(states) for states in layers),
+                       layers={i: torch.cat([o.layers[i] for o in outputs]) for i in outputs[0].layers})
 
 
 class VisionTower(nn.Module):
@@ -318,18 +324,34 @@ class VisionTower(nn.Module):
         P = self.config.patch_size
         return (pixels.shape[1] // P) * (pixels.shape[2] // P)
 
-    def forward(self, pixels: torch.Tensor, *, output_hidden_states: bool = False) -> torch.Tensor | TowerOutput:
+    def forward(self, pixels: torch.Tensor, *, output_hidden_states: bool = False,
+                hidden_layers: Collection[int] | None = None) -> torch.Tensor | TowerOutput:
+        """NHWC pixels ``(B, H, W, 3)`` → ``(B, N, D)``; a ``TowerOutput`` with ``output_hidden_states=True`` (every
+        hidden state, in ``hidden_states``) or ``hidden_layers`` (only those, in ``layers``: one 896 px image's
+        28 states take 0.5 GB in fp32)."""
         self.check_pixels(pixels)
+        keep = self.check_hidden_layers(hidden_layers)
         per_chunk = max(1, CPU_CHUNK_TOKENS // self.tokens_per_image(pixels))
         if pixels.device.type == "cpu" and pixels.shape[0] > per_chunk:
-            parts = [self.forward_chunk(chunk, output_hidden_states) for chunk in pixels.split(per_chunk)]
+            parts = [self.forward_chunk(chunk, output_hidden_states, keep) for chunk in pixels.split(per_chunk)]
             return concat_outputs(parts)
-        return self.forward_chunk(pixels, output_hidden_states)
+        return self.forward_chunk(pixels, output_hidden_states, keep)
 
-    def forward_chunk(self, pixels: torch.Tensor, output_hidden_states: bool) -> torch.Tensor | TowerOutput:
+    def check_hidden_layers(self, hidden_layers: Collection[int] | None) -> tuple[int, ...] | None:
+        """``hidden_layers`` as a tuple of distinct indices in 0..depth, or None."""
+        if hidden_layers is None:
+            return None
+        depth = self.config.num_hidden_layers
+        bad = [i for i in hidden_layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i <= depth]
+        if bad:
+            raise ConfigError(f"hidden_layers must be integers in 0..{depth}, got {bad}")
+        return tuple(dict.fromkeys(hidden_layers))
+
+    def forward_chunk(self, pixels: torch.Tensor, output_hidden_states: bool,
+                      hidden_layers: tuple[int, ...] | None = None) -> torch.Tensor | TowerOutput:
         """The forward of one chunk of a batch (all of it on a GPU)."""
         dtype = self.compute_dtype or self.embeddings.patch_embedding.weight.dtype
-        result = self.run(pixels, dtype, output_hidden_states)
+        result = self.run(pixels, dtype, output_hidden_states, hidden_layers)
         if dtype == torch.float16 and not _CHECK_EACH_PRODUCT.get():
             # An overflow anywhere leaves inf/NaN in the output (the float32 residual stream carries it to the
             # last LayerNorm), so one check here stands in for one per product. Then every product is redone
@@ -338,12 +360,13 @@ class VisionTower(nn.Module):
             if not bool(torch.isfinite(last).all()):
                 token = _CHECK_EACH_PRODUCT.set(True)
                 try:
-                    result = self.run(pixels, dtype, output_hidden_states)
+                    result = self.run(pixels, dtype, output_hidden_states, hidden_layers)
                 finally:
                     _CHECK_EACH_PRODUCT.reset(token)
         return result
 
-    def run(self, pixels: torch.Tensor, dtype: torch.dtype, output_hidden_states: bool) -> torch.Tensor | TowerOutput:
+    def run(self, pixels: torch.Tensor, dtype: torch.dtype, output_hidden_states: bool,
+            hidden_layers: tuple[int, ...] | None = None) -> torch.Tensor | TowerOutput:
         """One pass, the products in ``dtype``."""
         out_dtype = self.output_dtype or self.embeddings.patch_embedding.weight.dtype
         hidden_dtype = torch.float32 if out_dtype == torch.float16 else out_dtype
@@ -356,14 +379,18 @@ class VisionTower(nn.Module):
             raise ConfigError(f"attention must be one of {', '.join(ATTENTION_PATHS)}, got {attention!r}")
         if attention == "blocked" and torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
             raise ConfigError("the blocked attention has no backward: use attention='sdpa' to take gradients")
+        # The states to keep, by index: a state not kept is freed as soon as the next layer has read it.
+        keep = set(range(len(self.encoder.layers) + 1)) if output_hidden_states else set(hidden_layers or ())
         x = self.embeddings(pixels, dtype).to(self.residual_dtype)  # (B, N, D)
-        hidden_states = [x.to(hidden_dtype)] if output_hidden_states else []
+        kept = {0: x.to(hidden_dtype)} if 0 in keep else {}
         with self.attention_kernels():
-            for layer in self.encoder.layers:
+            for i, layer in enumerate(self.encoder.layers, start=1):
                 x = layer(x, dtype, attention)  # (B, N, D) residual_dtype
-                if output_hidden_states:
-                    hidden_states.append(x.to(hidden_dtype))
+                if i in keep:
+                    kept[i] = x.to(hidden_dtype)
         x = self.post_layernorm(x).to(out_dtype)  # (B, N, D)
-        if output_hidden_states:
-            return TowerOutput(last_hidden_state=x, hidden_states=tuple(hidden_states))
+        if output_hidden_states or hidden_layers is not None:
+            return TowerOutput(last_hidden_state=x,
+                               hidden_states=tuple(kept.values()) if output_hidden_states else (),
+                               layers={i: kept[i] for i in hidden_layers or ()})
         return x

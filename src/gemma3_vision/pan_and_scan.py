@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import ConfigError
-from .preprocess import PreprocessConfig, normalize, resize, to_rgb
+from .preprocess import PreprocessConfig, check_pixel_count, normalize, resize, to_rgb
 
 Box = tuple[int, int, int, int]  # (left, top, right, bottom) in original pixels, right/bottom exclusive
 _GEMMA3_INPUT = PreprocessConfig()
@@ -47,7 +47,12 @@ class PanAndScanConfig:
 
 
 def crop_boxes(width: int, height: int, config: PanAndScanConfig = PanAndScanConfig()) -> list[Box]:
-    """The crops of a ``width`` × ``height`` image, row-major; empty when Pan & Scan does not activate."""
+    """The crops of a ``width`` × ``height`` image, row-major; empty when Pan & Scan does not activate.
+
+    Raises:
+        ImageError: a zero-size image (it has no aspect ratio).
+    """
+    check_pixel_count((width, height), None, "Pan & Scan input")
     if width >= height:  # landscape or square: split the width
         if width / height < config.min_ratio_to_activate:
             return []

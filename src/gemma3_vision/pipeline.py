@@ -52,6 +52,7 @@ from .preprocess import (
 
 # ---------------------------------------------------------------------------------------------------------- job
 
+
 @dataclass
 class JobSummary:
     encoded: int = 0

@@ -160,10 +160,10 @@ def decode_image(fp: BinaryIO, name: str, *, exif_transpose: bool = True,
 
 
 def check_pixel_count(size: tuple[int, int], max_pixels: int | None, name: str) -> None:
-    """Raise ``ImageError`` for a zero-size image or one over ``max_pixels``."""
+    """Raise ``ImageError`` for a zero-size image or one over ``max_pixels`` (``None``: no limit)."""
     w, h = size
     if w <= 0 or h <= 0:
-        raise ImageError(f"{name}: zero-size image ({w}x{h})")
+        raise ImageError(f"{name}: expected an image of at least 1x1 pixels, found {w}x{h}")
     if max_pixels is not None and w * h > max_pixels:
         raise ImageError(
             f"{name}: image is {w}x{h} = {w * h:,} pixels, over the decompression bomb limit of {max_pixels:,} "
@@ -207,8 +207,16 @@ def _sixteen_bit_to_8(img: Image.Image) -> Image.Image:
 
 def as_pil(image: ImageInput, *, exif_transpose: bool = True,
            max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """A path, a PIL image or a uint8 array (HW, HWC with 1/3/4 channels) as a PIL image."""
+    """A path, a PIL image or a uint8 array (HW, HWC with 1/3/4 channels) as a PIL image.
+
+    ``max_pixels`` guards decoding, so it applies to files; an image already in memory is only refused when it has
+    no pixels (resized, it would come out black, and Pan & Scan would divide by its zero side).
+
+    Raises:
+        ImageError: zero-size, not an image, or a file ``open_image`` refuses.
+    """
     if isinstance(image, Image.Image):
+        check_pixel_count(image.size, None, f"PIL image ({image.mode})")
         return image
     if isinstance(image, np.ndarray):
         return _array_to_pil(image)
@@ -222,11 +230,12 @@ def _array_to_pil(a: np.ndarray) -> Image.Image:
         raise ImageError(f"image arrays must be uint8 HWC, got dtype {a.dtype}")
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4))):
+        raise ImageError(f"image arrays must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {a.shape}")
+    check_pixel_count((a.shape[1], a.shape[0]), None, f"image array of shape {a.shape}")
     if a.ndim == 2:
         return Image.fromarray(a, mode="L")
-    if a.ndim == 3 and a.shape[-1] in (3, 4):
-        return Image.fromarray(np.ascontiguousarray(a), mode="RGB" if a.shape[-1] == 3 else "RGBA")
-    raise ImageError(f"image arrays must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {a.shape}")
+    return Image.fromarray(np.ascontiguousarray(a), mode="RGB" if a.shape[-1] == 3 else "RGBA")
 
 
 def resize(img: Image.Image, size: int, resample: str = "bilinear") -> Image.Image:

@@ -43,6 +43,7 @@ from .api import (
     compute_dtype_for,
     kept_storage_dtypes,
     load,
+    parse_device,
     resolve_dtype,
 )
 from .checkpoint import Checkpoint
@@ -154,6 +155,8 @@ def encode_with_ray(
         ConfigError: Ray is not installed, or bad options or resources.
         OutputError: the output folder cannot be used (not writable, or another job holds it).
     """
+    if device is not None:
+        parse_device(device)  # whether the nodes have it is plan_resources' question
     try:
         import ray
         import ray.data

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Collection, Iterator
 from typing import Any
 
@@ -133,17 +134,43 @@ def load_model(checkpoint: Checkpoint, *, dtype: torch.dtype, device: torch.devi
     return model.eval().requires_grad_(False)
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run the calling thread's torch ops single-threaded; the previous thread count is restored on exit.
+class _SingleThreaded:
+    """``with _one_thread():`` runs the calling thread's torch ops single-threaded; what that touches beyond the
+    calling thread depends on torch's parallel backend.
 
-    A reduction over memory-mapped weights page-faults the file in. Split across threads, every fault stalls the
-    whole team at its barrier, and when another process holds a core the waiting threads spin on it: the finite
-    check over 0.84 GB took 1.3 s on two threads against 0.13 s on one, with the pages already cached.
+    ``torch.set_num_threads`` is not per thread alone. With the OpenMP backend (torch's usual one;
+    ``torch.__config__.parallel_info()`` names it) it sets the calling thread's count and also a process-wide
+    default, which a thread takes at its first torch op: a thread that starts using torch while another is inside
+    runs single-threaded from then on. (torch's native backend ignores the call once parallel work has started.)
+
+    Overlapping uses (two loads in two threads) are counted under a lock, and every exit restores the count from
+    before the first entry. A plain save-and-restore breaks here: a thread whose first torch op comes while another
+    is inside saves the inherited 1 and restores it, leaving the process default at 1 for good. The price: a
+    thread that set its own different count before entering leaves with the first entrant's.
+
+    Why one thread: a reduction over memory-mapped weights page-faults the file in. Split across threads, every
+    fault stalls the whole team at its barrier, and when another process holds a core the waiting threads spin on
+    it: the finite check over 0.84 GB took 1.3 s on two threads against 0.13 s on one, with the pages cached.
     """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0  # uses now running, in any thread
+        self._before = 0  # the thread count before the first of them
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._inside == 0:
+                self._before = torch.get_num_threads()
+            self._inside += 1
+            torch.set_num_threads(1)  # in every entrant: with OpenMP each thread has its own count
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._inside -= 1
+                torch.set_num_threads(self._before)
+
+
+_one_thread = _SingleThreaded()
