@@ -270,6 +270,15 @@ def test_unchanged_failures_are_reported_with_their_recorded_reason(tree, tmp_pa
     assert all(reason.startswith("root/") for reason in reasons.values())
 
 
+def test_a_missing_input_is_named_once_in_its_reason(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job(["nope/", "./gone.png", "x//gone.png"], tmp_path / "out")
+    assert [(r["input"], r["error"]) for r in records(tmp_path / "out")] == [
+        ("nope/", "nope/: cannot read (No such file or directory)"),
+        ("./gone.png", "./gone.png: cannot read (No such file or directory)"),
+        ("x//gone.png", "x//gone.png: cannot read (No such file or directory)")]
+
+
 def test_a_different_model_or_option_encodes_again(tree, tmp_path):
     out = tmp_path / "out"
     job([str(tree)], out)

@@ -23,13 +23,13 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
 
 from .discovery import InputItem
-from .errors import Gemma3VisionError
+from .errors import Gemma3VisionError, ImageError
 from .output_folder import (
     ARRAY_NAME,
     OutputFolder,
@@ -339,7 +339,7 @@ def _prepare(item: InputItem, output: str, out_dir: Path, prior: bytes, to_input
     if verdict and ResumeState.facts_key_of(prior) == short_hash(facts["bytes"], facts["mtime_ns"], key):
         return _Prepared(item, output, verdict)
     try:
-        with open_regular_file(item.path) as f:
+        with _open(item) as f:
             st = os.fstat(f.fileno())
             facts = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "content": content_digest(f)}
             if verdict and ResumeState.content_key_of(prior) == short_hash(facts["content"], key):
@@ -351,6 +351,18 @@ def _prepare(item: InputItem, output: str, out_dir: Path, prior: bytes, to_input
         return _Prepared(item, output, "error", reason=_one_line(e), facts=facts)
     return _Prepared(item, output, "encode", pixels=pixels, facts=facts, extra=extra,
                      replaces=ResumeState.written_of(prior))
+
+
+def _open(item: InputItem) -> BinaryIO:
+    """``open_regular_file`` with the input named as the user spelled it (``nope/: cannot read``), as every other
+    reason names it, not as ``Path`` normalised it (``nope``): messages name an input once, not twice."""
+    try:
+        return open_regular_file(item.path)
+    except ImageError as e:
+        reason, normalised = str(e), f"{item.path}: "
+        if reason.startswith(normalised) and str(item.path) != item.display:
+            raise ImageError(f"{item.display}: {reason.removeprefix(normalised)}") from None
+        raise
 
 
 def _name_views(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
