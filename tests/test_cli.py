@@ -71,6 +71,22 @@ def test_unchanged_failures_keep_exit_3_on_rerun(images, tmp_path):
     assert len(records(out)) == 3
 
 
+def test_a_rerun_lists_each_unchanged_failure_with_its_reason(images, tmp_path, monkeypatch):
+    monkeypatch.chdir(images.parent)
+    out = tmp_path / "out"
+    first = encode("images", "nope/", "-o", str(out))
+    broken = "corrupt or truncated image (OSError: Truncated File Read)"
+    assert [line for line in first.stderr.splitlines() if line.startswith("failed")] == [
+        f"failed: images/sub/broken.jpg: {broken}",
+        "failed: nope/: cannot read (No such file or directory)"], first.stderr  # each input named once
+    again = encode("./images", "nope/", "-o", str(out))  # spelled another way: still the same inputs
+    assert again.exit_code == EXIT_SOME_FAILED
+    assert [line for line in again.stderr.splitlines() if line.startswith("failed")] == [
+        f"failed (unchanged since an earlier run): ./images/sub/broken.jpg: {broken}",
+        "failed (unchanged since an earlier run): nope/: cannot read (No such file or directory)"], again.stderr
+    assert "encoded 0, failed 2 (2 unchanged since an earlier run), skipped 2 (2 already encoded)" in again.stderr
+
+
 def test_overwrite_encodes_everything_again(images, tmp_path):
     out = tmp_path / "out"
     encode(str(images), "-o", str(out))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gemma3_vision.discovery import discover, read_list
+from gemma3_vision.discovery import discover, input_key, read_list
 from gemma3_vision.errors import OutputError
 from gemma3_vision.output_folder import (
     INDEX_NAME,
@@ -211,6 +211,72 @@ def test_resume_notices_what_changed(tree, tmp_path):
     assert all(r["status"] == "ok" for r in new)
     assert {r["output"] for r in new} == {"b.png.npy", "bad.jpg.npy", "sub/c.png.npy"}
     assert (summary.encoded, summary.done_before) == (3, 3)
+
+
+SPELLINGS = [  # (working folder under tmp_path, argument): one folder, written as users write it
+    ("", "root"), ("", "./root"), ("", "root//"), ("", "root/sub/../"), ("", "ABS"), ("elsewhere", "../root")]
+
+
+def test_an_input_is_one_input_however_its_path_is_spelled(tree, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    job(["root"], out)
+    index = (out / INDEX_NAME).read_bytes()
+    for cwd, arg in SPELLINGS[1:]:
+        monkeypatch.chdir(tmp_path / cwd)
+        summary = job([str(tree) if arg == "ABS" else arg], tmp_path / "out")
+        assert (summary.encoded, summary.failed, summary.done_before, summary.failed_before) == (0, 0, 5, 2), arg
+        assert (out / INDEX_NAME).read_bytes() == index, f"{arg} from {cwd or '.'}: records appended"
+    assert not [name for name in npy_files(out) if "~" in name]
+    # Files given one by one, from a list, in one run with two spellings: the second spelling is the same input.
+    monkeypatch.chdir(tmp_path)
+    summary = job(read_list("-", io.StringIO("./root/a.png\nroot/b.png\n" + f"{tree}/b.png\n")), out)
+    assert (summary.encoded, summary.done_before, summary.skipped) == (0, 2, 1)  # b.png twice: once
+    # A changed file is recorded with the spelling used now, into the file it had.
+    png(tree / "a.png", 99)
+    assert job(["./root"], out).encoded == 1
+    new = records(out)[-1]
+    assert (new["input"], new["output"], new["path"]) == ("./root/a.png", "a.png.npy", str(tree / "a.png"))
+
+
+def test_an_index_from_before_records_stated_their_path_resumes_encoding_nothing(tree, tmp_path, monkeypatch):
+    # Records as versions before "path" wrote them: the input only, relative to the working folder of that run.
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)
+    job(["root"], out)
+    old = [json.dumps({k: v for k, v in r.items() if k != "path"}) + "\n" for r in records(out)]
+    (out / INDEX_NAME).write_text("".join(old))
+    for arg in ["root", "./root", str(tree)]:  # the same spelling, and others of it from the same folder
+        summary = job([arg], out)
+        assert (summary.encoded, summary.failed, summary.done_before, summary.failed_before) == (0, 0, 5, 2), arg
+    assert (out / INDEX_NAME).read_text() == "".join(old)
+    assert not [name for name in npy_files(out) if "~" in name]
+
+
+def test_unchanged_failures_are_reported_with_their_recorded_reason(tree, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)
+    job(["root"], out)
+    reasons = {r["input"]: r["error"] for r in records(out) if r["status"] == "error"}
+    assert sorted(reasons) == ["root/bad.jpg", "root/sub/empty.png"]
+    told: list[tuple[str, str | None]] = []
+    summary = job(["root"], out, on_failed_before=lambda name, reason: told.append((name, reason)))
+    assert summary.failed_before == 2 and told == list(reasons.items())
+    # Spelled another way, the reason names the input as it is spelled now.
+    told.clear()
+    job(["./root"], out, on_failed_before=lambda name, reason: told.append((name, reason)))
+    assert told == [("./" + name, "./" + reason) for name, reason in reasons.items()]
+    assert all(reason.startswith("root/") for reason in reasons.values())
+
+
+def test_a_missing_input_is_named_once_in_its_reason(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job(["nope/", "./gone.png", "x//gone.png"], tmp_path / "out")
+    assert [(r["input"], r["error"]) for r in records(tmp_path / "out")] == [
+        ("nope/", "nope/: cannot read (No such file or directory)"),
+        ("./gone.png", "./gone.png: cannot read (No such file or directory)"),
+        ("x//gone.png", "x//gone.png: cannot read (No such file or directory)")]
 
 
 def test_a_different_model_or_option_encodes_again(tree, tmp_path):
@@ -448,19 +514,19 @@ def test_resume_state_keeps_extra_names_only_for_inputs_that_have_them():
     odd = {"pooled": "../../elsewhere.npy", "mine": "a.png.mine.npy", "layer\u0663": "a.png.layer\u0663.npy"}
     state.add({**base, "input": "a.png", "output": "a.png.npy", "outputs": {
         "layer13": "a.png.layer13.npy", "crop1.pooled": "a.png.crop1.pooled.npy", **odd}})
-    assert len(state.prior("plain.png")) == 1 + 16 + 8 + len("plain.png.npy")  # nothing stored for extras
-    assert state.output_of(state.prior("a.png")) == "a.png.npy"
-    assert state.extras_of(state.prior("a.png")) == ["layer13", "crop1.pooled"]
+    assert len(state.prior(input_key("plain.png"))) == 1 + 16 + 8 + len("plain.png.npy")  # nothing stored for extras
+    assert state.output_of(state.prior(input_key("a.png"))) == "a.png.npy"
+    assert state.extras_of(state.prior(input_key("a.png"))) == ["layer13", "crop1.pooled"]
     new = {**base, "input": "a.png", "output": "a.png.npy", "outputs": {"layer13": "a.png.layer13.npy"}}
     assert state.stale_outputs(new) == ["a.png.crop1.pooled.npy"]
     # A failure, then a skip: the input keeps its name and its last ok record's extras, and nothing more.
     state.add({**base, "input": "a.png", "status": "error"})
     state.add({"input": "a.png", "status": "skipped", "reason": "a FIFO"})
-    assert state.output_of(state.prior("a.png")) == "a.png.npy"
+    assert state.output_of(state.prior(input_key("a.png"))) == "a.png.npy"
     assert state.stale_outputs(new) == ["a.png.crop1.pooled.npy"]
     state.add({**base, "input": "never-ok.png", "status": "error"})
-    assert state.prior("never-ok.png") is not None and state.output_of(state.prior("never-ok.png")) == ""
-    assert len(state.prior("never-ok.png")) == 1 + 16
+    assert state.prior(input_key("never-ok.png")) is not None and state.output_of(state.prior(input_key("never-ok.png"))) == ""
+    assert len(state.prior(input_key("never-ok.png"))) == 1 + 16 + 8  # + where its record is, for its reason
 
 
 def test_stale_names_that_may_be_another_inputs_file_are_kept():
@@ -516,10 +582,10 @@ def test_resume_state_ignores_ok_records_naming_what_the_library_never_writes():
     for output in ["../a.npy", "/abs/a.npy", "x/../../a.npy", "a.png", "a.png.npy\0", 7,
                    f"{TMP_DIR_NAME}/a.png.npy", f"./{TMP_DIR_NAME}/a.npy"]:
         state.add({"input": "a.png", "status": "ok", "output": output, "job": "other"})
-    assert state.bad_lines == 8 and state.output_of(state.prior("a.png")) == "a.png.npy"  # the last good word
-    assert ResumeState.facts_key_of(state.prior("a.png")) == short_hash(None, None, "k")
+    assert state.bad_lines == 8 and state.output_of(state.prior(input_key("a.png"))) == "a.png.npy"  # the last good word
+    assert ResumeState.facts_key_of(state.prior(input_key("a.png"))) == short_hash(None, None, "k")
     state.add({"input": "b.png", "status": "ok", "output": f"{TMP_DIR_NAME}.npy", "job": "k"})  # beside it: fine
-    assert state.output_of(state.prior("b.png")) == f"{TMP_DIR_NAME}.npy"
+    assert state.output_of(state.prior(input_key("b.png"))) == f"{TMP_DIR_NAME}.npy"
 
 
 def test_deeply_nested_index_lines_are_bad_lines(tmp_path):
@@ -717,8 +783,8 @@ def test_resume_state_for_100k_inputs_is_compact_and_quick(tmp_path):
     state, good_end = load_index(index)
     seconds = time.perf_counter() - start
     assert len(state) == 100_000 and good_end == index.stat().st_size
-    assert state.output_of(state.prior("photos/099999.jpg")) == "099999.jpg.npy"
-    assert state.prior("photos/100000.jpg") is None
+    assert state.output_of(state.prior(input_key("photos/099999.jpg"))) == "099999.jpg.npy"
+    assert state.prior(input_key("photos/100000.jpg")) is None
     size = (sys.getsizeof(state._last) + sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in state._last.items())
             + sys.getsizeof(state.taken) + sum(sys.getsizeof(k) for k in state.taken) + sys.getsizeof(state._owners))
     assert size / 100_000 < 300, f"{size / 100_000:.0f} bytes an input"

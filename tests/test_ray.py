@@ -94,6 +94,7 @@ def test_ray_job_equals_local_job_file_by_file_and_resumes(ray_cluster, images, 
     assert again.exit_code == EXIT_SOME_FAILED, again.output
     assert ("encoded 1, failed 1 (1 unchanged since an earlier run), skipped 5 (5 already encoded) in "
             in again.stderr), again.stderr
+    assert f"failed (unchanged since an earlier run): {images}/bad.jpg: " in again.stderr  # listed, with its reason
     lines = index_lines(remote)
     assert lines[:-1] == index_lines(local)  # nothing re-recorded
     new = json.loads(lines[-1])

@@ -206,6 +206,10 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
         if progress is not None:
             progress.update(1)
 
+    def on_failed_before(name: str, reason: str | None) -> None:
+        said = reason if reason and reason.startswith(name) else f"{name}: {reason}" if reason else name
+        say(f"failed (unchanged since an earlier run): {said}")
+
     try:
         if ray_address is not None:
             started()
@@ -214,7 +218,7 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
             summary = encode_with_ray(
                 arguments(), out_dir, model, options, address=ray_address or None, dtype=dtype, device=device,
                 image_size=image_size, max_pixels=max_pixels, overwrite=overwrite, follow_symlinks=follow_symlinks,
-                actors=ray_actors, on_record=on_record,
+                actors=ray_actors, on_record=on_record, on_failed_before=on_failed_before,
             )
         else:
             encoder = load(model, dtype=dtype, device=device, image_size=image_size)
@@ -225,6 +229,7 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
                 encoder.preprocess_config, make_input=make_input_for(encoder.preprocess_config, options),
                 job_key=job_key(encoder, options), batch_size=batch_size, exif_transpose=options.exif_transpose,
                 max_pixels=max_pixels, workers=workers, overwrite=overwrite, on_record=on_record,
+                on_failed_before=on_failed_before,
             )
     finally:
         if progress is not None:

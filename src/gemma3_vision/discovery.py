@@ -28,12 +28,32 @@ _GLOB_MAGIC = frozenset("*?[")
 @dataclass(frozen=True)
 class InputItem:
     """One input: where it is, how the user would recognise it, and its path under the output folder (less
-    ``.npy``). ``skip`` is set when discovery decided, without opening it, that it must not be read."""
+    ``.npy``). ``skip`` is set when discovery decided, without opening it, that it must not be read.
+
+    ``key``, the input's identity in ``index.jsonl`` (its records' ``path``), is ``input_key(path)`` unless given:
+    the same file named ``photos/a.png``, ``./photos/a.png``, ``photos//a.png`` or by its absolute path, from any
+    working folder, is one input, and resumes as one."""
 
     path: Path
-    display: str  # the argument, or argument/relative path: the input's identity in index.jsonl
+    display: str  # the argument, or argument/relative path, as the user spelled it: records' "input", messages
     rel: str  # relative path that names the output
     skip: str | None = None
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            object.__setattr__(self, "key", input_key(self.path))
+
+
+def input_key(path: str | os.PathLike[str]) -> str:
+    """An input's identity: its absolute path, normalised (``./``, ``//``, ``a/..``) but with links kept.
+
+    Not ``realpath``: two links to one file are two inputs, each with its own output, as discovery names them
+    (``b.png -> a.png`` in a folder gives ``b.png.npy``). Lexical ``..`` may take ``link/../a.png`` for
+    ``./a.png``; that only picks which record resume compares the file with, and a file whose size and time, or
+    content, differ from that record's is encoded again.
+    """
+    return os.path.abspath(path)
 
 
 def read_list(source: str, stdin: TextIO | None = None) -> Iterator[str]:

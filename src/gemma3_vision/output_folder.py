@@ -11,10 +11,13 @@ What makes the job safe to kill and re-run:
   (``output_intact``; ``pipeline.finish_input`` says why the main file speaks for the extras);
 - records are appended one ``write`` per line to an ``O_APPEND`` descriptor; a torn last line (a kill mid-write)
   is dropped on the next run before anything is appended;
-- on the next run each input is looked up in the index by what the user named it: it is skipped when its last
-  record has the same job key (model identity and output-affecting options) and either the same size and
+- on the next run each input is looked up in the index by its absolute path (``discovery.input_key``: records'
+  ``path``; records from before they stated it by their ``input`` taken from the working folder, which for the same
+  spelling is what that run meant), so ``a.png``, ``./a.png`` and ``/abs/a.png`` are one input. It is skipped when
+  its last record has the same job key (model identity and output-affecting options) and either the same size and
   modification time, or the same content hash; an ``ok`` record also needs its output file to be intact.
-  Unchanged inputs that failed are not retried (same bytes, same failure) but still count as failed;
+  Unchanged inputs that failed are not retried (same bytes, same failure) but still count as failed, and their
+  reason is read back from the index (``OutputFolder.earlier_failure``);
 - an input encoded again (a new job key, or new bytes) drops the extra files of its previous ``ok`` record that the
   new one does not list, and only once the new record is appended (``OutputFolder.append``);
 - output names are assigned so that no input's file, main or extra, can be another input's (``ResumeState.free``),
@@ -39,11 +42,12 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path, PurePath
-from typing import Any, TypeGuard
+from typing import Any, BinaryIO, TypeGuard
 
 import numpy as np
 
 from .checkpoint import Checkpoint
+from .discovery import input_key
 from .errors import OutputError
 
 INDEX_NAME = "index.jsonl"
@@ -138,23 +142,35 @@ def _owners(name: str) -> Iterator[str]:
 
 # -------------------------------------------------------------------------------------------------- resume state
 
+def record_key(record: dict[str, Any]) -> str | None:
+    """The identity (``discovery.input_key``) of the input of an index record; None if it names none. Records from
+    before they stated ``path`` are taken by their ``input``, resolved against the working folder: for the same
+    spelling from the same folder, what that run's input was."""
+    path, name = record.get("path"), record.get("input")
+    if isinstance(path, str):
+        return path
+    return input_key(name) if isinstance(name, str) else None
+
+
 class ResumeState:
-    """The index's last word per input, compactly: ``{h(input): status + two 8-byte keys [+ h(main file's size,
-    mtime) + output [+ NUL-separated extra suffixes, only for inputs that have extras]]}`` (about 100 bytes an
-    input), plus the output names already taken.
+    """The index's last word per input, compactly: ``{h(record_key): status + two 8-byte keys [+ the error
+    record's offset in the index] [+ h(main file's size, mtime) + output [+ NUL-separated extra suffixes, only for
+    inputs that have extras]]}`` (about 100 bytes an input), plus the output names already taken.
 
     The keys are ``h(size, mtime, job)`` and ``h(content, job)`` (``h(reason)`` and zeros for ``skipped``, zeros
-    for ``OVERWRITTEN``). The bracketed part, the input's naming, is an ``ok`` record's; an ``error`` or
-    ``skipped`` record keeps the one its input had, so an input keeps its output name, and the extra files to
-    drop, through failures. An ``overwrite`` record (``--overwrite``) turns every input so far ``OVERWRITTEN``:
+    for ``OVERWRITTEN``). An ``error`` value also holds where its record starts in ``index.jsonl``, so the reason
+    of an unchanged failure can be read back when it is reported, rather than kept for every input. The naming
+    part (the second bracket) is an ``ok`` record's; an ``error`` or ``skipped`` record keeps the one its input
+    had, so an input keeps its output name, and the extra files to drop, through failures. An ``overwrite`` record (``--overwrite``) turns every input so far ``OVERWRITTEN``:
     naming kept, keys matching nothing, so none counts as done or failed before. An ``ok`` record whose output
     is not a name this library gives (``is_output_name``) is ignored, a bad line: its input keeps what it had."""
 
     OK, ERROR, SKIPPED, OVERWRITTEN = b"o", b"e", b"s", b"w"
     OVERWRITE_RECORD = {"status": "overwrite"}
-    # A value's layout: status (1 byte) | facts key (8) | content key (8) | naming: main file's id (8) | output
-    # [| NUL suffix]...
-    _FACTS, _CONTENT, _NAMING, _OUTPUT = slice(1, 9), slice(9, 17), 17, 25
+    # A value's layout: status (1 byte) | facts key (8) | content key (8) | [ERROR only: record's offset (8)] |
+    # naming: main file's id (8) | output [| NUL suffix]...
+    _FACTS, _CONTENT, _KEYS, _OFFSET = slice(1, 9), slice(9, 17), 17, slice(17, 25)
+    NO_OFFSET = 2**64 - 1  # an error record added without its place in the index (``add`` called directly)
 
     def __init__(self) -> None:
         self._last: dict[bytes, bytes] = {}
@@ -167,12 +183,13 @@ class ResumeState:
     def __len__(self) -> int:
         return len(self._last)
 
-    def add(self, record: dict[str, Any]) -> None:
-        status, name = record.get("status"), record.get("input")
+    def add(self, record: dict[str, Any], offset: int | None = None) -> None:
+        """Take ``record`` as its input's last word; ``offset``: where its line starts in ``index.jsonl``."""
+        status, name = record.get("status"), record_key(record)
         if status == "overwrite":
             self.overwrite()
             return
-        if not isinstance(name, str):
+        if name is None:
             self.bad_lines += 1
             return
         key = short_hash(name)
@@ -190,8 +207,10 @@ class ResumeState:
                             if isinstance(k, str) and EXTRA_SUFFIX.fullmatch(k) and v == extra_output(output, k)]
                 value += b"".join(b"\0" + k.encode("ascii") for k in suffixes)
         elif status == "error":
+            at = self.NO_OFFSET if offset is None else offset
             value = (self.ERROR + short_hash(record.get("bytes"), record.get("mtime_ns"), record.get("job"))
-                     + short_hash(record.get("content"), record.get("job")) + self._naming(key))
+                     + short_hash(record.get("content"), record.get("job")) + at.to_bytes(8, "little")
+                     + self._naming(key))
         elif status == "skipped":
             value = self.skipped(record.get("reason")) + self._naming(key)
         else:  # an unknown status, or an ok record naming a file elsewhere: never acted on
@@ -201,16 +220,30 @@ class ResumeState:
 
     def overwrite(self) -> None:
         """What an ``overwrite`` record means: nothing indexed so far counts as done or failed before."""
-        blank = self.OVERWRITTEN + bytes(self._NAMING - 1)
+        blank = self.OVERWRITTEN + bytes(self._KEYS - 1)
         for key, value in self._last.items():
-            self._last[key] = blank + value[self._NAMING:]
+            self._last[key] = blank + self._naming_of(value)
 
     def _naming(self, key: bytes) -> bytes:
         last = self._last.get(key)
-        return last[self._NAMING:] if last else b""
+        return self._naming_of(last) if last else b""
 
-    def prior(self, display: str) -> bytes | None:
-        return self._last.get(short_hash(display))
+    def prior(self, key: str) -> bytes | None:
+        """The last word of the input whose ``record_key`` (``InputItem.key``) is ``key``; None if it has none."""
+        return self._last.get(short_hash(key))
+
+    @classmethod
+    def _naming_of(cls, prior: bytes) -> bytes:
+        """The naming part of a prior: file id, output, suffixes; ``b""`` if its input never had an ``ok`` record."""
+        return prior[cls._KEYS + 8:] if prior[:1] == cls.ERROR else prior[cls._KEYS:]
+
+    @classmethod
+    def error_offset_of(cls, prior: bytes) -> int | None:
+        """Where the ``error`` record of an input that failed starts in ``index.jsonl``; None if not known."""
+        if prior[:1] != cls.ERROR:
+            return None
+        offset = int.from_bytes(prior[cls._OFFSET], "little")
+        return None if offset == cls.NO_OFFSET else offset
 
     @classmethod
     def skipped(cls, reason: object) -> bytes:
@@ -230,18 +263,18 @@ class ResumeState:
     @classmethod
     def output_of(cls, prior: bytes) -> str:
         """The main output name of the input's last ``ok`` record; ``""`` if it never had one."""
-        return prior[cls._OUTPUT:].split(b"\0", 1)[0].decode("utf-8", "surrogatepass")
+        return cls._naming_of(prior)[8:].split(b"\0", 1)[0].decode("utf-8", "surrogatepass")
 
     @classmethod
     def written_of(cls, prior: bytes) -> bytes:
         """``file_id`` of the main file as the input's last ``ok`` record wrote it: ``NO_FILE_ID`` for records
         from before records stated it, ``b""`` if the input never had an ``ok`` record."""
-        return prior[cls._NAMING:cls._OUTPUT]
+        return cls._naming_of(prior)[:8]
 
     @classmethod
     def extras_of(cls, prior: bytes) -> list[str]:
         """The extra suffixes (``layer13``, ``crop1.pooled``) the input's last ``ok`` record listed."""
-        return [k.decode("ascii") for k in prior[cls._OUTPUT:].split(b"\0")[1:]]
+        return [k.decode("ascii") for k in cls._naming_of(prior)[8:].split(b"\0")[1:]]
 
     def take(self, output: str) -> None:
         key = output.casefold()
@@ -264,7 +297,8 @@ class ResumeState:
         failures followed it) and has no longer: those ``record`` (a new ``ok`` record, same output name) does not
         list. Never a name that is, or could be an extra file of, another input's output (possible only in folders
         named before ``free`` was so strict)."""
-        prior = self.prior(record["input"])
+        key = record_key(record)
+        prior = self.prior(key) if key is not None else None
         output = record.get("output")
         if not isinstance(output, str) or prior is None or self.output_of(prior) != output:
             return []
@@ -303,14 +337,14 @@ def load_index(path: Path) -> tuple[ResumeState, int]:
         for line in f:
             if not line.endswith(b"\n"):
                 break  # torn: never acted on, cut before appending
-            good_end += len(line)
+            offset, good_end = good_end, good_end + len(line)
             try:
                 record = json.loads(line)
             except (ValueError, RecursionError):  # RecursionError: nested thousands deep
                 state.bad_lines += 1
                 continue
             if isinstance(record, dict):
-                state.add(record)
+                state.add(record, offset)
             else:
                 state.bad_lines += 1
     return state, good_end
@@ -336,6 +370,7 @@ class OutputFolder:
             os.close(self._lock)
             raise OutputError(f"{out_dir}: another encode job is writing to this folder") from None
         self._counter = 0  # names this job's temporary files
+        self._reader: BinaryIO | None = None  # the index, opened to read back reasons (``earlier_failure``)
         try:
             self.tmp = out_dir / TMP_DIR_NAME
             shutil.rmtree(self.tmp, ignore_errors=True)  # left by a killed job; no job holds the lock
@@ -375,6 +410,31 @@ class OutputFolder:
                 with contextlib.suppress(FileNotFoundError):  # removed by hand already
                     os.unlink(self.dir / name)
 
+    def earlier_failure(self, prior: bytes, display: str) -> str | None:
+        """Why the input whose prior is ``prior`` failed, as its ``error`` record says, with ``display`` in place
+        of the input as that record spelled it; None if the prior is no error or its record cannot be read back.
+
+        Read from the index on demand: the resume state keeps only the record's offset, so a nightly job over an
+        index of millions pays for the reasons of the unchanged failures it reports, not for every input.
+        """
+        offset = ResumeState.error_offset_of(prior)
+        if offset is None:
+            return None
+        try:
+            if self._reader is None:
+                self._reader = open(self.dir / INDEX_NAME, "rb")  # noqa: SIM115  (closed by close)
+            self._reader.seek(offset)
+            record = json.loads(self._reader.readline())
+        except (OSError, ValueError, RecursionError):
+            return None
+        reason = record.get("error") if isinstance(record, dict) else None
+        if not isinstance(reason, str):
+            return None
+        name = record.get("input")
+        if isinstance(name, str) and reason.startswith(f"{name}: "):
+            reason = f"{display}: {reason[len(name) + 2:]}"
+        return reason
+
     def save(self, rel: str, array: np.ndarray, unlike: bytes = b"") -> None:
         """Write ``rel`` (a safe relative path) through the temporary folder, then rename into place."""
         self._counter += 1
@@ -385,6 +445,9 @@ class OutputFolder:
         if hasattr(self, "_index"):
             os.close(self._index)
             del self._index
+        if (reader := getattr(self, "_reader", None)) is not None:
+            reader.close()
+            self._reader = None
         if hasattr(self, "tmp"):
             shutil.rmtree(self.tmp, ignore_errors=True)
             del self.tmp

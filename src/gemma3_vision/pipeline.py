@@ -23,13 +23,13 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
 
 from .discovery import InputItem
-from .errors import Gemma3VisionError
+from .errors import Gemma3VisionError, ImageError
 from .output_folder import (
     ARRAY_NAME,
     OutputFolder,
@@ -119,6 +119,7 @@ def run_job(
     workers: int = 2,
     overwrite: bool = False,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    on_failed_before: Callable[[str, str | None], None] | None = None,
 ) -> JobSummary:
     """Encode every item, writing ``out_dir/<item.rel>.npy`` and one ``index.jsonl`` record per input.
 
@@ -128,7 +129,9 @@ def run_job(
     ``j`` as ``.cropJ.npy`` (``.cropJ.NAME.npy``), and the record lists them under ``outputs``. ``job_key`` identifies the model
     and every option that changes an output (see ``fingerprint``); resumed inputs must match it. Per-input
     failures are recorded and the job goes on; a failure of ``encode_batch`` itself stops the job (the model is
-    broken, not the input), keeping everything recorded so far. ``on_record`` sees every appended record.
+    broken, not the input), keeping everything recorded so far. ``on_record`` sees every appended record;
+    ``on_failed_before(input, reason)`` every input that failed in an earlier run and is unchanged, so not tried
+    or recorded again (``reason``: its ``error`` record's, None if that cannot be read back).
 
     Raises:
         OutputError: the output folder cannot be used (not writable, or another job holds it).
@@ -147,7 +150,7 @@ def run_job(
             on_record(rec)
 
     def prepare(item: InputItem, output: str) -> _Prepared:
-        return prepare_input(item, output, folder.dir, folder.state.prior(item.display) or b"", to_input, job_key,
+        return prepare_input(item, output, folder.dir, folder.state.prior(item.key) or b"", to_input, job_key,
                              error_key, exif_transpose, max_pixels)
 
     def writer() -> None:
@@ -158,6 +161,8 @@ def run_job(
                     rec = finish_input(p, rows, folder.dir, folder.save, job_key, error_key)
                     if rec is not None:
                         record(rec)
+                    elif p.kind == "failed_before" and on_failed_before:
+                        report_failed_before(folder, p.item, on_failed_before)
                     summary.count(p.kind)
         except BaseException as e:  # surfaced to the caller after the model loop stops
             writer_error.append(e)
@@ -185,21 +190,27 @@ def run_job(
     return summary
 
 
+def report_failed_before(folder: OutputFolder, item: InputItem,
+                         on_failed_before: Callable[[str, str | None], None]) -> None:
+    """Tell ``on_failed_before`` about an unchanged input that failed before, with its recorded reason."""
+    on_failed_before(item.display, folder.earlier_failure(folder.state.prior(item.key) or b"", item.display))
+
+
 def _name_outputs(items: Iterable[InputItem], state: ResumeState) -> Iterator[tuple[InputItem, str]]:
     """Each item with its output name: the one an earlier run gave it (kept through failures since, see
     ``ResumeState``), else its relative path plus ``.npy``,
     made distinct (case-insensitively) from every name taken so far and from every extra file those could have
     (``ResumeState.free``: beside ``a.png.npy``, an input named ``a.png.pooled`` is ``a.png.pooled~2.npy``). Inputs
-    named twice come once. Inputs in a folder named like the temporary folder go one folder over
-    (``.gemma3-vision-tmp~2/a.png.npy``): every job empties that folder."""
+    named twice (however spelled: ``InputItem.key``) come once. Inputs in a folder named like the temporary folder
+    go one folder over (``.gemma3-vision-tmp~2/a.png.npy``): every job empties that folder."""
     seen: set[bytes] = set()
     for item in items:
-        key = short_hash(item.display)
+        key = short_hash(item.key)
         if key in seen:
             yield item, ""
             continue
         seen.add(key)
-        prior = state.prior(item.display)
+        prior = state.prior(item.key)
         if prior is not None and (kept := ResumeState.output_of(prior)):
             yield item, kept
             continue
@@ -297,14 +308,14 @@ def finish_input(p: _Prepared, rows: dict[str, np.ndarray] | None, out_dir: Path
         save(p.output, named[""], p.replaces)
         st = os.stat(out_dir / p.output)
         extra = {"outputs": {k: v for k, v in files.items() if k}} if len(files) > 1 else {}
-        return {"input": p.item.display, "status": "ok", "output": p.output, "shape": list(named[""].shape),
-                "output_bytes": st.st_size, "output_mtime_ns": st.st_mtime_ns,
+        return {"input": p.item.display, "path": p.item.key, "status": "ok", "output": p.output,
+                "shape": list(named[""].shape), "output_bytes": st.st_size, "output_mtime_ns": st.st_mtime_ns,
                 **extra, **(p.extra or {}), **(p.facts or {}), "job": job_key}
     if p.kind == "error":
-        return {"input": p.item.display, "status": "error", "error": p.reason, **(p.facts or {}),
-                "job": error_key}
+        return {"input": p.item.display, "path": p.item.key, "status": "error", "error": p.reason,
+                **(p.facts or {}), "job": error_key}
     if p.kind == "skip":
-        return {"input": p.item.display, "status": "skipped", "reason": p.reason}
+        return {"input": p.item.display, "path": p.item.key, "status": "skipped", "reason": p.reason}
     return None
 
 
@@ -329,7 +340,7 @@ def _prepare(item: InputItem, output: str, out_dir: Path, prior: bytes, to_input
     if verdict and ResumeState.facts_key_of(prior) == short_hash(facts["bytes"], facts["mtime_ns"], key):
         return _Prepared(item, output, verdict)
     try:
-        with open_regular_file(item.path) as f:
+        with _open(item) as f:
             st = os.fstat(f.fileno())
             facts = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "content": content_digest(f)}
             if verdict and ResumeState.content_key_of(prior) == short_hash(facts["content"], key):
@@ -341,6 +352,18 @@ def _prepare(item: InputItem, output: str, out_dir: Path, prior: bytes, to_input
         return _Prepared(item, output, "error", reason=_one_line(e), facts=facts)
     return _Prepared(item, output, "encode", pixels=pixels, facts=facts, extra=extra,
                      replaces=ResumeState.written_of(prior))
+
+
+def _open(item: InputItem) -> BinaryIO:
+    """``open_regular_file`` with the input named as the user spelled it (``nope/: cannot read``), as every other
+    reason names it, not as ``Path`` normalised it (``nope``): messages name an input once, not twice."""
+    try:
+        return open_regular_file(item.path)
+    except ImageError as e:
+        reason, normalised = str(e), f"{item.path}: "
+        if reason.startswith(normalised) and str(item.path) != item.display:
+            raise ImageError(f"{item.display}: {reason.removeprefix(normalised)}") from None
+        raise
 
 
 def _name_views(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -61,6 +61,7 @@ from .pipeline import (
     finish_input,
     plain_input,
     prepare_input,
+    report_failed_before,
     split_outputs,
 )
 from .preprocess import DEFAULT_MAX_PIXELS
@@ -128,6 +129,7 @@ def encode_with_ray(
     cpus_per_actor: float | None = None,
     rows_per_task: int = 32,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    on_failed_before: Callable[[str, str | None], None] | None = None,
 ) -> JobSummary:
     """Encode files, folders and glob patterns on a Ray cluster into ``out_dir``, as ``gemma3-vision encode``.
 
@@ -147,6 +149,7 @@ def encode_with_ray(
         actors, cpus_per_actor: model copies and their CPUs; see ``plan_resources`` for the defaults.
         rows_per_task: inputs per decoding task (and per Ray block).
         on_record: sees every record the driver appends.
+        on_failed_before: sees every unchanged input that failed before, as in ``pipeline.run_job``.
 
     Returns:
         The job's ``JobSummary``.
@@ -193,7 +196,7 @@ def encode_with_ray(
     preserve_order = context.execution_options.preserve_order
     try:
         # One small row per input, named on the driver as run_job names them.
-        tasks = [{"task": _task_text(item, output, folder.state.prior(item.display) or b"")}
+        tasks = [{"task": _task_text(item, output, folder.state.prior(item.key) or b"")}
                  for item, output in _name_outputs(discover(inputs, follow_symlinks=follow_symlinks),
                                                    folder.state)]
         if tasks:
@@ -214,14 +217,18 @@ def encode_with_ray(
                                        "image_size": image_size, "options": options, "out_dir": out,
                                        "job_key": key, "error_key": error_key},
             )
+            rows = iter(tasks)  # in step with the results, which come in input order
             try:
                 for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                     for text, kind in zip(batch["record"], batch["kind"], strict=True):
+                        task = next(rows)
                         if text:
                             record = json.loads(text)
                             folder.append(record)
                             if on_record:
                                 on_record(record)
+                        elif kind == "failed_before" and on_failed_before:
+                            report_failed_before(folder, _task(task["task"])[0], on_failed_before)
                         summary.count(str(kind))
             except ray.exceptions.RayError as e:
                 raise _worker_failure(e) from e
@@ -261,12 +268,12 @@ def actor_weight_bytes(checkpoint: Checkpoint, run_dtype: torch.dtype, device: t
 def _task_text(item: InputItem, output: str, prior: bytes) -> str:
     """An input, its output name and its prior record as ASCII JSON: a plain Arrow string column, and file
     names that are not valid UTF-8 survive as ``\\udcXX`` escapes."""
-    return json.dumps([str(item.path), item.display, item.rel, item.skip, output, prior.hex()])
+    return json.dumps([str(item.path), item.display, item.rel, item.skip, item.key, output, prior.hex()])
 
 
 def _task(text: str) -> tuple[InputItem, str, bytes]:
-    path, display, rel, skip, output, prior = json.loads(text)
-    return InputItem(Path(path), display, rel, skip), output, bytes.fromhex(prior)
+    path, display, rel, skip, key, output, prior = json.loads(text)
+    return InputItem(Path(path), display, rel, skip, key), output, bytes.fromhex(prior)
 
 
 def _objects(values: list[Any]) -> np.ndarray:
