@@ -161,9 +161,10 @@ class ResumeState:
     for ``OVERWRITTEN``). An ``error`` value also holds where its record starts in ``index.jsonl``, so the reason
     of an unchanged failure can be read back when it is reported, rather than kept for every input. The naming
     part (the second bracket) is an ``ok`` record's; an ``error`` or ``skipped`` record keeps the one its input
-    had, so an input keeps its output name, and the extra files to drop, through failures. An ``overwrite`` record (``--overwrite``) turns every input so far ``OVERWRITTEN``:
-    naming kept, keys matching nothing, so none counts as done or failed before. An ``ok`` record whose output
-    is not a name this library gives (``is_output_name``) is ignored, a bad line: its input keeps what it had."""
+    had, so an input keeps its output name, and the extra files to drop, through failures. An ``overwrite``
+    record (``--overwrite``) turns every input so far ``OVERWRITTEN``: naming kept, keys matching nothing, so none
+    counts as done or failed before. An ``ok`` record whose output is not a name this library gives
+    (``is_output_name``) is ignored, a bad line: its input keeps what it had."""
 
     OK, ERROR, SKIPPED, OVERWRITTEN = b"o", b"e", b"s", b"w"
     OVERWRITE_RECORD = {"status": "overwrite"}
