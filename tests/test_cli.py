@@ -148,9 +148,10 @@ def test_an_index_naming_a_file_outside_the_folder_is_ignored_with_a_warning(ima
     assert records(out)[-1]["output"] == "a.png.npy" and (out / "a.png.pooled.npy").is_file()
 
 
-def one_line_error(result) -> str:
-    """The single ``error: ...`` line of a command that could not run, checked to be all it printed."""
-    assert result.exit_code == EXIT_CANNOT_RUN, result.output
+def one_line_error(result, code: int = EXIT_CANNOT_RUN) -> str:
+    """The single ``error: ...`` line of a command that could not run, checked to be all it printed, and its exit
+    code ``code``."""
+    assert result.exit_code == code, result.output
     assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.stderr
@@ -158,34 +159,34 @@ def one_line_error(result) -> str:
 
 
 @pytest.mark.parametrize("command", ["encode", "show", "bench"])
-def test_a_bad_device_exits_1_with_one_line(tmp_path, command):
+def test_a_bad_device_is_a_usage_error_with_one_line(tmp_path, command):
     args = {"encode": ["encode", "x.png", "-m", "random:tiny", "-o", str(tmp_path / "o")],
             "show": ["show", "x.png", "-m", "random:tiny", "-o", str(tmp_path / "o.png")],
             "bench": ["bench", "--preset", "tiny", "--no-reference", "--no-compile"]}[command]
-    line = one_line_error(CliRunner().invoke(main, [*args, "--device", "bogus"]))
+    line = one_line_error(CliRunner().invoke(main, [*args, "--device", "bogus"]), EXIT_USAGE)
     assert line == "error: device must be cpu, cuda or cuda:N (N a GPU index), got 'bogus'"
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:0"])
-def test_cuda_where_there_is_none_exits_1_with_one_line(tmp_path, monkeypatch, device):
+def test_cuda_where_there_is_none_is_a_usage_error_with_one_line(tmp_path, monkeypatch, device):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     result = CliRunner().invoke(main, ["encode", "x.png", "-m", "random:tiny", "-o", str(tmp_path / "o"),
                                        "--device", device])
-    assert one_line_error(result).startswith(
+    assert one_line_error(result, EXIT_USAGE).startswith(
         f"error: device '{device}' asked for, but CUDA is not available on this machine (")
     assert not (tmp_path / "o").exists()
 
 
-def test_a_gpu_index_this_machine_lacks_exits_1_with_one_line(tmp_path, monkeypatch):
+def test_a_gpu_index_this_machine_lacks_is_a_usage_error_with_one_line(tmp_path, monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     result = CliRunner().invoke(main, ["encode", "x.png", "-m", "random:tiny", "-o", str(tmp_path / "o"),
                                        "--device", "cuda:2"])
-    assert one_line_error(result) == ("error: device must be one of cuda:0..cuda:1 on this machine (2 GPUs), "
+    assert one_line_error(result, EXIT_USAGE) == ("error: device must be one of cuda:0..cuda:1 on this machine (2 GPUs), "
                                       "got 'cuda:2'")
 
 

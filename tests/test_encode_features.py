@@ -107,8 +107,10 @@ def test_plain_encode_record_is_unchanged(tmp_path, inputs):
     [
         (["--normalize"], 2, "--normalize applies to pooled vectors"),
         (["--layers", "1,x"], 2, "expected integers separated by commas"),
-        (["--layers", "5"], 1, r"layers must be in 0..2"),
-        (["--image-size", "126"], 1, "merge does not divide"),
+        # values the model cannot take (its depth, its projector's pool) are usage errors too
+        (["--layers", "5"], 2, r"layers must be in 0..2"),
+        (["--image-size", "126"], 2, "merge does not divide: use a multiple of 28 (e.g. 112), or project=False / "
+                                     "--no-project"),
         (["--pan-and-scan", "--pan-and-scan-max-num-crops", "1"], 2, "--pan-and-scan-max-num-crops"),
     ],
 )

@@ -16,6 +16,7 @@ from .errors import (
     Gemma3VisionError,
     ImageError,
     ModelNotFoundError,
+    OptionError,
     OutputError,
     WeightsError,
 )
@@ -45,6 +46,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "PRESETS", "ConfigError", "FormatError", "Gemma3Vision", "Gemma3VisionError", "ImageError",
-    "ModelNotFoundError", "MultiModalProjector", "OutputError", "PreprocessConfig", "ProjectorConfig", "RandomWeightsWarning",
+    "ModelNotFoundError", "MultiModalProjector", "OptionError", "OutputError", "PreprocessConfig", "ProjectorConfig", "RandomWeightsWarning",
     "VisionConfig", "VisionTower", "WeightsError", "__version__", "load", "preprocess",
 ]

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint
-from .errors import ConfigError
+from .errors import OptionError
 from .pan_and_scan import Box, PanAndScanConfig, pan_and_scan_inputs
 from .preprocess import DEFAULT_MAX_PIXELS, ImageInput, PreprocessConfig, as_pil, pil_to_input, preprocess
 from .resolve import resolve
@@ -45,7 +45,7 @@ def parse_device(device: str | torch.device) -> torch.device:
     except (RuntimeError, TypeError):  # torch's own message lists every device type it knows
         parsed = None
     if parsed is None or parsed.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device must be cpu, cuda or cuda:N (N a GPU index), got {str(device)!r}")
+        raise OptionError(f"device must be cpu, cuda or cuda:N (N a GPU index), got {str(device)!r}")
     return parsed
 
 
@@ -61,11 +61,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             why = "torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
-            raise ConfigError(f"device {str(device)!r} asked for, but CUDA is not available on this machine "
+            raise OptionError(f"device {str(device)!r} asked for, but CUDA is not available on this machine "
                               f"({why}): use cpu")
         count = torch.cuda.device_count()
         if parsed.index is not None and parsed.index >= count:
-            raise ConfigError(f"device must be one of cuda:0..cuda:{count - 1} on this machine ({count} GPU"
+            raise OptionError(f"device must be one of cuda:0..cuda:{count - 1} on this machine ({count} GPU"
                               f"{'s' if count > 1 else ''}), got {str(device)!r}")
     return parsed
 
@@ -121,13 +121,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     """``None`` picks bfloat16 where it is fast (CUDA, CPUs with AMX or AVX512-BF16), else float32."""
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+            raise OptionError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
         return dtype
     if dtype is None:
         fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
         return torch.bfloat16 if fast else torch.float32
     if dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of float32, bfloat16, float16, got {dtype!r}")
+        raise OptionError(f"dtype must be one of float32, bfloat16, float16, got {dtype!r}")
     return DTYPES[dtype]
 
 
@@ -221,7 +221,7 @@ class Gemma3Vision:
     def require_projector(self) -> None:
         """Raises ConfigError when there is nothing to project with (a standalone SigLIP tower)."""
         if not self.has_projector:
-            raise ConfigError(f"{self.checkpoint.description} has no multimodal projector (a standalone SigLIP "
+            raise OptionError(f"{self.checkpoint.description} has no multimodal projector (a standalone SigLIP "
                               "tower): use project=False / --no-project")
 
     def check_image_size(self, image_size: int, *, project: bool) -> None:
@@ -236,10 +236,10 @@ class Gemma3Vision:
             k = self.model.multi_modal_projector.kernel_size
             grid = image_size // P
             if grid % k:
-                raise ConfigError(
+                raise OptionError(
                     f"image_size {image_size} gives a {grid}x{grid} patch grid, which the projector's {k}x{k} "
                     f"merge does not divide: use a multiple of {P * k} (e.g. {max(1, grid // k) * P * k}), "
-                    "or project=False"
+                    "or project=False / --no-project"
                 )
 
     def tokens_per_image(self, image_size: int | None = None, *, project: bool = True) -> int:
@@ -298,15 +298,15 @@ class Gemma3Vision:
         if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
             images = [images]  # type: ignore[list-item]
         if batch_size < 1:
-            raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+            raise OptionError(f"batch_size must be at least 1, got {batch_size}")
         config = self.preprocess_config if image_size is None else replace(self.preprocess_config,
                                                                            image_size=image_size)
         self.check_image_size(config.image_size, project=project and self.has_projector)
         wanted = self.check_layers(layers)
         if pool is not None and pool not in POOLS:
-            raise ConfigError(f"pool must be one of {', '.join(POOLS)} or None, got {pool!r}")
+            raise OptionError(f"pool must be one of {', '.join(POOLS)} or None, got {pool!r}")
         if normalize and pool is None:
-            raise ConfigError("normalize applies to pooled vectors: set pool='mean' as well")
+            raise OptionError("normalize applies to pooled vectors: set pool='mean' as well")
         if not (pan_and_scan or layers is not None or pool is not None):
             if not images:
                 return self.empty_output(config.image_size, project=project)
@@ -387,10 +387,10 @@ class Gemma3Vision:
             return []
         depth = self.vision_config.num_hidden_layers
         if isinstance(layers, (int, str)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-            raise ConfigError(f"layers must be a list of integers, got {layers!r}")
+            raise OptionError(f"layers must be a list of integers, got {layers!r}")
         bad = [i for i in layers if not 0 <= i <= depth]
         if bad:
-            raise ConfigError(f"layers must be in 0..{depth} (0 = the embeddings, {depth} = the last layer, "
+            raise OptionError(f"layers must be in 0..{depth} (0 = the embeddings, {depth} = the last layer, "
                               f"before post_layernorm), got {bad}")
         return list(dict.fromkeys(layers))
 
@@ -411,7 +411,7 @@ def view_batches(views: Iterable[np.ndarray], batch_size: int) -> Iterator[np.nd
 def check_input_size(image_size: int, patch_size: int) -> None:
     """An input side must hold at least one patch (a remainder is cut, as a valid-padding conv does)."""
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < patch_size:
-        raise ConfigError(f"image_size must be an integer of at least the patch size {patch_size}, "
+        raise OptionError(f"image_size must be an integer of at least the patch size {patch_size}, "
                           f"got {image_size!r}")
 
 

@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend
 
 from . import cpu_kernels
 from .config import PRESETS, VisionConfig
-from .errors import ConfigError
+from .errors import OptionError
 
 if TYPE_CHECKING:
     from .model import VisionTower
@@ -467,14 +467,14 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
     from .api import resolve_device
 
     if preset not in PRESETS:
-        raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        raise OptionError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     dev = resolve_device(device or None)
     for d in dtypes:
         if d not in _DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(_DTYPES)}, got {d!r}")
+            raise OptionError(f"dtype must be one of {', '.join(_DTYPES)}, got {d!r}")
     for name in attention:
         if name not in ATTENTION_VARIANTS:
-            raise ConfigError(f"attention must be one of {', '.join(ATTENTION_VARIANTS)}, got {name!r}")
+            raise OptionError(f"attention must be one of {', '.join(ATTENTION_VARIANTS)}, got {name!r}")
     vision = PRESETS[preset][0]
     if layers is not None:
         vision = replace(vision, num_hidden_layers=layers)

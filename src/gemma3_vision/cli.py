@@ -4,8 +4,8 @@ Library errors become one line on stderr and a non-zero exit code; ``--debug`` s
 Heavy imports (torch) happen inside commands, so ``--help`` is instant.
 
 Exit codes: 0 everything done; 1 the job could not run (bad model, unwritable or locked output folder, a
-model failure mid-job); 2 usage error; 3 the job ran but some inputs failed (each is recorded in index.jsonl);
-130 interrupted (Ctrl-C; an encode job resumes when re-run).
+model failure mid-job); 2 usage error (also an option value the model cannot take); 3 the job ran but some inputs
+failed (each is recorded in index.jsonl); 130 interrupted (Ctrl-C; an encode job resumes when re-run).
 """
 
 from __future__ import annotations
@@ -40,11 +40,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def reports_errors(fn: F) -> F:
-    """Run a command, turning library errors into one line on stderr and exit code 1."""
+    """Run a command, turning library errors into one line on stderr and exit code 1, or 2 (usage) for an option
+    value the library refused (``OptionError``: a bad device, or layers beyond the model's depth)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .errors import Gemma3VisionError
+        from .errors import Gemma3VisionError, OptionError
 
         debug = click.get_current_context().find_root().params.get("debug", False)
         try:
@@ -57,7 +58,7 @@ def reports_errors(fn: F) -> F:
             else:
                 message = " ".join(str(e).split()) or type(e).__name__
             click.echo(f"error: {message}", err=True)
-            sys.exit(EXIT_CANNOT_RUN)
+            sys.exit(EXIT_USAGE if isinstance(e, OptionError) else EXIT_CANNOT_RUN)
         except KeyboardInterrupt:
             if debug:
                 raise
@@ -154,7 +155,7 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
 
     Re-running the same command skips inputs already encoded with the same bytes, model and options, and
     inputs that failed unchanged; a killed job leaves no partial file. Exit codes: 0 all encoded, 3 some inputs
-    failed, 1 the job could not run, 2 usage error.
+    failed, 1 the job could not run, 2 usage error, 130 interrupted (re-run to resume).
 
     Example: gemma3-vision encode photos/ --model random:tiny --out embeddings/
     """

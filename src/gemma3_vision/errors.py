@@ -11,6 +11,11 @@ class ConfigError(Gemma3VisionError, ValueError):
     """A configuration value is missing, out of range or inconsistent."""
 
 
+class OptionError(ConfigError):
+    """A value the caller chose (device, dtype, layers, image size, ...) is invalid, or one the model cannot take.
+    The command line exits with its usage code (2) for these, 1 for the other errors."""
+
+
 class WeightsError(Gemma3VisionError):
     """A checkpoint's tensors are missing, unexpected, wrongly shaped or not finite."""
 

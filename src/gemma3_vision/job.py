@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from .api import Gemma3Vision
-from .errors import ConfigError
+from .errors import OptionError
 from .output_folder import checkpoint_identity, fingerprint
 from .pan_and_scan import PanAndScanConfig
 from .pipeline import EncodeBatch, MakeInput
@@ -46,7 +46,7 @@ def check_options(encoder: Gemma3Vision, options: EncodeOptions) -> EncodeOption
     if options.project:
         encoder.require_projector()
     if options.normalize and options.pool is None:
-        raise ConfigError("normalize applies to pooled vectors: set pool='mean' (--pool mean) as well")
+        raise OptionError("normalize applies to pooled vectors: set pool='mean' (--pool mean) as well")
     encoder.check_image_size(encoder.image_size, project=options.project)
     return replace(options, layers=tuple(encoder.check_layers(list(options.layers))))
 

@@ -33,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import cpu_kernels
 from .config import VisionConfig
-from .errors import ConfigError
+from .errors import ConfigError, OptionError
 
 # How attention is computed: torch's scaled_dot_product_attention (flash / cuDNN / ... kernels), or
 # cpu_kernels.blocked_attention (2-D oneDNN matmuls, one head and block of queries at a time: faster on a CPU).
@@ -344,7 +344,7 @@ class VisionTower(nn.Module):
         depth = self.config.num_hidden_layers
         bad = [i for i in hidden_layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i <= depth]
         if bad:
-            raise ConfigError(f"hidden_layers must be integers in 0..{depth}, got {bad}")
+            raise OptionError(f"hidden_layers must be integers in 0..{depth}, got {bad}")
         return tuple(dict.fromkeys(hidden_layers))
 
     def forward_chunk(self, pixels: torch.Tensor, output_hidden_states: bool,
@@ -371,14 +371,14 @@ class VisionTower(nn.Module):
         out_dtype = self.output_dtype or self.embeddings.patch_embedding.weight.dtype
         hidden_dtype = torch.float32 if out_dtype == torch.float16 else out_dtype
         if self.residual_dtype not in (torch.float32, torch.bfloat16):  # fp16 cannot hold SigLIP's residuals
-            raise ConfigError(f"residual_dtype must be float32 or bfloat16, got {self.residual_dtype}")
+            raise OptionError(f"residual_dtype must be float32 or bfloat16, got {self.residual_dtype}")
         inputs = (pixels, *self.parameters())  # what a gradient could be wanted for
         tokens = self.tokens_per_image(pixels)
         attention = self.attention or default_attention(pixels.device, dtype, tokens, *inputs)
         if attention not in ATTENTION_PATHS:
-            raise ConfigError(f"attention must be one of {', '.join(ATTENTION_PATHS)}, got {attention!r}")
+            raise OptionError(f"attention must be one of {', '.join(ATTENTION_PATHS)}, got {attention!r}")
         if attention == "blocked" and torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-            raise ConfigError("the blocked attention has no backward: use attention='sdpa' to take gradients")
+            raise OptionError("the blocked attention has no backward: use attention='sdpa' to take gradients")
         # The states to keep, by index: a state not kept is freed as soon as the next layer has read it.
         keep = set(range(len(self.encoder.layers) + 1)) if output_hidden_states else set(hidden_layers or ())
         x = self.embeddings(pixels, dtype).to(self.residual_dtype)  # (B, N, D)

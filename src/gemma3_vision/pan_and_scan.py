@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .errors import ConfigError
+from .errors import OptionError
 from .preprocess import PreprocessConfig, check_pixel_count, normalize, resize, to_rgb
 
 Box = tuple[int, int, int, int]  # (left, top, right, bottom) in original pixels, right/bottom exclusive
@@ -37,13 +37,13 @@ class PanAndScanConfig:
         for name in ("min_crop_size", "max_num_crops"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"pan-and-scan {name} must be a positive integer, got {value!r}")
+                raise OptionError(f"pan-and-scan {name} must be a positive integer, got {value!r}")
         if self.max_num_crops < 2:
             # The rule always makes at least 2 crops; a cap of 1 would silently be exceeded.
-            raise ConfigError(f"pan-and-scan max_num_crops must be at least 2, got {self.max_num_crops}")
+            raise OptionError(f"pan-and-scan max_num_crops must be at least 2, got {self.max_num_crops}")
         r = self.min_ratio_to_activate
         if not isinstance(r, (int, float)) or isinstance(r, bool) or not math.isfinite(r) or r < 1:
-            raise ConfigError(f"pan-and-scan min_ratio_to_activate must be a number >= 1, got {r!r}")
+            raise OptionError(f"pan-and-scan min_ratio_to_activate must be a number >= 1, got {r!r}")
 
 
 def crop_boxes(width: int, height: int, config: PanAndScanConfig = PanAndScanConfig()) -> list[Box]:

@@ -23,7 +23,7 @@ import torch
 
 from .checkpoint import Checkpoint, TensorSource
 from .config import PRESETS
-from .errors import ConfigError, ModelNotFoundError
+from .errors import ModelNotFoundError, OptionError
 from .preprocess import PreprocessConfig
 from .weights import expected_shapes
 
@@ -123,7 +123,7 @@ def random_checkpoint(name: str, dtype: torch.dtype = torch.float32) -> Checkpoi
             f"unknown random model {name!r}: expected 'random' or 'random:NAME' with NAME one of {', '.join(PRESETS)}"
         )
     if dtype not in _STORED:
-        raise ConfigError(f"random weights are made in float32, bfloat16 or float16, got {dtype}")
+        raise OptionError(f"random weights are made in float32, bfloat16 or float16, got {dtype}")
     vision, projector = PRESETS[preset]
     shapes = expected_shapes(vision, projector)
     starts, lengths = window_starts(shapes)

@@ -48,7 +48,7 @@ from .api import (
 )
 from .checkpoint import Checkpoint
 from .discovery import InputItem, discover
-from .errors import ConfigError, Gemma3VisionError
+from .errors import ConfigError, Gemma3VisionError, OptionError
 from .job import EncodeOptions, check_options, encode_batch_for, job_key, make_input_for
 from .output_folder import TMP_DIR_NAME, OutputFolder, save_npy
 from .pipeline import (
@@ -97,9 +97,9 @@ def plan_resources(cluster: dict[str, float], device: str | None, actors: int | 
     cpus = int(cluster.get("CPU", 0))
     wants_cuda = device is not None and device.startswith("cuda")
     if wants_cuda and gpus == 0:
-        raise ConfigError(f"device {device!r} asked for, but the Ray cluster has no GPUs")
+        raise OptionError(f"device {device!r} asked for, but the Ray cluster has no GPUs")
     if actors is not None and actors < 1:
-        raise ConfigError(f"actors must be at least 1, got {actors}")
+        raise OptionError(f"actors must be at least 1, got {actors}")
     if gpus and (device is None or wants_cuda):
         return RayResources(actors or gpus, cpus_per_actor or 1, 1)
     if cpus < 2:
