@@ -292,7 +292,7 @@ def info(model: str, as_json: bool) -> None:
               help="hf: a Hugging Face folder (config.json, preprocessor_config.json, model.safetensors); "
                    "mmproj: a llama.cpp mmproj GGUF.")
 @click.option("--dtype", type=click.Choice(["f32", "f16", "bf16"]), default=None,
-              help="Storage dtype. Default: the stored precision when uniform, else f32.")
+              help="Storage dtype. Default: each tensor's stored precision (lossless).")
 @reports_errors
 def convert(model: str, out: Path, to: str, dtype: str | None) -> None:
     """Write MODEL's vision tower and projector to OUT as a Hugging Face folder or an mmproj GGUF.
