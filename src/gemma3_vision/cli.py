@@ -328,7 +328,7 @@ def _int_pair(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-m", "--model", required=True, help=MODEL_HELP)
 @click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="PNG to write.")
+              help="Picture to write; its extension picks the format (.png, .jpg, .webp, ...; none: PNG).")
 @click.option("--layer", "features_layer", type=click.IntRange(min=0), default=None,
               help="PCA of hidden state N (0 = embeddings) instead of the tower output.")
 @click.option("--attention", callback=_int_pair, metavar="LAYER,HEAD", default=None,
@@ -343,7 +343,7 @@ def _int_pair(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @reports_errors
 def show(image: Path, model: str, out: Path, features_layer: int | None, attention: tuple[int, int] | None,
          patch: tuple[int, int] | None, image_size: int | None, dtype: str, device: str | None) -> None:
-    """Write a PNG of what the tower sees: the preprocessed IMAGE beside a PCA of its patch features (first three
+    """Write a picture of what the tower sees: the preprocessed IMAGE beside a PCA of its patch features (first three
     components as RGB), optionally with one layer's and head's attention from one patch.
 
     Example: gemma3-vision show examples/images/landscape.jpg --model random:tiny -o show.png --attention 2,0
