@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as Q
 from safetensors.torch import load_file
 
 from conftest import TINY_PROJECTOR, TINY_VISION
-from format_fixtures import NORM, write_hf_folder, write_ollama_blob, write_siglip_folder
+from format_fixtures import NORM, PROJECTION, write_hf_folder, write_ollama_blob, write_siglip_folder
 from gemma3_vision.cli import main
 from gemma3_vision.convert import convert
 from gemma3_vision.errors import ConfigError
@@ -69,7 +69,8 @@ def test_mmproj_is_what_llama_cpp_expects(tmp_path, tiny_state):
     assert types["v.blk.0.ffn_up.weight"] == (Q.BF16, [D, F])  # current names: fc1 = ffn_up
     assert types["v.blk.0.ffn_down.weight"] == (Q.BF16, [F, D])
     assert types["v.blk.1.ln2.bias"] == (Q.F32, [D])
-    assert types["mm.input_projection.weight"] == (Q.F16, [T, D])  # F16, as the converter forces
+    # F32, not the converter's F16: llama.cpp cannot copy a BF16 projection, and F16 would round bf16
+    assert types["mm.input_projection.weight"] == (Q.F32, [T, D])
     assert types["mm.soft_emb_norm.weight"] == (Q.F32, [D])
     norm = torch.from_numpy(r.get_tensor([t.name for t in r.tensors].index("mm.soft_emb_norm.weight")).data.copy())
     assert torch.equal(norm, tiny_state[NORM].bfloat16().float() + 1)  # + 1 folded in
@@ -84,6 +85,62 @@ def test_ollama_blob_to_mmproj(tmp_path, tiny_state):
     assert_equal(tensors(blob), tensors(tmp_path / "mmproj.gguf"), same_dtype=False)
     r = gguf.GGUFReader(tmp_path / "mmproj.gguf")
     assert {t.name: t.tensor_type for t in r.tensors}["v.blk.0.attn_q.weight"] == Q.F16
+
+
+def bf16_state_with_extremes(tiny_state) -> dict[str, torch.Tensor]:
+    """tiny_state in bf16 with projection values F16 cannot hold: below its normal range and above its largest."""
+    state = {k: v.bfloat16() for k, v in tiny_state.items()}
+    proj = state[PROJECTION].clone()
+    proj.view(-1)[:4] = torch.tensor([3.3e-7, -1.1e-6, 2.2e-5, 1e5]).bfloat16()  # 1e5 > 65504, F16's largest
+    state[PROJECTION] = proj
+    return state
+
+
+def test_bf16_round_trip_through_mmproj_is_bit_exact(tmp_path, tiny_state):
+    state = bf16_state_with_extremes(tiny_state)
+    hf = write_hf_folder(tmp_path / "hf", state, TINY_VISION, TINY_PROJECTOR, dtype=torch.bfloat16)
+    convert(resolve(hf), tmp_path / "m.gguf", "mmproj")  # default: lossless
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert types["v.blk.0.attn_q.weight"] == Q.BF16 and types["mm.input_projection.weight"] == Q.F32
+    convert(resolve(tmp_path / "m.gguf"), tmp_path / "back", "hf", "bf16")
+    assert_equal(tensors(hf), tensors(tmp_path / "back"), norm_tol=PLUS_ONE_TOL)
+    # Without --dtype the way back is lossless too: blocks stay BF16, what the GGUF holds in F32 stays F32.
+    convert(resolve(tmp_path / "m.gguf"), tmp_path / "back-default", "hf")
+    back = resolve(tmp_path / "back-default").tensors
+    assert back[PROJECTION].stored_dtype == "F32" and back[NORM].stored_dtype == "F32"
+    assert back["vision_tower.encoder.layers.0.mlp.fc1.weight"].stored_dtype == "BF16"
+    assert_equal(tensors(hf), tensors(tmp_path / "back-default"), norm_tol=PLUS_ONE_TOL, same_dtype=False)
+
+
+@pytest.mark.parametrize("to, name", [("mmproj", PROJECTION), ("hf", PROJECTION),
+                                      ("mmproj", "vision_tower.encoder.layers.1.self_attn.q_proj.weight")])
+def test_overflow_is_refused(tmp_path, tiny_state, to, name):
+    state = {k: v.bfloat16() for k, v in tiny_state.items()}
+    state[name] = state[name].clone()
+    state[name].view(-1)[7] = -1e5
+    hf = write_hf_folder(tmp_path / "hf", state, TINY_VISION, TINY_PROJECTOR, dtype=torch.bfloat16)
+    with pytest.raises(ConfigError, match=rf"{name} holds \|value\| up to 99840, beyond f16's largest 65504"):
+        convert(resolve(hf), tmp_path / "out", to, "f16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # nothing written, no partial file
+    result = CliRunner().invoke(main, ["convert", str(hf), str(tmp_path / "out"), "--to", to, "--dtype", "f16"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "65504" in result.output, result.output
+
+
+def test_explicit_bf16_is_honoured_where_llama_cpp_takes_it(tmp_path, tiny_state):
+    convert(resolve("random:tiny"), tmp_path / "m.gguf", "mmproj", "bf16")  # an f32 source
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    types = {t.name: t.tensor_type for t in r.tensors}
+    matrices = [n for n in types if n.startswith("v.blk.") and n.endswith(("attn_q.weight", "attn_k.weight",
+                "attn_v.weight", "attn_out.weight", "ffn_up.weight", "ffn_down.weight"))]
+    assert len(matrices) == 6 * TINY_VISION.num_hidden_layers
+    assert all(types[n] == Q.BF16 for n in matrices)
+    assert r.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_BF16
+    assert types["mm.input_projection.weight"] == Q.F32  # BF16 there breaks llama.cpp's CUDA copy: F32, unrounded
+    assert types["v.patch_embd.weight"] == types["v.blk.0.ln1.weight"] == Q.F32
+    back = tensors(tmp_path / "m.gguf")
+    assert torch.equal(back[PROJECTION], tiny_state[PROJECTION])
+    q = "vision_tower.encoder.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(back[q], tiny_state[q].bfloat16())
 
 
 @pytest.mark.parametrize("dtype, torch_dtype", [("f32", torch.float32), ("f16", torch.float16),

@@ -1,4 +1,4 @@
-"""``show``: a valid PNG of the expected size; the PCA panel is deterministic and independent of eigen signs."""
+"""``show``: a valid picture of the expected size, in the format its extension names; the PCA panel is deterministic and independent of eigen signs."""
 
 from __future__ import annotations
 
@@ -40,6 +40,32 @@ def test_png_of_expected_size(tiny_model, tmp_path):
     with Image.open(out) as img:
         assert img.format == "PNG" and img.mode == "RGB" and img.size == size
         img.verify()
+
+
+@pytest.mark.parametrize("name, fmt", [("s.jpg", "JPEG"), ("s.JPEG", "JPEG"), ("s.webp", "WEBP"),
+                                       ("s.tiff", "TIFF"), ("s.png", "PNG"), ("noextension", "PNG")])
+def test_format_follows_the_extension(tiny_model, tmp_path, name, fmt):
+    out = tmp_path / name
+    size = show(tiny_model, make_rgb(90, 140), str(out))
+    with Image.open(out) as img:
+        assert img.format == fmt and img.mode == "RGB" and img.size == size
+        img.load()
+    if fmt == "JPEG":  # lossy, but the same picture: mean abs difference to the rendered one stays small
+        d = np.abs(np.asarray(Image.open(out), np.float64) - np.asarray(render(tiny_model, make_rgb(90, 140)))).mean()
+        assert d < 2.0, f"JPEG vs rendered picture: mean abs diff {d:.3g} >= 2"
+
+
+@pytest.mark.parametrize("name, match", [("s.xyz", r"cannot write a \.xyz picture: expected an extension Pillow"),
+                                         ("s.xbm", r"cannot write an RGB picture as XBM")])
+def test_unwritable_extension_is_refused(tiny_model, tmp_path, name, match):
+    with pytest.raises(ConfigError, match=match):
+        show(tiny_model, make_rgb(90, 140), str(tmp_path / name))
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    result = CliRunner().invoke(main, ["show", str(LANDSCAPE), "--model", "random:tiny", "-o", str(tmp_path / name),
+                                       "--device", "cpu"])
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert result.exit_code == 1 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert "cannot write" in errors[0] and list(tmp_path.iterdir()) == []
 
 
 def test_attention_panel_adds_a_panel(tiny_model, tmp_path):

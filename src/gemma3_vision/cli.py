@@ -299,7 +299,7 @@ def info(model: str, as_json: bool) -> None:
               help="hf: a Hugging Face folder (config.json, preprocessor_config.json, model.safetensors); "
                    "mmproj: a llama.cpp mmproj GGUF.")
 @click.option("--dtype", type=click.Choice(["f32", "f16", "bf16"]), default=None,
-              help="Storage dtype. Default: the stored precision when uniform, else f32.")
+              help="Storage dtype. Default: each tensor's stored precision (lossless).")
 @reports_errors
 def convert(model: str, out: Path, to: str, dtype: str | None) -> None:
     """Write MODEL's vision tower and projector to OUT as a Hugging Face folder or an mmproj GGUF.
@@ -335,7 +335,7 @@ def _int_pair(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-m", "--model", required=True, help=MODEL_HELP)
 @click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="PNG to write.")
+              help="Picture to write; its extension picks the format (.png, .jpg, .webp, ...; none: PNG).")
 @click.option("--layer", "features_layer", type=click.IntRange(min=0), default=None,
               help="PCA of hidden state N (0 = embeddings) instead of the tower output.")
 @click.option("--attention", callback=_int_pair, metavar="LAYER,HEAD", default=None,
@@ -350,7 +350,7 @@ def _int_pair(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @reports_errors
 def show(image: Path, model: str, out: Path, features_layer: int | None, attention: tuple[int, int] | None,
          patch: tuple[int, int] | None, image_size: int | None, dtype: str, device: str | None) -> None:
-    """Write a PNG of what the tower sees: the preprocessed IMAGE beside a PCA of its patch features (first three
+    """Write a picture of what the tower sees: the preprocessed IMAGE beside a PCA of its patch features (first three
     components as RGB), optionally with one layer's and head's attention from one patch.
 
     Example: gemma3-vision show examples/images/landscape.jpg --model random:tiny -o show.png --attention 2,0

@@ -5,8 +5,15 @@ not a model. The output is written under a temporary name and renamed when compl
 
 mmproj files follow llama.cpp's ``convert_hf_to_gguf.py --mmproj`` (class ``Gemma3VisionModel``): current names,
 ``clip.*`` keys, the soft-emb norm stored as ``1 + w`` in F32, embeddings and 1-D tensors in F32, matrices in the
-chosen dtype. One deviation: with ``--dtype f32`` the projection stays F32 (the converter forces F16), so an f32
-conversion loses nothing; llama.cpp reads F32 weights everywhere.
+chosen dtype. The projection is where we differ. The converter forces it to F16 for every outtype (its
+``tensor_force_quant``, llama.cpp #13025), which rounds bf16 and f32 weights and turns |w| > 65504 into inf. The
+real constraint is narrower: clip.cpp transposes it with ``ggml_cont(ggml_transpose(...))``, a copy in the
+tensor's own type, and ggml's CUDA copy has had no bf16 → bf16 kernel ("ggml_cuda_cpy: unsupported type
+combination (bf16 to bf16)", koboldcpp #1483, on Gemma 3 BF16 mmproj files). So it is F16 only where F16 is what
+was stored or asked for, else F32, which every backend copies and which holds bf16 exactly.
+
+No conversion loses precision the user did not ask for: without ``dtype`` every tensor keeps its stored type (F32
+where the format needs it, which widens exactly), and a cast that would overflow the chosen type is refused.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import os
 import re
 import shutil
 import struct
+from collections import Counter
 from pathlib import Path
 
 import gguf
@@ -23,7 +31,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from .checkpoint import PROJECTOR, TOWER, Checkpoint
+from .checkpoint import PROJECTOR, TOWER, Checkpoint, TensorSource
 from .errors import ConfigError, WeightsError
 from .format_gguf import MMPROJ_TO_CANONICAL
 from .preprocess import RESAMPLE_CODES
@@ -32,6 +40,7 @@ from .weights import check_tensors
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 _GGML = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16}
 _SAFETENSORS = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_STORED = {"F32": "f32", "F16": "f16", "BF16": "bf16"}  # TensorSource.stored_dtype → a DTYPES key
 _FILE_TYPE = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "bf16": gguf.LlamaFileType.MOSTLY_BF16}
 NORM = PROJECTOR + "mm_soft_emb_norm.weight"
@@ -39,25 +48,25 @@ PROJECTION = PROJECTOR + "mm_input_projection_weight"
 _LAYER = re.compile(r"vision_tower\.encoder\.layers\.(\d+)\.(.+)")
 
 
-def default_dtype(checkpoint: Checkpoint) -> str:
-    """The stored precision when every matrix shares one (so the default conversion is lossless), else f32."""
-    stored = {s.stored_dtype for s in checkpoint.tensors.values() if len(s.shape) >= 2}
-    return {"F16": "f16", "BF16": "bf16"}.get(stored.pop(), "f32") if len(stored) == 1 else "f32"
+def stored_dtype(source: TensorSource) -> str:
+    """The tensor's stored precision as a DTYPES key; any other type (Q8_0, ...) dequantizes exactly into f32."""
+    return _STORED.get(source.stored_dtype, "f32")
 
 
 def convert(checkpoint: Checkpoint, out: str | os.PathLike, to: str, dtype: str | None = None) -> Path:
     """Write ``checkpoint`` to ``out`` as ``to`` = 'hf' (a folder) or 'mmproj' (a GGUF file).
 
     Args:
-        dtype: 'f32', 'f16' or 'bf16'; None keeps the stored precision where it is uniform (see ``default_dtype``).
+        dtype: 'f32', 'f16' or 'bf16' for every tensor the format lets choose; None keeps each tensor's stored
+            precision, so the conversion is lossless.
 
     Raises:
-        ConfigError: bad ``to`` / ``dtype``, ``out`` exists, or mmproj asked of a checkpoint without projector.
-        WeightsError: the checkpoint's tensors do not match its config (nothing is written).
+        ConfigError: bad ``to`` / ``dtype``, ``out`` exists, mmproj asked of a checkpoint without projector, or a
+            tensor with values beyond ``dtype``'s range (nothing is written).
+        WeightsError: the checkpoint's tensors do not match its config or are not finite (nothing is written).
     """
     out = Path(out)
-    dtype = dtype or default_dtype(checkpoint)
-    if dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if to not in ("hf", "mmproj"):
         raise ConfigError(f"--to must be hf or mmproj, got {to!r}")
@@ -94,6 +103,17 @@ def _read(checkpoint: Checkpoint, name: str) -> torch.Tensor:
     return t
 
 
+def _cast(checkpoint: Checkpoint, name: str, t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``t`` in ``dtype``, refusing values beyond its range: a cast would make them inf, which no reader accepts."""
+    target = DTYPES[dtype]
+    if t.dtype != target and t.numel():
+        largest, limit = t.abs().max().item(), torch.finfo(target).max
+        if largest > limit:
+            raise ConfigError(f"{checkpoint.description}: {name} holds |value| up to {largest:.6g}, beyond {dtype}'s "
+                              f"largest {limit:.6g}; choose a wider --dtype (f32 holds it)")
+    return t.to(target)
+
+
 # --- Hugging Face folder -----------------------------------------------------------------------------------------
 
 def hf_key(name: str, siglip: bool) -> str:
@@ -125,17 +145,18 @@ def preprocessor_config(checkpoint: Checkpoint) -> dict:
             "image_mean": list(p.image_mean), "image_std": list(p.image_std)}
 
 
-def write_hf(checkpoint: Checkpoint, folder: Path, dtype: str) -> None:
+def write_hf(checkpoint: Checkpoint, folder: Path, dtype: str | None) -> None:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(hf_config(checkpoint), indent=2) + "\n")
     (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(checkpoint), indent=2) + "\n")
     siglip = checkpoint.projector is None
     names = sorted(checkpoint.tensors)
-    torch_dtype = DTYPES[dtype]
+    types = {name: dtype or stored_dtype(checkpoint.tensors[name]) for name in names}  # safetensors: any mix
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name in names:  # the header first: shapes and dtypes are known before any tensor is read
         shape = tuple(checkpoint.tensors[name].shape)
+        torch_dtype = DTYPES[types[name]]
         nbytes = int(np.prod(shape, dtype=np.int64)) * torch_dtype.itemsize
         header[hf_key(name, siglip)] = {"dtype": _SAFETENSORS[torch_dtype], "shape": list(shape),
                                         "data_offsets": [offset, offset + nbytes]}
@@ -145,7 +166,7 @@ def write_hf(checkpoint: Checkpoint, folder: Path, dtype: str) -> None:
     with open(folder / "model.safetensors", "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for name in names:
-            t = _read(checkpoint, name).to(torch_dtype).contiguous()
+            t = _cast(checkpoint, name, _read(checkpoint, name), types[name]).contiguous()
             f.write(t.reshape(-1).view(torch.uint8).numpy().data)
 
 
@@ -168,29 +189,38 @@ def mmproj_name(name: str) -> str:
     return CANONICAL_TO_MMPROJ[name]
 
 
-def mmproj_type(name: str, shape: tuple[int, ...], dtype: str) -> Q:
-    """llama.cpp's converter: embeddings and 1-D tensors F32; the projection F16 (F32 when converting to f32)."""
-    if len(shape) < 2 or name.startswith(TOWER + "embeddings."):
-        return Q.F32
-    if name == PROJECTION:
-        return Q.F32 if dtype == "f32" else Q.F16
-    return _GGML[dtype]
+def mmproj_dtype(name: str, source: TensorSource, dtype: str | None) -> str:
+    """The type llama.cpp gets: embeddings and 1-D tensors f32 (as its converter writes them); the projection f16 or
+    f32, never bf16 (clip.cpp copies it in its own type, see the module docstring); other matrices ``dtype``.
+    ``dtype`` None: the stored precision. Every forced type widens bf16 exactly, so no choice here rounds."""
+    wanted = dtype or stored_dtype(source)
+    if len(source.shape) < 2 or name.startswith(TOWER + "embeddings."):
+        return "f32"
+    if name == PROJECTION and wanted == "bf16":
+        return "f32"
+    return wanted
 
 
-def _ggml_array(t: torch.Tensor, qtype: Q) -> np.ndarray:
-    if qtype == Q.F32:
-        return t.float().contiguous().numpy()
-    if qtype == Q.F16:
-        return t.half().contiguous().numpy()
-    return t.bfloat16().contiguous().view(torch.int16).numpy()  # numpy has no bfloat16: write the bits
+def _ggml_array(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.int16).numpy()  # numpy has no bfloat16: write the bits
+    return t.contiguous().numpy()
 
 
-def write_mmproj(checkpoint: Checkpoint, path: Path, dtype: str) -> None:
+def _file_type(types: dict[str, str], checkpoint: Checkpoint) -> gguf.LlamaFileType:
+    """``general.file_type`` names the bulk: the most common type among the encoder's matrices."""
+    blocks = Counter(t for name, t in types.items()
+                     if name.startswith(TOWER + "encoder.") and len(checkpoint.tensors[name].shape) >= 2)
+    return _FILE_TYPE[blocks.most_common(1)[0][0] if blocks else "f32"]
+
+
+def write_mmproj(checkpoint: Checkpoint, path: Path, dtype: str | None) -> None:
     v, p = checkpoint.vision, checkpoint.projector
     assert p is not None
+    types = {name: mmproj_dtype(name, source, dtype) for name, source in checkpoint.tensors.items()}
     w = gguf.GGUFWriter(str(path), "clip")
     w.add_type(gguf.GGUFType.MMPROJ)
-    w.add_file_type(_FILE_TYPE[dtype])
+    w.add_file_type(_file_type(types, checkpoint))
     w.add_clip_projector_type(gguf.VisionProjectorType.GEMMA3)
     w.add_clip_has_vision_encoder(True)
     w.add_vision_use_gelu(True)
@@ -207,12 +237,10 @@ def write_mmproj(checkpoint: Checkpoint, path: Path, dtype: str) -> None:
     if (scale := p.pool_kernel(v)) != 4:  # llama.cpp writes it only when it differs from Gemma 3's 4
         w.add_vision_projector_scale_factor(scale)
     order = sorted(checkpoint.tensors, key=lambda n: _mmproj_order(mmproj_name(n)))
-    types = {}
     for name in order:
         shape = tuple(checkpoint.tensors[name].shape)
-        types[name] = qtype = mmproj_type(name, shape, dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * (4 if qtype == Q.F32 else 2)
-        w.add_tensor_info(mmproj_name(name), shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[types[name]].itemsize
+        w.add_tensor_info(mmproj_name(name), shape, np.dtype(np.float32), nbytes, raw_dtype=_GGML[types[name]])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -220,7 +248,7 @@ def write_mmproj(checkpoint: Checkpoint, path: Path, dtype: str) -> None:
         t = _read(checkpoint, name)
         if name == NORM:
             t = t.float() + 1.0  # llama.cpp applies the weight as is: fold Gemma's 1 + w back in
-        w.write_tensor_data(_ggml_array(t, types[name]))
+        w.write_tensor_data(_ggml_array(_cast(checkpoint, name, t, types[name])))
     w.close()
 
 

@@ -4,7 +4,7 @@ attention of one layer and head from one patch.
 PCA: the first three principal components of the ``(grid², hidden)`` patch features (the tower output, or a chosen
 hidden state), each scaled to [0, 1] between its 1st and 99th percentile and mapped to R, G, B, then upsampled with
 nearest-neighbour so each patch stays a visible square. Each component's sign is fixed (its scores skew positive),
-so the picture does not depend on the eigensolver's arbitrary sign: the same image and model give the same PNG.
+so the picture does not depend on the eigensolver's arbitrary sign: the same image and model give the same picture.
 
 Attention: ``softmax(q·kᵀ / √head_dim)`` of layer ``L`` (1-based, as ``layers`` counts), recomputed from that
 layer's ``q_proj``/``k_proj`` on its ``layer_norm1`` input, for one query patch over all key patches.
@@ -12,8 +12,10 @@ layer's ``q_proj``/``k_proj`` on its ``layer_norm1`` input, for one query patch 
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import cast
 
 import numpy as np
@@ -30,6 +32,9 @@ MARGIN = 8
 LABEL_HEIGHT = 24
 FOOTER_HEIGHT = 22
 BACKGROUND = (255, 255, 255)
+# Pillow's save options per format: PNG and JPEG optimized, lossy formats at a quality that keeps the labels sharp.
+_SAVE_OPTIONS: dict[str, dict[str, object]] = {"PNG": {"optimize": True}, "JPEG": {"quality": 95, "optimize": True},
+                                               "WEBP": {"quality": 95}}
 # Anchors of a dark-to-bright heat map (black, purple, red, orange, pale yellow), linearly interpolated.
 _HEAT = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], np.float64)
 
@@ -171,8 +176,39 @@ def render(encoder: Gemma3Vision, image: ImageInput, *, features_layer: int | No
     return canvas
 
 
+def picture_format(out: str) -> str:
+    """The Pillow format that ``out``'s extension names (``.jpg`` → JPEG); no extension: PNG.
+
+    Raises:
+        ConfigError: an extension no Pillow plugin writes.
+    """
+    suffix = Path(out).suffix.lower()
+    if not suffix:
+        return "PNG"
+    Image.init()  # loads every plugin, so the registries below are complete
+    fmt = Image.registered_extensions().get(suffix)
+    if fmt is None or fmt not in Image.SAVE:
+        common = [e for e in (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
+                  if Image.registered_extensions().get(e) in Image.SAVE]
+        raise ConfigError(f"cannot write a {suffix} picture: expected an extension Pillow writes "
+                          f"({', '.join(common)}, ...), got {out!r}")
+    return fmt
+
+
 def show(encoder: Gemma3Vision, image: ImageInput, out: str, **kwargs: object) -> tuple[int, int]:
-    """Write ``render(encoder, image, **kwargs)`` as a PNG; returns its (width, height)."""
-    picture = render(encoder, image, **kwargs)  # type: ignore[arg-type]
-    picture.save(out, format="PNG", optimize=True)
+    """Write ``render(encoder, image, **kwargs)`` in the format ``out``'s extension names (see ``picture_format``);
+    returns its (width, height).
+
+    Raises:
+        ConfigError: an extension Pillow cannot write, or a format that cannot hold an RGB picture (nothing is
+            written).
+    """
+    fmt = picture_format(out)  # before the forward pass: a bad name fails at once
+    picture = render(encoder, image, **kwargs)  # type: ignore[arg-type]  # RGB, as JPEG needs (it has no alpha)
+    buffer = io.BytesIO()  # encode in memory first, so a format that refuses leaves no partial file
+    try:
+        picture.save(buffer, format=fmt, **_SAVE_OPTIONS.get(fmt, {}))
+    except (OSError, ValueError, KeyError) as e:  # e.g. XBM takes 1-bit images only, GRIB and HDF5 are stubs
+        raise ConfigError(f"cannot write an RGB picture as {fmt} ({out!r}): {e}") from None
+    Path(out).write_bytes(buffer.getvalue())
     return picture.size
