@@ -109,8 +109,9 @@ def fetch(repo_id: str, *, download: Callable[..., str] | None = None) -> Path:
         download: ``huggingface_hub.hf_hub_download`` or a stand-in with its signature (tests).
 
     Raises:
-        HubOfflineError: offline and not fully cached. HubGatedError: gated, no access. HubRepoNotFoundError: no
-            such repo. ModelNotFoundError: any other hub failure. FormatError: a malformed index.
+        HubOfflineError: offline or the hub unreachable, and not fully cached. HubGatedError: gated, no access.
+            HubRepoNotFoundError: no such repo. ModelNotFoundError: any other hub failure. FormatError: a malformed
+            index.
     """
     cache = cache_dir()
     if (snapshot := cached_snapshot(repo_id, cache)) is not None:
@@ -126,12 +127,12 @@ def _fetch(repo_id: str, cache: Path, download: Callable[..., str] | None) -> Pa
     if download is None:
         from huggingface_hub import hf_hub_download
         download = hf_hub_download
+        _check_reachable(repo_id, cache)  # before hf_hub_download, which retries a network error 5 times
     fetcher: Callable[..., str] = download
 
     def get(filename: str, required: bool = True) -> Path | None:
         return _download(fetcher, repo_id, filename, cache, required)
 
-    _check_reachable(repo_id, cache)
     config = get(CONFIG_NAME)
     assert config is not None
     for name in OPTIONAL_CONFIGS:
