@@ -168,3 +168,15 @@ def test_a_named_shard_loads_its_indexed_checkpoint(tmp_path, tiny_state):
     save_file({k: v.contiguous() + 2 for k, v in file_state(tiny_state, "released").items()},
               str(folder / "other.safetensors"))
     assert_state(loaded_state(folder / "other.safetensors"), {k: v + 2 for k, v in tiny_state.items()})
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_info_lists_every_file_read(tmp_path, tiny_state, shards):
+    """The preprocessor config and the shard index are read too, so `info` lists them."""
+    from gemma3_vision.info import checkpoint_info
+
+    folder = write_checkpoint(tmp_path / "ckpt", file_state(tiny_state, "released"), shards=shards)
+    listed = {Path(f).name for f in checkpoint_info(resolve(folder))["files"]}
+    assert listed == {p.name for p in folder.iterdir()}, listed
+    (folder / "preprocessor_config.json").unlink()
+    assert "preprocessor_config.json" not in {Path(f).name for f in checkpoint_info(resolve(folder))["files"]}

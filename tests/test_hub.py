@@ -4,9 +4,13 @@ hf_hub_download serving a local "remote" repo that records what was fetched."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import huggingface_hub.errors as hf_errors
@@ -55,13 +59,27 @@ class FakeHub:
 
 
 @pytest.fixture
-def hf_env(tmp_path, monkeypatch):
+def hf_cache(tmp_path, monkeypatch):
     """An empty cache under a temporary HF_HOME, online, no token."""
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE", "HF_TOKEN"):
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE", "HF_TOKEN", "HF_HUB_VERBOSITY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "no-ollama"))
     return tmp_path / "hf" / "hub"
+
+
+@pytest.fixture
+def hf_env(hf_cache, monkeypatch):
+    """``hf_cache``, with the hub's reachability check (one HEAD request) answered without the network."""
+    monkeypatch.setattr("huggingface_hub.get_hf_file_metadata", lambda url, **_: None)
+    return hf_cache
+
+
+def closed_port() -> int:
+    """A local port nothing listens on: bound by the OS, then released."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -170,3 +188,48 @@ def test_names_that_are_not_repo_ids():
     assert hub.is_repo_id("google/gemma-3-4b-it")
     for name in ("gemma3", "a/b/c", "../x", "org/..", "org/name:tag", "org/a--b", ""):
         assert not hub.is_repo_id(name), name
+
+
+def test_unreachable_hub_is_one_typed_error_at_once(hf_cache, monkeypatch, caplog):
+    """No retries, no huggingface_hub log lines: hf_hub_download alone retries a refused connection 5 times."""
+    import huggingface_hub
+
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    level = logging.getLogger("huggingface_hub").level
+    caplog.set_level(logging.DEBUG)
+    start = time.perf_counter()
+    with pytest.raises(hub.HubOfflineError, match=f"cannot reach the Hugging Face hub at {endpoint} .*{REPO}"):
+        resolve(REPO)
+    elapsed = time.perf_counter() - start
+    print(f"unreachable hub reported in {elapsed:.2f} s")
+    assert elapsed < 15, f"took {elapsed:.1f} s"
+    assert not [r for r in caplog.records if r.name.startswith("huggingface_hub")], caplog.text
+    assert logging.getLogger("huggingface_hub").level == level  # restored
+
+
+def test_cli_unreachable_hub_prints_one_line_in_seconds(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_HOME=str(tmp_path / "hf"), OLLAMA_MODELS=str(tmp_path / "no-ollama"),
+               HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}")
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "gemma3_vision", "info", "foo/bar"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - start
+    print(f"CLI exited in {elapsed:.2f} s: {result.stderr.strip()}")
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: cannot reach the Hugging Face hub at {env['HF_ENDPOINT']}")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert elapsed < 15, f"took {elapsed:.1f} s"
+
+
+def test_http_errors_of_the_check_are_left_to_the_download(hf_env, monkeypatch):
+    """A 404 on the reachability check is no network failure: the download reports the missing repo."""
+    def check(url, **_):
+        raise _http_error(hf_errors.RepositoryNotFoundError, 404)
+
+    monkeypatch.setattr("huggingface_hub.get_hf_file_metadata", check)
+    error = _http_error(hf_errors.RepositoryNotFoundError, 404)
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", FakeHub(Path("/nonexistent"), error=error))
+    with pytest.raises(hub.HubRepoNotFoundError):
+        resolve(REPO)

@@ -36,7 +36,7 @@ class Checkpoint:
     """A model source resolved to configs and tensors, before anything large is read."""
 
     format: str  # "hf-safetensors", "siglip-safetensors", "mlx-safetensors", "gguf-mmproj", "random", ...
-    files: list[Path]
+    files: list[Path]  # config and weight files: they identify the model (an output folder's job key)
     vision: VisionConfig
     projector: ProjectorConfig | None
     preprocess: PreprocessConfig
@@ -44,6 +44,9 @@ class Checkpoint:
     conventions: list[str] = field(default_factory=list)  # conventions undone while mapping, for `info`
     unexpected: list[str] = field(default_factory=list)  # file names that map to nothing: a strict-load error
     description: str = ""  # what the user named, for messages
+    # Also read, listed by `info`: preprocessor config, shard index. Not in `files`, whose identity an output folder
+    # resumes by (the preprocessing they set is in its key already).
+    extra_files: list[Path] = field(default_factory=list)
     # Called once every tensor has been read: drops open files (a later read opens them again).
     release: Callable[[], None] = field(default=lambda: None, repr=False)
 

@@ -312,10 +312,11 @@ def load_hf_folder(folder: Path, weights: Path | None = None) -> Checkpoint:
                 conventions.append("patch conv stored OHWI (MLX): permuted to OIHW")
         tensors[name] = TensorSource(name, shape, dtype, key, reader(path, key, fix))
 
+    extra = [p for p in (folder / PREPROCESSOR_NAME, folder / INDEX_NAME) if p.exists()]  # read when present
     return Checkpoint(
         format=fmt, files=[config_path, *sorted(shards)], vision=vision, projector=projector,
         preprocess=preprocess, tensors=tensors, conventions=conventions, unexpected=unexpected,
-        description=str(weights or folder), release=handles.clear,
+        description=str(weights or folder), release=handles.clear, extra_files=extra,
     )
 
 

@@ -4,13 +4,19 @@ The local cache comes first: when the config and every needed shard are cached, 
 offline use works. Otherwise the shard index is read first and only the config files and the shards holding vision
 or projector tensors are downloaded (a 27B checkpoint costs its ~0.8 GB tower, not 55 GB). ``HF_TOKEN``,
 ``HF_HUB_OFFLINE``, ``HF_HOME`` and ``HF_HUB_CACHE`` are read at call time, not when huggingface_hub was imported.
+
+A hub that cannot be reached fails in one request: ``hf_hub_download`` would retry a network error five times with
+backoff (about 25 s, logging every attempt) before reporting the cache miss.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +109,9 @@ def fetch(repo_id: str, *, download: Callable[..., str] | None = None) -> Path:
         download: ``huggingface_hub.hf_hub_download`` or a stand-in with its signature (tests).
 
     Raises:
-        HubOfflineError: offline and not fully cached. HubGatedError: gated, no access. HubRepoNotFoundError: no
-            such repo. ModelNotFoundError: any other hub failure. FormatError: a malformed index.
+        HubOfflineError: offline or the hub unreachable, and not fully cached. HubGatedError: gated, no access.
+            HubRepoNotFoundError: no such repo. ModelNotFoundError: any other hub failure. FormatError: a malformed
+            index.
     """
     cache = cache_dir()
     if (snapshot := cached_snapshot(repo_id, cache)) is not None:
@@ -112,9 +119,15 @@ def fetch(repo_id: str, *, download: Callable[..., str] | None = None) -> Path:
     if is_offline():
         raise HubOfflineError(f"{repo_id} is not (fully) in the Hugging Face cache {cache} and HF_HUB_OFFLINE is "
                               "set: download it once online, or point HF_HOME / HF_HUB_CACHE at the cache holding it")
+    with _quiet_hub():
+        return _fetch(repo_id, cache, download)
+
+
+def _fetch(repo_id: str, cache: Path, download: Callable[..., str] | None) -> Path:
     if download is None:
         from huggingface_hub import hf_hub_download
         download = hf_hub_download
+        _check_reachable(repo_id, cache)  # before hf_hub_download, which retries a network error 5 times
     fetcher: Callable[..., str] = download
 
     def get(filename: str, required: bool = True) -> Path | None:
@@ -136,6 +149,52 @@ def fetch(repo_id: str, *, download: Callable[..., str] | None = None) -> Path:
     if len(folders) != 1:  # a push landed between two downloads: the files come from different revisions
         raise ModelNotFoundError(f"{repo_id} changed on the hub while downloading; run the command again")
     return folders.pop()
+
+
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """huggingface_hub's own log lines and warnings off while we call it: our error is the one line that says what
+    went wrong. ``HF_HUB_VERBOSITY`` set by the user is left alone. Progress bars are not logging and stay."""
+    if os.environ.get("HF_HUB_VERBOSITY"):
+        yield
+        return
+    logger = logging.getLogger("huggingface_hub")  # its modules' loggers are children of this one
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_reachable(repo_id: str, cache: Path) -> None:
+    """One HEAD request for the config, without retries, so that an unreachable hub fails at once.
+
+    A host that does not resolve or refuses the connection will not answer a sixth time either. Anything else this
+    request meets (a missing or gated repo, a server error worth retrying) is left to the download, which reports it.
+
+    Raises:
+        HubOfflineError: the request failed below HTTP (name resolution, connection, timeout).
+    """
+    from huggingface_hub import constants, errors, get_hf_file_metadata, hf_hub_url
+
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, CONFIG_NAME), token=_token())
+    except Exception as e:
+        if isinstance(e, errors.HfHubHTTPError) or not _is_network_error(e):
+            return
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise HubOfflineError(f"cannot reach the Hugging Face hub at {constants.ENDPOINT} ({reason}) and {repo_id} "
+                              f"is not in the cache {cache}: check the network, or set HF_HUB_OFFLINE=1 with a "
+                              "populated cache") from None
+
+
+def _is_network_error(e: Exception) -> bool:
+    """A failure below HTTP: requests' errors are OSErrors; httpx's (huggingface_hub >= 1.0) derive from its
+    TransportError."""
+    return isinstance(e, OSError) or any(c.__name__ == "TransportError" for c in type(e).__mro__)
 
 
 def _download(download: Callable[..., str], repo_id: str, filename: str, cache: Path, required: bool

@@ -19,7 +19,7 @@ def checkpoint_info(checkpoint: Checkpoint) -> dict[str, Any]:
     return {
         "model": checkpoint.description,
         "format": checkpoint.format,
-        "files": [str(f) for f in checkpoint.files],
+        "files": [str(f) for f in (*checkpoint.files, *checkpoint.extra_files)],  # every file read
         "vision_config": checkpoint.vision.to_dict(),
         "projector_config": p.to_dict() if p is not None else None,
         "preprocess": asdict(checkpoint.preprocess),

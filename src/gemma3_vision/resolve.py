@@ -1,7 +1,8 @@
 """Turning a model argument into a ``Checkpoint``: one resolution order for ``--model`` and ``load()``.
 
 1. an existing path: a folder (Hugging Face layout, SigLIP, MLX) or a file, its format detected by its bytes (GGUF
-   magic, safetensors header), never by its extension (Ollama blobs have none);
+   magic, safetensors header), not by its extension (Ollama blobs have none); a name shaped like a path that does
+   not exist (``./x``, ``~/x``, ``x.gguf``) stops here, as no such file;
 2. a ``random[:preset]`` model;
 3. an Ollama model name (``gemma3:4b``, ``namespace/model:tag``) pulled in the local store;
 4. a Hugging Face hub id (``org/name``): the local cache first, then only the files the tower needs.
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint
-from .errors import ModelNotFoundError
+from .errors import FormatError, ModelNotFoundError
 from .random_model import is_random_name, random_checkpoint
 
 
@@ -33,12 +34,16 @@ def resolve(model: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> 
 
     Raises:
         ModelNotFoundError: nothing matches ``model`` (the message says where it looked).
+        FormatError: an existing file that is neither GGUF nor safetensors, or a broken one.
         WeightsError, ConfigError: the source exists but is not a valid Gemma 3 / SigLIP vision checkpoint.
     """
-    path = Path(model)
+    path = Path(model).expanduser()
     if path.exists():
         return load_path(path)
     name = str(model)
+    if not isinstance(model, str) or looks_like_path(name):  # a Path object is a path whatever it holds
+        raise ModelNotFoundError(f"no such file: {os.path.expanduser(name)} (named like a file, so not looked up "
+                                 "as an Ollama or Hugging Face model)")
     if is_random_name(name):
         return random_checkpoint(name, dtype)
     from . import hub, ollama
@@ -59,18 +64,37 @@ def resolve(model: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> 
     )
 
 
-def sniff(path: Path) -> str | None:
-    """'gguf' or 'safetensors' from a file's first bytes, else None."""
+FILE_SUFFIXES = (".gguf", ".safetensors", ".json")
+
+
+def looks_like_path(name: str) -> bool:
+    """A model name only a file or folder can have. Hugging Face ids (``org/name.v2``: dots are allowed) and Ollama
+    names never start with ``/ ./ ../ ~`` or end with a separator, and none ending ``.gguf``, ``.safetensors`` or
+    ``.json`` could load: a hub repo is fetched as config.json plus safetensors shards."""
+    seps = tuple(sep for sep in (os.sep, os.altsep) if sep)
+    return (name.startswith(("./", "../", "~")) or name.endswith(seps) or os.path.isabs(name)
+            or any(sep in name for sep in seps if sep != "/")  # a backslash on Windows
+            or name.lower().endswith(FILE_SUFFIXES))
+
+
+def sniff(path: Path) -> tuple[str | None, bytes]:
+    """'gguf' or 'safetensors' by a file's first bytes, else None; and those bytes (for messages).
+
+    Content decides; the extension only claims a file whose bytes are neither, so that a broken ``.safetensors``
+    file gets the safetensors validator's reason (a header length over the limit, a file cut short), not "unknown".
+    A u64 header length under 4 GiB followed by ``{`` is taken as an attempted safetensors file too.
+    """
     try:
         with open(path, "rb") as f:
-            head = f.read(9)
+            head = f.read(16)
     except OSError:
-        return None
+        return None, b""
     if head[:4] == b"GGUF":
-        return "gguf"
-    if len(head) == 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] < 100_000_000:
-        return "safetensors"
-    return None
+        return "gguf", head
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 1 << 32:
+        return "safetensors", head
+    suffix = path.suffix.lower()
+    return {".safetensors": "safetensors", ".gguf": "gguf"}.get(suffix), head
 
 
 def load_path(path: Path) -> Checkpoint:
@@ -81,7 +105,7 @@ def load_path(path: Path) -> Checkpoint:
         return load_hf_folder(path)
     if not path.is_file():
         raise ModelNotFoundError(f"{path}: not a regular file or folder")
-    kind = sniff(path)
+    kind, head = sniff(path)
     if kind == "gguf":
         from .format_gguf import load_gguf
 
@@ -89,7 +113,13 @@ def load_path(path: Path) -> Checkpoint:
     if kind == "safetensors":
         if path.parent.joinpath("config.json").is_file():  # a weights file inside a Hugging Face folder
             return load_hf_folder(path.parent, weights=path)
+        from .format_safetensors import read_header
+
+        read_header(path)  # a broken file is reported as such, before the missing config
         raise ModelNotFoundError(f"{path}: a safetensors file needs its config.json beside it (the head count and "
                                  "image size are not in the tensors); pass the folder that holds both")
-    raise ModelNotFoundError(f"{path}: neither a GGUF file nor a safetensors file (by content), nor a checkpoint "
-                             "folder")
+    hint = (f" (the Hugging Face checkpoint beside it loads by naming its folder, {path.parent})"
+            if path.parent.joinpath("config.json").is_file() else "")
+    raise FormatError(f"{path}: expected a GGUF file (starting b'GGUF') or a safetensors file (a u64 header "
+                      f"length, then '{{'), or a checkpoint folder; found {path.stat().st_size:,} bytes starting "
+                      f"{head!r}{hint}")
