@@ -123,7 +123,7 @@ def test_overflow_is_refused(tmp_path, tiny_state, to, name):
         convert(resolve(hf), tmp_path / "out", to, "f16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # nothing written, no partial file
     result = CliRunner().invoke(main, ["convert", str(hf), str(tmp_path / "out"), "--to", to, "--dtype", "f16"])
-    assert result.exit_code == 1 and result.output.count("\n") == 1 and "65504" in result.output, result.output
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "65504" in result.output, result.output
 
 
 def test_explicit_bf16_is_honoured_where_llama_cpp_takes_it(tmp_path, tiny_state):
@@ -188,4 +188,4 @@ def test_cli_convert(tmp_path):
     assert result.exit_code == 0, result.output
     assert resolve(tmp_path / "m.gguf").tensors["vision_tower.encoder.layers.0.mlp.fc1.weight"].stored_dtype == "F16"
     result = runner.invoke(main, ["convert", "random:tiny", str(tmp_path / "m.gguf"), "--to", "mmproj"])
-    assert result.exit_code == 1 and "already exists" in result.output
+    assert result.exit_code == 2 and "already exists" in result.output

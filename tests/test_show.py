@@ -64,7 +64,7 @@ def test_unwritable_extension_is_refused(tiny_model, tmp_path, name, match):
     result = CliRunner().invoke(main, ["show", str(LANDSCAPE), "--model", "random:tiny", "-o", str(tmp_path / name),
                                        "--device", "cpu"])
     errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert result.exit_code == 1 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
     assert "cannot write" in errors[0] and list(tmp_path.iterdir()) == []
 
 
@@ -152,7 +152,7 @@ def test_cli_show(tmp_path):
 def test_cli_show_reports_bad_options(tmp_path):
     result = CliRunner().invoke(main, ["show", str(LANDSCAPE), "--model", "random:tiny",
                                        "-o", str(tmp_path / "x.png"), "--attention", "9,0", "--device", "cpu"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a usage error: a bad option value
     assert "attention layer must be in 1..2" in result.output
     result = CliRunner().invoke(main, ["show", str(LANDSCAPE), "--model", "random:tiny",
                                        "-o", str(tmp_path / "x.png"), "--patch", "1,2"])

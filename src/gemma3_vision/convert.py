@@ -32,7 +32,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from .checkpoint import PROJECTOR, TOWER, Checkpoint, TensorSource
-from .errors import ConfigError, WeightsError
+from .errors import OptionError, WeightsError
 from .format_gguf import MMPROJ_TO_CANONICAL
 from .preprocess import RESAMPLE_CODES
 from .weights import check_tensors
@@ -61,19 +61,19 @@ def convert(checkpoint: Checkpoint, out: str | os.PathLike, to: str, dtype: str 
             precision, so the conversion is lossless.
 
     Raises:
-        ConfigError: bad ``to`` / ``dtype``, ``out`` exists, mmproj asked of a checkpoint without projector, or a
+        OptionError: bad ``to`` / ``dtype``, ``out`` exists, mmproj asked of a checkpoint without projector, or a
             tensor with values beyond ``dtype``'s range (nothing is written).
         WeightsError: the checkpoint's tensors do not match its config or are not finite (nothing is written).
     """
     out = Path(out)
     if dtype is not None and dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise OptionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if to not in ("hf", "mmproj"):
-        raise ConfigError(f"--to must be hf or mmproj, got {to!r}")
+        raise OptionError(f"--to must be hf or mmproj, got {to!r}")
     if out.exists():
-        raise ConfigError(f"{out} already exists: choose a new output path")
+        raise OptionError(f"{out} already exists: choose a new output path")
     if to == "mmproj" and checkpoint.projector is None:
-        raise ConfigError(f"{checkpoint.description} has no multimodal projector (a standalone SigLIP tower): an "
+        raise OptionError(f"{checkpoint.description} has no multimodal projector (a standalone SigLIP tower): an "
                           "mmproj needs one; use --to hf")
     check_tensors(checkpoint)
     tmp = out.with_name(f".{out.name}.partial")
@@ -109,7 +109,7 @@ def _cast(checkpoint: Checkpoint, name: str, t: torch.Tensor, dtype: str) -> tor
     if t.dtype != target and t.numel():
         largest, limit = t.abs().max().item(), torch.finfo(target).max
         if largest > limit:
-            raise ConfigError(f"{checkpoint.description}: {name} holds |value| up to {largest:.6g}, beyond {dtype}'s "
+            raise OptionError(f"{checkpoint.description}: {name} holds |value| up to {largest:.6g}, beyond {dtype}'s "
                               f"largest {limit:.6g}; choose a wider --dtype (f32 holds it)")
     return t.to(target)
 

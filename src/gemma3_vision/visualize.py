@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .api import Gemma3Vision
-from .errors import ConfigError
+from .errors import OptionError
 from .model import EncoderLayer
 from .preprocess import ImageInput
 
@@ -53,7 +53,7 @@ def pca_rgb(features: torch.Tensor) -> np.ndarray:
     N, D = features.shape
     side = math.isqrt(N)
     if side * side != N:
-        raise ConfigError(f"PCA picture needs a square patch grid, got {N} patches")
+        raise OptionError(f"PCA picture needs a square patch grid, got {N} patches")
     x = features.detach().to("cpu", torch.float64)
     x = x - x.mean(dim=0)  # (N, D)
     # Eigenvectors of the D×D covariance: exact and deterministic, cheaper than an SVD of (N, D) when D < N.
@@ -86,11 +86,11 @@ def attention_map(encoder: Gemma3Vision, hidden_states: tuple[torch.Tensor, ...]
     heads = encoder.vision_config.num_attention_heads
     row, col = query.patch if query.patch is not None else (grid // 2, grid // 2)
     if not 1 <= query.layer <= depth:
-        raise ConfigError(f"attention layer must be in 1..{depth}, got {query.layer}")
+        raise OptionError(f"attention layer must be in 1..{depth}, got {query.layer}")
     if not 0 <= query.head < heads:
-        raise ConfigError(f"attention head must be in 0..{heads - 1}, got {query.head}")
+        raise OptionError(f"attention head must be in 0..{heads - 1}, got {query.head}")
     if not (0 <= row < grid and 0 <= col < grid):
-        raise ConfigError(f"attention patch must be (row, col) in 0..{grid - 1}, got ({row}, {col})")
+        raise OptionError(f"attention patch must be (row, col) in 0..{grid - 1}, got ({row}, {col})")
     layer = cast(EncoderLayer, tower.encoder.layers[query.layer - 1])
     attn = layer.self_attn
     Dh = attn.head_dim
@@ -126,7 +126,7 @@ def render(encoder: Gemma3Vision, image: ImageInput, *, features_layer: int | No
     encoder.check_image_size(config.image_size, project=False)
     depth = encoder.vision_config.num_hidden_layers
     if features_layer is not None and not 0 <= features_layer <= depth:
-        raise ConfigError(f"features layer must be in 0..{depth}, got {features_layer}")
+        raise OptionError(f"features layer must be in 0..{depth}, got {features_layer}")
     _, pixels, _ = encoder.prepare(image, config)  # (1, S, S, 3) float32
     with torch.inference_mode():
         out = encoder.model.vision_tower(torch.from_numpy(pixels).to(encoder.device), output_hidden_states=True)
@@ -180,7 +180,7 @@ def picture_format(out: str) -> str:
     """The Pillow format that ``out``'s extension names (``.jpg`` → JPEG); no extension: PNG.
 
     Raises:
-        ConfigError: an extension no Pillow plugin writes.
+        OptionError: an extension no Pillow plugin writes.
     """
     suffix = Path(out).suffix.lower()
     if not suffix:
@@ -190,7 +190,7 @@ def picture_format(out: str) -> str:
     if fmt is None or fmt not in Image.SAVE:
         common = [e for e in (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
                   if Image.registered_extensions().get(e) in Image.SAVE]
-        raise ConfigError(f"cannot write a {suffix} picture: expected an extension Pillow writes "
+        raise OptionError(f"cannot write a {suffix} picture: expected an extension Pillow writes "
                           f"({', '.join(common)}, ...), got {out!r}")
     return fmt
 
@@ -200,7 +200,7 @@ def show(encoder: Gemma3Vision, image: ImageInput, out: str, **kwargs: object) -
     returns its (width, height).
 
     Raises:
-        ConfigError: an extension Pillow cannot write, or a format that cannot hold an RGB picture (nothing is
+        OptionError: an extension Pillow cannot write, or a format that cannot hold an RGB picture (nothing is
             written).
     """
     fmt = picture_format(out)  # before the forward pass: a bad name fails at once
@@ -209,6 +209,6 @@ def show(encoder: Gemma3Vision, image: ImageInput, out: str, **kwargs: object) -
     try:
         picture.save(buffer, format=fmt, **_SAVE_OPTIONS.get(fmt, {}))
     except (OSError, ValueError, KeyError) as e:  # e.g. XBM takes 1-bit images only, GRIB and HDF5 are stubs
-        raise ConfigError(f"cannot write an RGB picture as {fmt} ({out!r}): {e}") from None
+        raise OptionError(f"cannot write an RGB picture as {fmt} ({out!r}): {e}") from None
     Path(out).write_bytes(buffer.getvalue())
     return picture.size
