@@ -79,3 +79,15 @@ def test_the_benchmark_restores_the_threads_and_freezing_it_sets(monkeypatch):
     finally:
         torch.set_num_threads(before)
         inductor_config.freezing = freezing
+
+
+def test_without_transformers_the_report_says_so_and_times_ours(monkeypatch):
+    import gemma3_vision.bench as bench
+
+    monkeypatch.setattr(bench, "build_transformers", lambda *args: None)  # as when it is not installed
+    said: list[str] = []
+    report = run_benchmark(preset="tiny", threads=1, device="cpu", layers=1, repeats=1, compile=False,
+                           progress=said.append)
+    assert [r.name for r in report.configs[0].runners] == ["ours"]
+    assert any(line.startswith("transformers is not installed") for line in said), said
+    assert "e-0" in format_report(report)  # a millisecond forward keeps its digits, not 0.001

@@ -324,6 +324,9 @@ def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype:
         ours_c = _compiled(ours, compile_mode)
         runners["ours+compile"] = lambda: ours_c(pixels)
     theirs = build_transformers(vision, state, torch_dtype, device) if reference else None
+    if reference and theirs is None:
+        progress("transformers is not installed: timing ours alone (pip install 'gemma3-vision[test]' for the "
+                 "reference)")
     if theirs is not None:
         runners["transformers"] = lambda: theirs(pixel_values=pixels_nchw).last_hidden_state
         if compile:
@@ -509,6 +512,11 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
     return report
 
 
+def _seconds(s: float) -> str:
+    """Seconds with 3 decimals, or 3 significant digits under 0.1 s (a tiny model's forward takes a ms)."""
+    return f"{s:.3f}" if s >= 0.1 else f"{s:.2e}"
+
+
 def format_report(report: BenchReport) -> str:
     m = report.machine
     lines = [f"machine: {m['cpu']} ({m['logical_cpus']} logical CPUs, {m['cpu_capability']}, native bf16: "
@@ -519,7 +527,7 @@ def format_report(report: BenchReport) -> str:
                                         f" (TRUNCATED: the full tower has {c.full_layers})")
         lines.append("")
         lines.append(f"{c.dtype} (our matmuls in {c.compute_dtype}), batch {c.batch}, {c.threads} threads, "
-                     f"{c.device}, {c.image_size} px, {depth}: {c.gflop_per_image:.0f} GFLOP/image, "
+                     f"{c.device}, {c.image_size} px, {depth}: {c.gflop_per_image:.4g} GFLOP/image, "
                      f"GEMM peak {c.gemm_peak_tflops:.3f} TFLOP/s; compile mode: {c.compile_mode}")
         lines.append(f"  {'runner':<22}{'median s/img':>13}{'min':>9}{'max':>9}{'TFLOP/s':>9}{'% peak':>8}"
                      f"{'peak MB':>9}{'compile s':>10}{'max|diff|':>11}{'cosine':>11}")
@@ -527,7 +535,8 @@ def format_report(report: BenchReport) -> str:
             compile_s = f"{r.compile_s:.1f}" if r.compile_s is not None else "-"
             diff = f"{r.max_abs_diff:.2e}" if r.max_abs_diff is not None else "-"
             cos = f"{r.cosine:.7f}" if r.cosine is not None else "-"
-            lines.append(f"  {r.name:<22}{r.median_s:>13.3f}{r.min_s:>9.3f}{r.max_s:>9.3f}{r.tflops:>9.3f}"
+            median, low, high = (_seconds(s) for s in (r.median_s, r.min_s, r.max_s))
+            lines.append(f"  {r.name:<22}{median:>13}{low:>9}{high:>9}{r.tflops:>9.3f}"
                          f"{100 * r.peak_fraction:>7.0f}%{r.peak_memory_mb:>9.0f}{compile_s:>10}{diff:>11}{cos:>11}")
         for name, ratio in c.ratios.items():
             lines.append(f"  {name}: {ratio:.2f}x")
