@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from gemma3_vision.cli import EXIT_CANNOT_RUN, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, main
+from gemma3_vision.cli import EXIT_CANNOT_RUN, EXIT_OK, EXIT_SOME_FAILED, EXIT_TERMINATED, EXIT_USAGE, main
 from gemma3_vision.output_folder import INDEX_NAME, LOCK_NAME, TMP_DIR_NAME, OutputFolder
 
 
@@ -303,3 +303,36 @@ def test_sigkill_mid_job_then_rerun_encodes_every_image_exactly_once(tmp_path):
     for r in final:
         if r["status"] == "ok":
             assert np.load(out / r["output"]).shape == (16, 96)
+
+
+def test_sigterm_mid_job_unwinds_like_ctrl_c_and_the_rerun_finishes(tmp_path):
+    """SIGTERM (a scheduler preempting the job) once some records are in: one line, exit 143, no traceback, the
+    temporary folder gone, every index line complete; the re-run encodes the rest."""
+    root = tmp_path / "in"
+    for i in range(300):
+        png(root / f"{i:04d}.png", i % 4, size=(96, 72))
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "gemma3_vision", "encode", str(root), "-m", "random:tiny", "-o", str(out),
+           "--workers", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            index = out / INDEX_NAME
+            if index.exists() and index.read_bytes().count(b'"status": "ok"') >= 3:
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == EXIT_TERMINATED, f"exit {proc.returncode}: {stderr!r}"
+    assert stderr.splitlines()[-1] == "terminated" and "Traceback" not in stderr, stderr
+    assert not (out / TMP_DIR_NAME).exists()
+    assert (out / INDEX_NAME).read_bytes().endswith(b"\n")  # unwound between records, none torn
+    done = sum(r["status"] == "ok" for r in records(out))
+    assert 3 <= done < 300
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == EXIT_OK, rerun.stderr
+    assert sorted(r["input"].rsplit("/", 1)[1] for r in records(out)) == [f"{i:04d}.png" for i in range(300)]

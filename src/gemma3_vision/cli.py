@@ -5,14 +5,17 @@ Heavy imports (torch) happen inside commands, so ``--help`` is instant.
 
 Exit codes: 0 everything done; 1 the job could not run (bad model, unwritable or locked output folder, a
 model failure mid-job); 2 usage error (also an option value the model cannot take); 3 the job ran but some inputs
-failed (each is recorded in index.jsonl); 130 interrupted (Ctrl-C; an encode job resumes when re-run).
+failed (each is recorded in index.jsonl); 130 interrupted (Ctrl-C; an encode job resumes when re-run); 143
+terminated (SIGTERM, handled as Ctrl-C is).
 """
 
 from __future__ import annotations
 
 import functools
 import gc
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +34,17 @@ EXIT_CANNOT_RUN = 1
 EXIT_USAGE = 2
 EXIT_SOME_FAILED = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler preempting the job, ``kill``), raised in the main thread so that the command unwinds as
+    after Ctrl-C: workers stopped, the output folder's temporary files removed and its lock released."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -48,6 +62,8 @@ def reports_errors(fn: F) -> F:
         from .errors import Gemma3VisionError, OptionError
 
         debug = click.get_current_context().find_root().params.get("debug", False)
+        main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
         try:
             return fn(*args, **kwargs)
         except (Gemma3VisionError, OSError) as e:
@@ -59,11 +75,15 @@ def reports_errors(fn: F) -> F:
                 message = " ".join(str(e).split()) or type(e).__name__
             click.echo(f"error: {message}", err=True)
             sys.exit(EXIT_USAGE if isinstance(e, OptionError) else EXIT_CANNOT_RUN)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             if debug:
                 raise
-            click.echo("interrupted", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+            terminated = isinstance(e, Terminated)
+            click.echo("terminated" if terminated else "interrupted", err=True)
+            sys.exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
+        finally:
+            if main_thread:  # None: a handler set outside Python, which cannot be put back
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
     return wrapper  # type: ignore[return-value]
 
@@ -155,7 +175,7 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
 
     Re-running the same command skips inputs already encoded with the same bytes, model and options, and
     inputs that failed unchanged; a killed job leaves no partial file. Exit codes: 0 all encoded, 3 some inputs
-    failed, 1 the job could not run, 2 usage error, 130 interrupted (re-run to resume).
+    failed, 1 the job could not run, 2 usage error, 130 interrupted and 143 terminated (re-run to resume).
 
     Example: gemma3-vision encode photos/ --model random:tiny --out embeddings/
     """
