@@ -158,12 +158,16 @@ def test_a_named_weights_file_is_the_one_loaded(tmp_path, tiny_state):
     assert_state(loaded_state(folder / "finetuned.safetensors"), finetuned)
     assert_state(loaded_state(folder / "model.safetensors"), tiny_state)
     assert_state(loaded_state(folder), tiny_state)
+    # the folder's own weights, named: the same checkpoint as the folder, down to the description an output
+    # folder's job key holds (folders encoded with --model ckpt/model.safetensors must still resume)
+    assert resolve(folder / "model.safetensors").description == resolve(folder).description == str(folder)
 
 
 def test_a_named_shard_loads_its_indexed_checkpoint(tmp_path, tiny_state):
     """One shard holds part of the model: naming it means the checkpoint it belongs to."""
     folder = write_checkpoint(tmp_path / "ckpt", file_state(tiny_state, "released"), shards=3)
     assert_state(loaded_state(folder / "model-00002-of-00003.safetensors"), tiny_state)
+    assert resolve(folder / "model-00002-of-00003.safetensors").description == str(folder)
     # A file the index does not list is read alone, even beside an index.
     save_file({k: v.contiguous() + 2 for k, v in file_state(tiny_state, "released").items()},
               str(folder / "other.safetensors"))

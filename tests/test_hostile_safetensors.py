@@ -416,11 +416,11 @@ def test_config_files_are_read_only_if_regular_and_small(tiny_state, tmp_path, n
     folder = write_hf_folder(tmp_path / "ckpt", tiny_state, TINY_VISION, TINY_PROJECTOR)
     (folder / name).unlink()
     os.mkfifo(folder / name)  # a plain open() waits for a writer forever
-    with pytest.raises(ConfigError, match=f"{name} is not a regular file"):
+    with pytest.raises(ConfigError, match=f"{name}: expected a regular file, found a FIFO"):
         without_blocking(lambda: resolve(folder), folder / name)
     (folder / name).unlink()
     (folder / name).symlink_to("/dev/zero")  # never ends
-    with pytest.raises(ConfigError, match=f"{name} is a link to /dev/zero, outside the checkpoint folder"):
+    with pytest.raises(ConfigError, match=f"{name}: expected a regular file, found a character device"):
         resolve(folder)
     (folder / name).unlink()
     (folder / name).write_text(json.dumps({"padding": " " * (9 << 20)}))  # valid JSON, but no config is 9 MB
@@ -484,3 +484,15 @@ def test_two_keys_for_one_tensor_are_refused(tiny_state, tmp_path):
                                            r"vision_tower\.vision_model\.post_layernorm\.weight are both "
                                            r"vision_tower\.post_layernorm\.weight"):
         resolve(folder)
+
+
+def test_a_config_file_may_link_outside_the_folder(tiny_state, tmp_path):
+    # A fixed name, so no downloaded file can point it elsewhere: unlike the shards an index names, it may be a
+    # link to anywhere (a folder that shares one config.json, say), and loads as the file itself would.
+    folder = write_hf_folder(tmp_path / "ckpt", tiny_state, TINY_VISION, TINY_PROJECTOR)
+    shared = tmp_path / "shared-config.json"
+    (folder / "config.json").rename(shared)
+    (folder / "config.json").symlink_to(shared)
+    model = _load(folder)
+    for name, got in model.state_dict().items():
+        assert torch.equal(got, tiny_state[name]), name

@@ -313,10 +313,14 @@ def load_hf_folder(folder: Path, weights: Path | None = None) -> Checkpoint:
         tensors[name] = TensorSource(name, shape, dtype, key, reader(path, key, fix))
 
     extra = [p for p in (folder / PREPROCESSOR_NAME, folder / INDEX_NAME) if p.exists()]  # read when present
+    # The folder names the checkpoint, even when the user named its model.safetensors or one of its shards: the
+    # description is part of an output folder's job key (output_folder.checkpoint_identity), and folders encoded
+    # before a named file was read as such must still resume. Only a file read alone is its own description.
+    alone = weights is not None and weights.name != SINGLE_NAME and set(shards) == {weights}
     return Checkpoint(
         format=fmt, files=[config_path, *sorted(shards)], vision=vision, projector=projector,
         preprocess=preprocess, tensors=tensors, conventions=conventions, unexpected=unexpected,
-        description=str(weights or folder), release=handles.clear, extra_files=extra,
+        description=str(weights if alone else folder), release=handles.clear, extra_files=extra,
     )
 
 
@@ -334,14 +338,12 @@ def _patch_conv_layout(path: Path, key: str, shape: tuple[int, ...], vision: Vis
 
 
 def _read_config(folder: Path, name: str, what: str) -> dict[str, Any] | None:
-    """``folder/name`` as a JSON object, or None when there is no such file. Read like the index: a regular file
-    (a FIFO would block, ``/dev/zero`` never ends), links kept inside the checkpoint, bounded size, strict JSON."""
-    if not (folder / name).exists():
+    """``folder/name`` as a JSON object, or None when there is no such file: a regular file (a FIFO would block,
+    ``/dev/zero`` never ends), bounded size, strict JSON. Unlike the files an index names, it may be a link to
+    anywhere: its name is fixed, so a downloaded file cannot point it elsewhere."""
+    path = folder / name
+    if not path.exists():
         return None
-    try:
-        path = _regular_file(folder, name, what)
-    except WeightsError as e:
-        raise ConfigError(str(e)) from None
     return read_json_object(path, what, ConfigError)
 
 
