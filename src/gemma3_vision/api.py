@@ -331,8 +331,10 @@ class Gemma3Vision:
                    for view in self.encode_views(torch.from_numpy(batch), project=project, layers=wanted, pool=pool,
                                                  normalize=normalize)]
         results: list[ImageEncoding] = []
-        for size, boxes in decoded:
-            own, encoded = encoded[:len(boxes)], encoded[len(boxes):]
+        start = 0
+        for size, boxes in decoded:  # each image's views, in order
+            own = encoded[start:start + len(boxes)]
+            start += len(boxes)
             results.append(ImageEncoding(size, [replace(v, box=b) for v, b in zip(own, boxes, strict=True)]))
         return results
 

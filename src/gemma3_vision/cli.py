@@ -62,8 +62,10 @@ def reports_errors(fn: F) -> F:
         from .errors import Gemma3VisionError, OptionError
 
         debug = click.get_current_context().find_root().params.get("debug", False)
-        main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
-        previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+        # Only the main thread may set handlers; a SIGTERM a launcher set to be ignored stays ignored.
+        handles_sigterm = (threading.current_thread() is threading.main_thread()
+                       and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN)
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if handles_sigterm else None
         try:
             return fn(*args, **kwargs)
         except (Gemma3VisionError, OSError) as e:
@@ -82,7 +84,7 @@ def reports_errors(fn: F) -> F:
             click.echo("terminated" if terminated else "interrupted", err=True)
             sys.exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
         finally:
-            if main_thread:  # None: a handler set outside Python, which cannot be put back
+            if handles_sigterm:  # None: a handler set outside Python, which cannot be put back
                 signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
     return wrapper  # type: ignore[return-value]

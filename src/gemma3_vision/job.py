@@ -78,8 +78,10 @@ def encode_batch_for(encoder: Gemma3Vision, options: EncodeOptions) -> EncodeBat
         B = options.batch_size
         batches = [torch.from_numpy(pixels[i:i + B]) for i in range(0, len(pixels), B)]  # each (<= B, S, S, 3)
         if not (layers or options.pool):
-            return np.concatenate([encoder.encode_pixels(batch, project=project).float().cpu().numpy()
-                                   for batch in batches])
+            arrays = [encoder.encode_pixels(batch, project=project).float().cpu().numpy() for batch in batches]
+            # one batch (every run without Pan & Scan): no copy; concatenate always copies, 14 ms for 8 images'
+            # tower outputs
+            return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
         views = [view for batch in batches
                  for view in encoder.encode_views(batch, project=project, layers=layers, pool=options.pool,
                                                   normalize=options.normalize)]
