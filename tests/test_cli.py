@@ -148,6 +148,30 @@ def test_an_index_naming_a_file_outside_the_folder_is_ignored_with_a_warning(ima
     assert records(out)[-1]["output"] == "a.png.npy" and (out / "a.png.pooled.npy").is_file()
 
 
+@pytest.mark.parametrize("pool", [False, True])  # True: the old main file is removed first
+def test_a_link_in_the_output_folder_never_leads_writes_or_removals_outside(images, tmp_path, pool):
+    # An output folder handed over with a link in it, and an index naming a file through the link: every name is
+    # fine as a string, yet the file lies outside OUT.
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "a.png.npy").write_bytes(b"precious")
+    (victim / "a.png.pooled.npy").write_bytes(b"precious too")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "lnk").symlink_to(victim)
+    record = {"input": str(images / "a.png"), "path": str(images / "a.png"), "status": "ok",
+              "output": "lnk/a.png.npy", "outputs": {"pooled": "lnk/a.png.pooled.npy"}, "job": "old"}
+    (out / INDEX_NAME).write_text(json.dumps(record) + "\n")
+    result = encode(str(images / "a.png"), "-o", str(out), *(["--pool", "mean"] if pool else []))
+    result.stderr_bytes = b"".join(  # without random:tiny's warning, which comes first
+        line for line in result.stderr_bytes.splitlines(keepends=True) if b"RANDOM weights" not in line)
+    line = one_line_error(result)
+    assert line.startswith(f"error: {out / 'lnk' / 'a.png.npy'}: its folder leads outside {out} (to {victim})"), line
+    assert (victim / "a.png.npy").read_bytes() == b"precious"
+    assert (victim / "a.png.pooled.npy").read_bytes() == b"precious too"
+    assert sorted(p.name for p in victim.iterdir()) == ["a.png.npy", "a.png.pooled.npy"]
+
+
 def one_line_error(result, code: int = EXIT_CANNOT_RUN) -> str:
     """The single ``error: ...`` line of a command that could not run, checked to be all it printed, and its exit
     code ``code``."""

@@ -45,15 +45,16 @@ class InputItem:
             object.__setattr__(self, "key", input_key(self.path))
 
 
-def input_key(path: str | os.PathLike[str]) -> str:
+def input_key(path: str | os.PathLike[str], cwd: str | None = None) -> str:
     """An input's identity: its absolute path, normalised (``./``, ``//``, ``a/..``) but with links kept.
 
     Not ``realpath``: two links to one file are two inputs, each with its own output, as discovery names them
     (``b.png -> a.png`` in a folder gives ``b.png.npy``). Lexical ``..`` may take ``link/../a.png`` for
     ``./a.png``; that only picks which record resume compares the file with, and a file whose size and time, or
-    content, differ from that record's is encoded again.
+    content, differ from that record's is encoded again. ``cwd``: the working folder, if already known (what
+    ``os.path.abspath`` asks the system for on every call).
     """
-    return os.path.abspath(path)
+    return os.path.normpath(os.path.join(cwd or os.getcwd(), path))  # abspath; an absolute path ignores cwd
 
 
 def read_list(source: str, stdin: TextIO | None = None) -> Iterator[str]:

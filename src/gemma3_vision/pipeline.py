@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -38,6 +38,7 @@ from .output_folder import (
     extra_output,
     fingerprint,
     in_tmp_dir,
+    inside,
     output_intact,
     short_hash,
 )
@@ -215,7 +216,7 @@ def _name_outputs(items: Iterable[InputItem], state: ResumeState) -> Iterator[tu
             yield item, kept
             continue
         base = item.rel or os.path.basename(item.display.rstrip("/")) or "input"
-        if in_tmp_dir(PurePath(base)):  # only rel has folders, joined with "/"
+        if in_tmp_dir(base):  # only rel has folders, joined with "/"
             head, _, rest = base.partition("/")
             base = f"{head}~2/{rest}"
         name, n = base + ".npy", 1
@@ -301,7 +302,7 @@ def finish_input(p: _Prepared, rows: dict[str, np.ndarray] | None, out_dir: Path
         files = {name: extra_output(p.output, name) if name else p.output for name in named}
         if len(files) > 1:
             with contextlib.suppress(FileNotFoundError):  # a first encoding: nothing to replace
-                os.unlink(out_dir / p.output)
+                os.unlink(inside(out_dir, p.output))
         for name, array in named.items():
             if name:
                 save(files[name], array, b"")
