@@ -46,6 +46,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "PRESETS", "ConfigError", "FormatError", "Gemma3Vision", "Gemma3VisionError", "ImageError",
-    "ModelNotFoundError", "MultiModalProjector", "OptionError", "OutputError", "PreprocessConfig", "ProjectorConfig", "RandomWeightsWarning",
-    "VisionConfig", "VisionTower", "WeightsError", "__version__", "load", "preprocess",
+    "ModelNotFoundError", "MultiModalProjector", "OptionError", "OutputError", "PreprocessConfig", "ProjectorConfig",
+    "RandomWeightsWarning", "VisionConfig", "VisionTower", "WeightsError", "__version__", "load", "preprocess",
 ]

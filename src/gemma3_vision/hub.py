@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FormatError, ModelNotFoundError
-from .format_safetensors import GEMMA3_IGNORED, INDEX_NAME, SIGLIP_IGNORED, SINGLE_NAME
+from .format_safetensors import CONFIG_NAME, GEMMA3_IGNORED, INDEX_NAME, SIGLIP_IGNORED, SINGLE_NAME
 from .safe_io import read_json_object
 
-CONFIG_NAME = "config.json"
 OPTIONAL_CONFIGS = ("preprocessor_config.json",)
 MAX_INDEX_BYTES = 100_000_000
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}")
