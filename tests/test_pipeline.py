@@ -141,6 +141,30 @@ def test_link_cycles_are_never_followed(monkeypatch, tree):
     assert len(items) == len({d for d, _ in items}) == 8
 
 
+@pytest.mark.parametrize("target", ["parent", "top", "filesystem root"])
+def test_links_to_folders_above_the_input_folder_are_cycles_too(monkeypatch, tree, target):
+    # root/sub/x -> a folder above root: root is inside it, so following the link would encode root again (or, for
+    # /, walk the whole file system)
+    os.symlink({"parent": tree.parent, "top": "../../..", "filesystem root": "/"}[target], tree / "sub" / "x")
+    monkeypatch.chdir(tree.parent)
+    items = [(i.display, i.skip) for i in discover(["root"], follow_symlinks=True)]
+    assert ("root/sub/x", "link to a folder above it (a cycle): not followed") in items
+    assert len(items) == 8, items
+
+
+def test_a_followed_link_brings_its_own_folders_above(monkeypatch, tree, tmp_path):
+    # root/far -> other/deep; other/deep/back -> other, which is above deep: a cycle once far is followed
+    deep = tmp_path / "other" / "deep"
+    png(deep / "e.png", 5)
+    os.symlink(tmp_path / "other", deep / "back")
+    os.symlink(deep, tree / "far")
+    monkeypatch.chdir(tree.parent)
+    items = dict((i.display, i.skip) for i in discover(["root"], follow_symlinks=True))
+    assert items["root/far/e.png"] is None
+    assert items["root/far/back"] == "link to a folder above it (a cycle): not followed"
+    assert not any(d.startswith("root/far/back/") for d in items), sorted(items)
+
+
 def test_special_files_are_skipped_never_opened(monkeypatch, tree, tmp_path):
     os.mkfifo(tree / "pipe.jpg")
     with socket.socket(socket.AF_UNIX) as s:

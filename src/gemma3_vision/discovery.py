@@ -140,6 +140,24 @@ def _match(parts: list[str], pattern: list[str], *, full: bool) -> bool:
     return fnmatch.fnmatchcase(name, head) and _match(parts[1:], pattern[1:], full=full)
 
 
+def _folders_up(path: str) -> frozenset[tuple[int, int]]:
+    """The identities (device, inode) of the folder ``path``, links resolved, and of every folder above it up to
+    the root of the file system: a link to any of them leads back into a folder being walked."""
+    found = set()
+    real = os.path.realpath(path)
+    while True:
+        try:
+            st = os.stat(real)
+        except OSError:  # a folder above that cannot be looked at: nothing above it is known either
+            break
+        found.add((st.st_dev, st.st_ino))
+        parent = os.path.dirname(real)
+        if parent == real:
+            break
+        real = parent
+    return frozenset(found)
+
+
 def _walk(root: Path, root_display: str, follow_symlinks: bool, pattern: list[str] | None) -> Iterator[InputItem]:
     """Depth first, names sorted. An explicit stack, so no tree is too deep; one folder's entries at a time."""
     real_root = os.path.realpath(root)
@@ -154,11 +172,12 @@ def _walk(root: Path, root_display: str, follow_symlinks: bool, pattern: list[st
         return _match(rel_parts, pattern, full=True)
 
     try:
-        root_stat = os.stat(root)
+        os.stat(root)
     except OSError as e:
         yield item(str(root), "", f"cannot list folder ({e.strerror or e})")
         return
-    # Each frame: (entries left, relative parts of this folder, identities of the folders above and this one)
+    # Each frame: (entries left, relative parts of this folder, identities of this folder and of every folder above
+    # it, links resolved: the folders a followed link must not lead back into, or the walk would loop or repeat)
     stack: list[tuple[Iterator[os.DirEntry[str]], list[str], frozenset[tuple[int, int]]]] = []
 
     def push(path: str, rel_parts: list[str], ancestors: frozenset[tuple[int, int]]) -> Iterator[InputItem]:
@@ -171,7 +190,7 @@ def _walk(root: Path, root_display: str, follow_symlinks: bool, pattern: list[st
             return
         stack.append((iter(entries), rel_parts, ancestors))
 
-    yield from push(str(root), [], frozenset({(root_stat.st_dev, root_stat.st_ino)}))
+    yield from push(str(root), [], _folders_up(str(root)))
     while stack:
         entries, rel_parts, ancestors = stack[-1]
         entry = next(entries, None)
@@ -203,7 +222,7 @@ def _walk(root: Path, root_display: str, follow_symlinks: bool, pattern: list[st
                 elif ident in ancestors:
                     yield item(entry.path, rel, "link to a folder above it (a cycle): not followed")
                 else:
-                    yield from push(entry.path, parts, ancestors | {ident})
+                    yield from push(entry.path, parts, ancestors | _folders_up(entry.path))
                 continue
             if not wanted(parts, entry.name):
                 continue
