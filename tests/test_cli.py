@@ -214,6 +214,13 @@ def test_a_gpu_index_this_machine_lacks_is_a_usage_error_with_one_line(tmp_path,
                                       "got 'cuda:2'")
 
 
+@pytest.mark.parametrize("layers", ["3", "30"])  # 0: click refuses it (IntRange)
+def test_bench_layers_beyond_the_presets_depth_are_a_usage_error(layers):
+    result = CliRunner().invoke(main, ["bench", "--preset", "tiny", "--layers", layers, "--no-reference",
+                                       "--no-compile"])
+    assert one_line_error(result, EXIT_USAGE) == f"error: layers must be in 1..2 (the tiny tower's depth), got {layers}"
+
+
 def test_an_unknown_bench_preset_is_a_usage_error():
     result = CliRunner().invoke(main, ["bench", "--preset", "nope", "--no-reference", "--no-compile"])
     assert result.exit_code == EXIT_USAGE and isinstance(result.exception, SystemExit), result.output

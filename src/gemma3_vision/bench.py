@@ -480,6 +480,9 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
             raise OptionError(f"attention must be one of {', '.join(ATTENTION_VARIANTS)}, got {name!r}")
     vision = PRESETS[preset][0]
     if layers is not None:
+        if isinstance(layers, bool) or not 1 <= layers <= vision.num_hidden_layers:
+            raise OptionError(f"layers must be in 1..{vision.num_hidden_layers} (the {preset} tower's depth), "
+                              f"got {layers!r}")
         vision = replace(vision, num_hidden_layers=layers)
     if image_size is not None:
         vision = replace(vision, image_size=image_size)
