@@ -51,4 +51,7 @@ def test_encode_on_a_terminal_shows_progress_and_reports_failures(tmp_path):
     assert code == 3, printed  # one input failed: EXIT_SOME_FAILED
     assert "encoding" in printed, printed  # the tqdm bar
     assert "failed:" in printed and "broken.png" in printed, printed
+    for line in printed.replace("\r", "\n").splitlines():  # each message on a line of its own, not on the bar's
+        assert not ("warning:" in line and not line.startswith("warning:")), printed
+        assert not ("failed:" in line and not line.startswith("failed:")), printed
     assert np.load(out / "a.png.npy").ndim == 2

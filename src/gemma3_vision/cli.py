@@ -49,8 +49,18 @@ def _raise_terminated(signum: int, frame: object) -> None:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _say(line: str) -> None:
+    """One line on stderr, above encode's progress bar when one is drawn there (tqdm.write clears the bar, prints
+    the line and draws the bar again; a plain print would land on the bar's line)."""
+    tqdm = sys.modules.get("tqdm")  # imported only once a bar is made
+    if tqdm is not None:
+        tqdm.tqdm.write(line, file=sys.stderr)  # without file=, tqdm.write prints to stdout
+    else:
+        click.echo(line, err=True)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
-    click.echo(f"warning: {message}", err=True)
+    _say(f"warning: {message}")
 
 
 def reports_errors(fn: F) -> F:
@@ -216,9 +226,7 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
             yield from read_list(source)
 
     progress = _progress_bar()  # tested with `is None`: a tqdm bar without a total refuses bool()
-    # on a terminal, above the bar; tqdm.write would print to stdout unless told the bar's file
-    say = (functools.partial(click.echo, err=True) if progress is None
-           else functools.partial(progress.write, file=sys.stderr))
+    say = _say
 
     def on_record(record: dict[str, Any]) -> None:
         if record["status"] == "error":
