@@ -212,6 +212,13 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
         raise click.UsageError("--normalize applies to pooled vectors: add --pool mean")
     if ray_actors is not None and ray_address is None:
         raise click.UsageError("--ray-actors applies to Ray jobs: add --ray")
+    given = click.get_current_context().get_parameter_source
+    tuned = [f"--{name.replace('_', '-')}" for name in ("pan_and_scan_min_crop_size", "pan_and_scan_max_num_crops",
+                                                       "pan_and_scan_min_ratio")
+             if given(name) != click.core.ParameterSource.DEFAULT]
+    if tuned and not pan_and_scan:
+        raise click.UsageError(f"{', '.join(tuned)} appl{'ies' if len(tuned) == 1 else 'y'} to Pan & Scan: add "
+                               "--pan-and-scan")
     pas = PanAndScanConfig(pan_and_scan_min_crop_size, pan_and_scan_max_num_crops,
                            pan_and_scan_min_ratio) if pan_and_scan else None
     options = EncodeOptions(project=not no_project, batch_size=batch_size,
