@@ -189,3 +189,6 @@ def test_cli_convert(tmp_path):
     assert resolve(tmp_path / "m.gguf").tensors["vision_tower.encoder.layers.0.mlp.fc1.weight"].stored_dtype == "F16"
     result = runner.invoke(main, ["convert", "random:tiny", str(tmp_path / "m.gguf"), "--to", "mmproj"])
     assert result.exit_code == 2 and "already exists" in result.output
+    result = runner.invoke(main, ["convert", "random:tiny", str(tmp_path / "no" / "m.gguf"), "--to", "mmproj"])
+    assert result.exit_code == 2 and result.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'no' / 'm.gguf'}: the folder {tmp_path / 'no'} does not exist; create it first")

@@ -61,7 +61,7 @@ def convert(checkpoint: Checkpoint, out: str | os.PathLike, to: str, dtype: str 
             precision, so the conversion is lossless.
 
     Raises:
-        OptionError: bad ``to`` / ``dtype``, ``out`` exists, mmproj asked of a checkpoint without projector, or a
+        OptionError: bad ``to`` / ``dtype``, ``out`` exists or its folder does not, mmproj asked of a checkpoint without projector, or a
             tensor with values beyond ``dtype``'s range (nothing is written).
         WeightsError: the checkpoint's tensors do not match its config or are not finite (nothing is written).
     """
@@ -72,6 +72,8 @@ def convert(checkpoint: Checkpoint, out: str | os.PathLike, to: str, dtype: str 
         raise OptionError(f"--to must be hf or mmproj, got {to!r}")
     if out.exists():
         raise OptionError(f"{out} already exists: choose a new output path")
+    if not out.absolute().parent.is_dir():  # else the error would name the temporary file written first
+        raise OptionError(f"{out}: the folder {out.absolute().parent} does not exist; create it first")
     if to == "mmproj" and checkpoint.projector is None:
         raise OptionError(f"{checkpoint.description} has no multimodal projector (a standalone SigLIP tower): an "
                           "mmproj needs one; use --to hf")
