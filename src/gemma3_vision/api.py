@@ -127,7 +127,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
         return torch.bfloat16 if fast else torch.float32
     if dtype not in DTYPES:
-        raise OptionError(f"dtype must be one of float32, bfloat16, float16, got {dtype!r}")
+        raise OptionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
 
 
@@ -273,7 +273,7 @@ class Gemma3Vision:
         layers: Sequence[int] | None = None, pool: str | None = None, normalize: bool = False,
         exif_transpose: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> torch.Tensor | list[ImageEncoding]:
-        """Encode images (paths, PIL images or uint8 HWC arrays).
+        """Encode images (paths, PIL images or uint8 arrays: HWC RGB, or HW grey).
 
         Args:
             images: one image or a sequence of them.
