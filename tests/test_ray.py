@@ -4,10 +4,14 @@ which need no cluster."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +20,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from gemma3_vision.cli import EXIT_CANNOT_RUN, EXIT_SOME_FAILED, EXIT_USAGE, main
-from gemma3_vision.errors import ConfigError
+from gemma3_vision.errors import ConfigError, OptionError
 from gemma3_vision.output_folder import INDEX_NAME, TMP_DIR_NAME
 from gemma3_vision.ray_encode import RayResources, plan_resources
 
@@ -135,15 +139,70 @@ def test_resource_defaults():
     assert plan_resources({"CPU": 8}, None, actors=2, cpus_per_actor=3) == RayResources(2, 3, 0)
 
 
-@pytest.mark.parametrize(("cluster", "kwargs", "match"), [
-    ({"CPU": 8}, {"device": "cuda"}, "has no GPUs"),
-    ({"CPU": 1}, {}, "at least 2 are needed"),
-    ({"CPU": 8}, {"actors": 2, "cpus_per_actor": 4}, "leave no CPU for decoding"),
+@pytest.mark.parametrize(("cluster", "kwargs", "error", "match"), [
+    ({"CPU": 8}, {"device": "cuda"}, OptionError, "has no GPUs"),
+    ({"CPU": 1}, {}, ConfigError, "at least 2 are needed"),  # the cluster's fault, not an option's
+    ({"CPU": 8}, {"actors": 2, "cpus_per_actor": 4}, OptionError, "leave no CPU for decoding"),
+    ({"CPU": 2}, {"actors": 2}, OptionError, "leave no CPU for decoding"),
 ])
-def test_resources_that_cannot_run_are_refused(cluster, kwargs, match):
+def test_resources_that_cannot_run_are_refused(cluster, kwargs, error, match):
     device = kwargs.pop("device", None)
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(ConfigError, match=match) as caught:
         plan_resources(cluster, device, **kwargs)
+    assert type(caught.value) is error
+
+
+@pytest.mark.slow  # ~3 s on the cluster started above
+def test_too_many_actors_is_a_usage_error(ray_cluster, images, tmp_path):
+    result = encode(str(images), "-o", str(tmp_path / "out"), "--ray", "--ray-actors", "2")  # on 2 CPUs
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert result.stderr == "error: 2 actors x 1 CPUs leave no CPU for decoding on a cluster of 2\n"
+
+
+def closed_port() -> int:
+    with socket.socket() as s:  # bound, never listening: connections to it are refused
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}", "nonexistent.invalid:6379",
+                                     "ray://nonexistent.invalid:10001"])
+def test_an_unreachable_cluster_is_one_line_within_seconds(address, images, tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh process, not the tests' cluster
+    port = closed_port()
+    address = address.format(port=port)
+    start = time.perf_counter()
+    result = encode(str(images), "-o", str(tmp_path / "out"), f"--ray={address}")
+    seconds = time.perf_counter() - start
+    print(f"{address}: {seconds:.1f} s: {result.stderr.strip()}")
+    assert result.exit_code == EXIT_CANNOT_RUN, result.output
+    assert seconds < 15  # Ray alone retries for minutes
+    [line] = result.stderr.splitlines()
+    reason = "refused the connection" if "127.0.0.1" in address else "does not resolve"
+    assert line.startswith(f"error: cannot reach the Ray cluster at {address}: ") and reason in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_cluster_ray_cannot_join_is_one_line(monkeypatch, images, tmp_path):
+    import ray
+
+    def init(**kwargs):
+        raise ValueError("Ray Client requires pip package `ray[client]`. If you installed the minimal Ray (e.g. "
+                         "`pip install ray`), please reinstall by executing `pip install ray[client]`.\nmore")
+
+    with socket.socket() as server:  # answers, so the reachability check passes and ray.init is called
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setattr(ray, "is_initialized", lambda: False)
+        monkeypatch.setattr(ray, "init", init)
+        address = f"ray://127.0.0.1:{server.getsockname()[1]}"
+        result = encode(str(images), "-o", str(tmp_path / "out"), f"--ray={address}")
+    assert result.exit_code == EXIT_CANNOT_RUN, result.output
+    assert result.stderr == (f"error: cannot join the Ray cluster at {address}: Ray Client requires pip package "
+                             "`ray[client]`. If you installed the minimal Ray (e.g. `pip install ray`), please "
+                             "reinstall by executing `pip install ray[client]`.\n")
 
 
 def test_cli_refuses_a_folder_taken_for_the_address(images, tmp_path):
@@ -173,6 +232,32 @@ def test_a_model_the_actors_cannot_load_stops_the_job_with_one_line(ray_cluster,
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["encode", str(images), "-m", str(folder), "-o", str(out), "--ray"])
     assert result.exit_code == EXIT_CANNOT_RUN, result.output
-    assert "error: a Ray worker failed, the job stopped" in result.stderr and "holds NaN or Inf" in result.stderr
-    assert "Traceback" not in result.stderr
+    [line] = result.stderr.splitlines()  # Ray Data's ERROR lines and traceback kept off the console
+    assert line.startswith("error: a Ray worker failed, the job stopped") and "holds NaN or Inf" in line, line
     assert index_lines(out) == [] and not (out / TMP_DIR_NAME).exists()
+
+
+def test_ray_data_console_shows_only_warnings_during_a_job():
+    import ray.data
+
+    from gemma3_vision.ray_encode import _quiet_ray_data
+
+    context = ray.data.DataContext.get_current()
+    before = (context.enable_progress_bars, context.print_on_execution_start)
+    # Ray Data's console handler holds the stderr of its import (a CliRunner's, after the jobs above): read a buffer.
+    [console] = [h for h in logging.getLogger("ray.data").handlers if type(h).__name__ == "PlainRayHandler"]
+    err = io.StringIO()
+    stream = console.setStream(err)
+    log = logging.getLogger("ray.data._internal.execution.streaming_executor")
+    try:
+        with _quiet_ray_data(context):
+            assert not context.enable_progress_bars and not context.print_on_execution_start
+            log.info("Execution plan of Dataset ...")
+            log.error("Full stack trace: ...")  # the job reports the failure itself, in one line
+            log.warning("cannot be scheduled ...")
+        log.info("after the job")
+    finally:
+        console.setStream(stream)
+    assert "cannot be scheduled" in err.getvalue() and "after the job" in err.getvalue(), err.getvalue()
+    assert "Execution plan" not in err.getvalue() and "Full stack trace" not in err.getvalue(), err.getvalue()
+    assert (context.enable_progress_bars, context.print_on_execution_start) == before

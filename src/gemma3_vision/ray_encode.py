@@ -21,15 +21,17 @@ be on storage every node sees at the same path (NFS, a shared mount), as must th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import math
 import os
+import socket
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,7 @@ from .resolve import resolve
 from .weights import empty_model
 
 _RUNTIME_BYTES = 512 << 20  # Python, torch and one batch's activations on top of the weights, roughly
+_CONNECT_TIMEOUT_S = 5.0  # a reachable head answers a TCP connection in milliseconds, even across regions
 _STORED_NAME = {torch.bfloat16: "BF16", torch.float16: "F16"}  # TensorSource.stored_dtype of a 16-bit tensor
 
 
@@ -91,7 +94,8 @@ def plan_resources(cluster: dict[str, float], device: str | None, actors: int | 
     the CPUs (at least one) is left for decoding; encoding costs far more than decoding on CPUs.
 
     Raises:
-        ConfigError: a CUDA device asked for on a cluster without GPUs, or sizes that cannot be scheduled.
+        OptionError: a CUDA device asked for on a cluster without GPUs, or actor sizes that cannot be scheduled.
+        ConfigError: a cluster of fewer than 2 CPUs.
     """
     gpus = int(cluster.get("GPU", 0))
     cpus = int(cluster.get("CPU", 0))
@@ -107,8 +111,8 @@ def plan_resources(cluster: dict[str, float], device: str | None, actors: int | 
     per_actor = cpus_per_actor or min(4, cpus - 1)
     if actors is None:
         actors = max(1, int((cpus - max(1, cpus // 8)) // per_actor))
-    if actors * per_actor > cpus - 1:
-        raise ConfigError(f"{actors} actors x {per_actor} CPUs leave no CPU for decoding on a cluster of {cpus}")
+    if actors * per_actor > cpus - 1:  # the defaults always fit: only the caller's numbers get here
+        raise OptionError(f"{actors} actors x {per_actor} CPUs leave no CPU for decoding on a cluster of {cpus}")
     return RayResources(actors, per_actor, 0)
 
 
@@ -155,7 +159,7 @@ def encode_with_ray(
         The job's ``JobSummary``.
 
     Raises:
-        ConfigError: Ray is not installed, or bad options or resources.
+        ConfigError: Ray is not installed, the cluster cannot be reached or joined, or bad options or resources.
         OutputError: the output folder cannot be used (not writable, or another job holds it).
     """
     if device is not None:
@@ -167,8 +171,7 @@ def encode_with_ray(
         raise ConfigError("--ray needs Ray: pip install 'gemma3-vision[ray]'") from None
     options = options or EncodeOptions()
     if not ray.is_initialized():
-        # Ray's INFO lines would bury the job's own one line per failure and summary.
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        _join_cluster(ray, address)
     resources = plan_resources(ray.cluster_resources(), device, actors, cpus_per_actor)
     actor_device = "cuda" if resources.gpus_per_actor else "cpu"
     run_dtype = resolve_dtype(dtype, torch.device(actor_device))
@@ -194,7 +197,10 @@ def encode_with_ray(
     folder = OutputFolder(out, overwrite=overwrite)
     context = ray.data.DataContext.get_current()
     preserve_order = context.execution_options.preserve_order
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(folder.close)
+        stack.callback(setattr, context.execution_options, "preserve_order", preserve_order)
+        stack.enter_context(_quiet_ray_data(context))
         # One small row per input, named on the driver as run_job names them.
         tasks = [{"task": _task_text(item, output, folder.state.prior(item.key) or b"")}
                  for item, output in _name_outputs(discover(inputs, follow_symlinks=follow_symlinks),
@@ -232,11 +238,92 @@ def encode_with_ray(
                         summary.count(str(kind))
             except ray.exceptions.RayError as e:
                 raise _worker_failure(e) from e
-    finally:
-        context.execution_options.preserve_order = preserve_order
-        folder.close()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def check_reachable(address: str | None, timeout: float = _CONNECT_TIMEOUT_S) -> None:
+    """Refuse, within ``timeout`` seconds, a cluster address nothing answers at: ``ray.init`` retries one for
+    minutes, printing only "Failed to connect to GCS" lines.
+
+    ``HOST:PORT`` (the GCS) and ``ray://HOST:PORT`` (Ray Client), given or in ``RAY_ADDRESS``, get a TCP
+    connection; ``auto``, ``local`` and no address at all are left to Ray.
+
+    Raises:
+        ConfigError: the host name does not resolve, or the port refuses or does not answer the connection.
+    """
+    named = address if address is not None else f"RAY_ADDRESS={os.environ.get('RAY_ADDRESS', '')}"
+    address = address if address is not None else os.environ.get("RAY_ADDRESS")
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # not HOST:PORT: ray.init says what is wrong with it
+    host = host.strip("[]")  # an IPv6 literal
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except socket.gaierror as e:
+        reason = f"the host name {host!r} does not resolve ({e.strerror})"
+    except ConnectionRefusedError:
+        reason = f"{host}:{port} refused the connection (is Ray running there, on that port?)"
+    except TimeoutError:
+        reason = f"{host}:{port} did not answer within {timeout:g} s"
+    except OSError as e:
+        reason = f"cannot connect to {host}:{port} ({e.strerror or e})"
+    else:
+        return
+    raise ConfigError(f"cannot reach the Ray cluster at {named}: {reason}")
+
+
+def _join_cluster(ray: Any, address: str | None) -> None:
+    """``ray.init`` as one typed error: its failures are multi-line tracebacks or, for an address that answers
+    but is no Ray head, minutes of retries."""
+    check_reachable(address)
+    # One connection attempt (Ray makes 20 by default, each up to ~40 s), unless the user set the budget.
+    wait = {} if "RAY_gcs_server_port_wait_time_s" in os.environ else {"RAY_gcs_server_port_wait_time_s": "1"}
+    os.environ.update(wait)
+    try:
+        # Ray's INFO lines would bury the job's own one line per failure and summary.
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    except (ValueError, ConnectionError, RuntimeError, TimeoutError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        where = address or "RAY_ADDRESS or a new local cluster"
+        raise ConfigError(f"cannot join the Ray cluster at {where}: "
+                          f"{lines[0] if lines else type(e).__name__}") from None
+    finally:
+        for name in wait:
+            del os.environ[name]
+
+
+@contextlib.contextmanager
+def _quiet_ray_data(context: Any) -> Iterator[None]:
+    """Ray Data's console output off for the job: its progress lines, and the ERROR lines and traceback of a
+    failed execution, which comes back as the exception the job reports in one line. Its warnings (a job that
+    cannot be scheduled, say) still show, and its log file under the Ray session keeps everything."""
+    settings = {"enable_progress_bars": False, "print_on_execution_start": False}
+    before = {name: getattr(context, name) for name in settings}
+    consoles = [h for h in logging.getLogger("ray.data").handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    levels = [h.level for h in consoles]
+    for name, value in settings.items():
+        setattr(context, name, value)
+    for h in consoles:
+        h.setLevel(logging.WARNING)
+        h.addFilter(_console_filter)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(context, name, value)
+        for h, level in zip(consoles, levels, strict=True):
+            h.setLevel(level)
+            h.removeFilter(_console_filter)
+
+
+def _console_filter(record: logging.LogRecord) -> bool:
+    # The progress module's warning says only that progress bars are off, as asked.
+    return record.levelno < logging.ERROR and not record.name.startswith("ray.data._internal.progress")
 
 
 def _worker_failure(e: Exception) -> Gemma3VisionError:
