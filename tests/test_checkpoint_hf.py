@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import gemma3_vision as g3
 from conftest import TINY_PROJECTOR, TINY_VISION
@@ -168,6 +168,21 @@ def test_a_named_shard_loads_its_indexed_checkpoint(tmp_path, tiny_state):
     folder = write_checkpoint(tmp_path / "ckpt", file_state(tiny_state, "released"), shards=3)
     assert_state(loaded_state(folder / "model-00002-of-00003.safetensors"), tiny_state)
     assert resolve(folder / "model-00002-of-00003.safetensors").description == str(folder)
+    # A released Gemma 3 checkpoint: the whole tower and projector in one shard, text in the others. Naming either
+    # shard means the checkpoint, whose description the folder is (an output folder's job key holds it).
+    two = write_checkpoint(tmp_path / "two", file_state(tiny_state, "released"))
+    state = load_file(str(two / "model.safetensors"))
+    (two / "model.safetensors").unlink()
+    text = {k for k in state if k.startswith("language_model.")}
+    parts = {"model-00001-of-00002.safetensors": {k: v for k, v in state.items() if k not in text},
+             "model-00002-of-00002.safetensors": {k: state[k] for k in text}}
+    for fname, part in parts.items():
+        save_file(part, str(two / fname))
+    (two / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: fname for fname, part in parts.items() for k in part}}))
+    for fname in parts:
+        assert resolve(two / fname).description == resolve(two).description == str(two), fname
+    assert_state(loaded_state(two / "model-00001-of-00002.safetensors"), tiny_state)
     # A file the index does not list is read alone, even beside an index.
     save_file({k: v.contiguous() + 2 for k, v in file_state(tiny_state, "released").items()},
               str(folder / "other.safetensors"))

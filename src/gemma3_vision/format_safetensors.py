@@ -211,19 +211,24 @@ def _index_shards(folder: Path, index: Path) -> dict[str, Path]:
     return shards
 
 
-def list_shards(folder: Path, weights: Path | None = None) -> dict[str, Path]:
-    """Every tensor name → the shard file holding it, from the index or the single file.
+def read_alone(folder: Path, weights: Path | None) -> bool:
+    """Whether ``weights``, a ``.safetensors`` file in ``folder`` that the user named, is read by itself: unless
+    the folder's index lists it, in which case it is one shard of the indexed checkpoint, read whole."""
+    if weights is None:
+        return False
+    index = folder / INDEX_NAME
+    return not (index.exists() and weights.name in {p.name for p in _index_shards(folder, index).values()})
 
-    ``weights`` is a ``.safetensors`` file in ``folder`` that the user named: when the index lists it, it is one
-    shard of the indexed checkpoint, which is read whole; any other file is read alone.
-    """
+
+def list_shards(folder: Path, weights: Path | None = None) -> dict[str, Path]:
+    """Every tensor name → the shard file holding it: from ``weights`` if the user named a file read alone
+    (``read_alone``), else from the index or the single file."""
+    if read_alone(folder, weights):
+        assert weights is not None  # for the type checker: read_alone says so
+        return dict.fromkeys(read_header(weights), weights)
     index = folder / INDEX_NAME
     if index.exists():
-        shards = _index_shards(folder, index)
-        if weights is None or weights.name in {p.name for p in shards.values()}:
-            return shards
-    if weights is not None:
-        return dict.fromkeys(read_header(weights), weights)
+        return _index_shards(folder, index)
     single = folder / SINGLE_NAME
     if single.exists():
         path = _regular_file(folder, SINGLE_NAME, "weights file")
@@ -316,7 +321,7 @@ def load_hf_folder(folder: Path, weights: Path | None = None) -> Checkpoint:
     # The folder names the checkpoint, even when the user named its model.safetensors or one of its shards: the
     # description is part of an output folder's job key (output_folder.checkpoint_identity), and folders encoded
     # before a named file was read as such must still resume. Only a file read alone is its own description.
-    alone = weights is not None and weights.name != SINGLE_NAME and set(shards) == {weights}
+    alone = read_alone(folder, weights) and weights is not None and weights.name != SINGLE_NAME
     return Checkpoint(
         format=fmt, files=[config_path, *sorted(shards)], vision=vision, projector=projector,
         preprocess=preprocess, tensors=tensors, conventions=conventions, unexpected=unexpected,
