@@ -112,7 +112,8 @@ def test_plain_encode_record_is_unchanged(tmp_path, inputs):
         (["--image-size", "126"], 2, "merge does not divide: use a multiple of 28 (e.g. 112), or project=False / "
                                      "--no-project"),
         (["--pan-and-scan", "--pan-and-scan-max-num-crops", "1"], 2, "--pan-and-scan-max-num-crops"),
-        (["--pan-and-scan-max-num-crops", "3"], 2, "--pan-and-scan-max-num-crops applies to Pan & Scan: add --pan-and-scan"),
+        (["--pan-and-scan-max-num-crops", "3"], 2,
+         "--pan-and-scan-max-num-crops applies to Pan & Scan: add --pan-and-scan"),
     ],
 )
 def test_bad_options(tmp_path, inputs, args, code, message):

@@ -261,3 +261,43 @@ def test_ray_data_console_shows_only_warnings_during_a_job():
     assert "cannot be scheduled" in err.getvalue() and "after the job" in err.getvalue(), err.getvalue()
     assert "Execution plan" not in err.getvalue() and "Full stack trace" not in err.getvalue(), err.getvalue()
     assert (context.enable_progress_bars, context.print_on_execution_start) == before
+
+
+class _FakeRay:
+    """Stands in for the ray module in ``_join_cluster``: records what ``ray.init`` saw, and installs its own
+    SIGTERM handler as the real one does."""
+
+    def __init__(self) -> None:
+        self.wait_time: str | None = "unset"
+
+    def init(self, **kwargs: object) -> None:
+        import signal
+
+        self.wait_time = os.environ.get("RAY_gcs_server_port_wait_time_s")
+        signal.signal(signal.SIGTERM, lambda *args: sys.exit(15))
+
+
+@pytest.mark.parametrize("address", [None, "local", "gcs"])
+def test_joining_bounds_only_a_running_clusters_gcs_and_keeps_our_sigterm_handler(monkeypatch, address):
+    import signal
+
+    from gemma3_vision.ray_encode import _join_cluster
+
+    monkeypatch.delenv("RAY_gcs_server_port_wait_time_s", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray = _FakeRay()
+
+    def ours(*args: object) -> None: ...
+
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        with socket.socket() as server:  # a port that answers, standing in for a cluster's GCS
+            server.bind(("127.0.0.1", 0))
+            server.listen()
+            _join_cluster(ray, f"127.0.0.1:{server.getsockname()[1]}" if address == "gcs" else address)
+        assert signal.getsignal(signal.SIGTERM) is ours  # ray.init's sys.exit(15) handler undone
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    # Ray starting a local cluster passes the variable on to its GCS and raylet, where it bounds the head's start
+    assert ray.wait_time == ("1" if address == "gcs" else None)
+    assert "RAY_gcs_server_port_wait_time_s" not in os.environ

@@ -74,7 +74,7 @@ def reports_errors(fn: F) -> F:
         debug = click.get_current_context().find_root().params.get("debug", False)
         # Only the main thread may set handlers; a SIGTERM a launcher set to be ignored stays ignored.
         handles_sigterm = (threading.current_thread() is threading.main_thread()
-                       and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN)
+                           and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN)
         previous = signal.signal(signal.SIGTERM, _raise_terminated) if handles_sigterm else None
         try:
             return fn(*args, **kwargs)
@@ -233,20 +233,19 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
             yield from read_list(source)
 
     progress = _progress_bar()  # tested with `is None`: a tqdm bar without a total refuses bool()
-    say = _say
 
     def on_record(record: dict[str, Any]) -> None:
         if record["status"] == "error":
             reason = record["error"]
-            say(f"failed: {reason}" if reason.startswith(record["input"]) else f"failed: {record['input']}: {reason}")
+            _say(f"failed: {reason}" if reason.startswith(record["input"]) else f"failed: {record['input']}: {reason}")
         elif record["status"] == "skipped":
-            say(f"skipped: {record['input']}: {record['reason']}")
+            _say(f"skipped: {record['input']}: {record['reason']}")
         if progress is not None:
             progress.update(1)
 
     def on_failed_before(name: str, reason: str | None) -> None:
         said = reason if reason and reason.startswith(name) else f"{name}: {reason}" if reason else name
-        say(f"failed (unchanged since an earlier run): {said}")
+        _say(f"failed (unchanged since an earlier run): {said}")
 
     try:
         if ray_address is not None:

@@ -61,8 +61,8 @@ def convert(checkpoint: Checkpoint, out: str | os.PathLike, to: str, dtype: str 
             precision, so the conversion is lossless.
 
     Raises:
-        OptionError: bad ``to`` / ``dtype``, ``out`` exists or its folder does not, mmproj asked of a checkpoint without projector, or a
-            tensor with values beyond ``dtype``'s range (nothing is written).
+        OptionError: bad ``to`` / ``dtype``, ``out`` exists or its folder does not, mmproj asked of a checkpoint
+            without projector, or a tensor with values beyond ``dtype``'s range (nothing is written).
         WeightsError: the checkpoint's tensors do not match its config or are not finite (nothing is written).
     """
     out = Path(out)

@@ -54,7 +54,8 @@ def input_key(path: str | os.PathLike[str], cwd: str | None = None) -> str:
     content, differ from that record's is encoded again. ``cwd``: the working folder, if already known (what
     ``os.path.abspath`` asks the system for on every call).
     """
-    return os.path.normpath(os.path.join(cwd or os.getcwd(), path))  # abspath; an absolute path ignores cwd
+    path = os.fspath(path)
+    return os.path.normpath(path if os.path.isabs(path) else os.path.join(cwd or os.getcwd(), path))  # abspath
 
 
 def read_list(source: str, stdin: TextIO | None = None) -> Iterator[str]:
@@ -140,17 +141,22 @@ def _match(parts: list[str], pattern: list[str], *, full: bool) -> bool:
     return fnmatch.fnmatchcase(name, head) and _match(parts[1:], pattern[1:], full=full)
 
 
-def _folders_up(path: str) -> frozenset[tuple[int, int]]:
-    """The identities (device, inode) of the folder ``path``, links resolved, and of every folder above it up to
-    the root of the file system: a link to any of them leads back into a folder being walked."""
+def _folders_up(real: str, known: dict[str, tuple[int, int] | None]) -> frozenset[tuple[int, int]]:
+    """The identities (device, inode) of the folder ``real`` (a path with links resolved) and of every folder above
+    it up to the root of the file system: a link to any of them leads back into a folder being walked. ``known``:
+    the identities found so far in this walk, by real path (links into one tree share their folders above)."""
     found = set()
-    real = os.path.realpath(path)
     while True:
-        try:
-            st = os.stat(real)
-        except OSError:  # a folder above that cannot be looked at: nothing above it is known either
+        if real not in known:
+            try:
+                st = os.stat(real)
+                known[real] = (st.st_dev, st.st_ino)
+            except OSError:  # a folder above that cannot be looked at: nothing above it is known either
+                known[real] = None
+        ident = known[real]
+        if ident is None:
             break
-        found.add((st.st_dev, st.st_ino))
+        found.add(ident)
         parent = os.path.dirname(real)
         if parent == real:
             break
@@ -190,7 +196,8 @@ def _walk(root: Path, root_display: str, follow_symlinks: bool, pattern: list[st
             return
         stack.append((iter(entries), rel_parts, ancestors))
 
-    yield from push(str(root), [], _folders_up(str(root)))
+    known: dict[str, tuple[int, int] | None] = {}  # for _folders_up
+    yield from push(str(root), [], _folders_up(real_root, known))
     while stack:
         entries, rel_parts, ancestors = stack[-1]
         entry = next(entries, None)
@@ -222,7 +229,7 @@ def _walk(root: Path, root_display: str, follow_symlinks: bool, pattern: list[st
                 elif ident in ancestors:
                     yield item(entry.path, rel, "link to a folder above it (a cycle): not followed")
                 else:
-                    yield from push(entry.path, parts, ancestors | _folders_up(entry.path))
+                    yield from push(entry.path, parts, ancestors | _folders_up(target, known))
                 continue
             if not wanted(parts, entry.name):
                 continue

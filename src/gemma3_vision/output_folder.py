@@ -51,7 +51,7 @@ from .discovery import input_key
 from .errors import OutputError
 
 INDEX_NAME = "index.jsonl"
-TMP_DIR_NAME = ".gemma3-vision-tmp"
+TMP_DIR_NAME = ".gemma3-vision-tmp"  # starts with ".": is_output_name's fast path relies on it
 LOCK_NAME = ".gemma3-vision.lock"
 
 
@@ -133,10 +133,11 @@ def is_output_name(output: object) -> TypeGuard[str]:
     removing it could reach any file the job may write."""
     if not (isinstance(output, str) and output.endswith(".npy") and "\0" not in output):
         return False
-    if os.path.isabs(output) or (os.name == "nt" and os.path.splitdrive(output)[0]):  # /x; Windows: \\x, C:x
-        return False
+    if os.path.isabs(output) or (os.name == "nt" and (output.startswith(("/", "\\")) or os.path.splitdrive(output)[0])):
+        return False  # /x; on Windows also \\x and C:x (from Python 3.13 on, isabs no longer says so of \\x)
     if ".." not in output and not output.startswith("."):
-        return True  # the usual name, decided fast: no part can be "..", nor the first one the temporary folder
+        # the usual name, decided fast: no part can be "..", nor can the first be TMP_DIR_NAME, which starts "."
+        return True
     parts = _name_parts(output)
     return ".." not in parts and not (len(parts) > 1 and parts[0].casefold() == TMP_DIR_NAME.casefold())
 

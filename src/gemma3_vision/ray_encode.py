@@ -27,7 +27,9 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
+import threading
 import time
 import uuid
 import warnings
@@ -159,7 +161,8 @@ def encode_with_ray(
         The job's ``JobSummary``.
 
     Raises:
-        ConfigError: Ray is not installed, the cluster cannot be reached or joined, or bad options or resources.
+        ConfigError: Ray is not installed, the cluster cannot be reached or joined, or it has too few CPUs.
+        OptionError: a device or actor counts the cluster cannot take.
         OutputError: the output folder cannot be used (not writable, or another job holds it).
     """
     if device is not None:
@@ -242,12 +245,13 @@ def encode_with_ray(
     return summary
 
 
-def check_reachable(address: str | None, timeout: float = _CONNECT_TIMEOUT_S) -> None:
+def check_reachable(address: str | None, timeout: float = _CONNECT_TIMEOUT_S) -> bool:
     """Refuse, within ``timeout`` seconds, a cluster address nothing answers at: ``ray.init`` retries one for
     minutes, printing only "Failed to connect to GCS" lines.
 
     ``HOST:PORT`` (the GCS) and ``ray://HOST:PORT`` (Ray Client), given or in ``RAY_ADDRESS``, get a TCP
-    connection; ``auto``, ``local`` and no address at all are left to Ray.
+    connection; ``auto``, ``local`` and no address at all are left to Ray. Returns whether a GCS address
+    (``HOST:PORT``, no ``ray://``) answered.
 
     Raises:
         ConfigError: the host name does not resolve, or the port refuses or does not answer the connection.
@@ -255,10 +259,10 @@ def check_reachable(address: str | None, timeout: float = _CONNECT_TIMEOUT_S) ->
     named = address if address is not None else f"RAY_ADDRESS={os.environ.get('RAY_ADDRESS', '')}"
     address = address if address is not None else os.environ.get("RAY_ADDRESS")
     if not address or address in ("auto", "local"):
-        return
+        return False
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
-        return  # not HOST:PORT: ray.init says what is wrong with it
+        return False  # not HOST:PORT: ray.init says what is wrong with it
     host = host.strip("[]")  # an IPv6 literal
     try:
         with socket.create_connection((host, int(port)), timeout=timeout):
@@ -272,17 +276,22 @@ def check_reachable(address: str | None, timeout: float = _CONNECT_TIMEOUT_S) ->
     except OSError as e:
         reason = f"cannot connect to {host}:{port} ({e.strerror or e})"
     else:
-        return
+        return not address.startswith("ray://")
     raise ConfigError(f"cannot reach the Ray cluster at {named}: {reason}")
 
 
 def _join_cluster(ray: Any, address: str | None) -> None:
     """``ray.init`` as one typed error: its failures are multi-line tracebacks or, for an address that answers
     but is no Ray head, minutes of retries."""
-    check_reachable(address)
-    # One connection attempt (Ray makes 20 by default, each up to ~40 s), unless the user set the budget.
-    wait = {} if "RAY_gcs_server_port_wait_time_s" in os.environ else {"RAY_gcs_server_port_wait_time_s": "1"}
+    gcs = check_reachable(address)
+    # Joining a running cluster's GCS: one connection attempt (Ray makes 20 by default, each up to ~40 s), unless
+    # the user set the budget. Never when Ray starts a local cluster: the processes it starts would inherit the
+    # variable, which also bounds how long a new head waits for its GCS to come up (30 s by default).
+    wait = {} if not gcs or "RAY_gcs_server_port_wait_time_s" in os.environ else {
+        "RAY_gcs_server_port_wait_time_s": "1"}
     os.environ.update(wait)
+    # ray.init installs its own SIGTERM handler (sys.exit(15)): keep ours, which unwinds the job as Ctrl-C does.
+    sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     try:
         # Ray's INFO lines would bury the job's own one line per failure and summary.
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
@@ -294,6 +303,8 @@ def _join_cluster(ray: Any, address: str | None) -> None:
     finally:
         for name in wait:
             del os.environ[name]
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 @contextlib.contextmanager
