@@ -45,8 +45,8 @@ from .output_folder import (
 from .preprocess import (
     DEFAULT_MAX_PIXELS,
     PreprocessConfig,
-    _one_line,
     decode_image,
+    one_line,
     open_regular_file,
     pil_to_input,
 )
@@ -127,10 +127,11 @@ def run_job(
     ``encode_batch`` maps float32 NHWC ``(B, S, S, 3)`` to an array ``(B, ...)``, or to named arrays each
     ``(B, ...)`` (``""`` the main one). ``make_input`` turns a decoded image into its views (default: the image
     alone, preprocessed); view 0 is saved as ``<item.rel>.npy`` (plus ``.NAME.npy`` for each other name), view
-    ``j`` as ``.cropJ.npy`` (``.cropJ.NAME.npy``), and the record lists them under ``outputs``. ``job_key`` identifies the model
-    and every option that changes an output (see ``fingerprint``); resumed inputs must match it. Per-input
-    failures are recorded and the job goes on; a failure of ``encode_batch`` itself stops the job (the model is
-    broken, not the input), keeping everything recorded so far. ``on_record`` sees every appended record;
+    ``j`` as ``.cropJ.npy`` (``.cropJ.NAME.npy``), and the record lists them under ``outputs``. ``job_key``
+    identifies the model and every option that changes an output (see ``fingerprint``); resumed inputs must match
+    it. Per-input failures are recorded and the job goes on; a failure of ``encode_batch`` itself stops the job
+    (the model is broken, not the input), keeping everything recorded so far. ``on_record`` sees every appended
+    record;
     ``on_failed_before(input, reason)`` every input that failed in an earlier run and is unchanged, so not tried
     or recorded again (``reason``: its ``error`` record's, None if that cannot be read back).
 
@@ -247,7 +248,7 @@ def prepare_input(item: InputItem, output: str, out_dir: Path, prior: bytes, to_
     try:
         return _prepare(item, output, out_dir, prior, to_input, job_key, error_key, exif_transpose, max_pixels)
     except Exception as e:  # a decoder bug on a hostile file must not end the job; record it
-        return _Prepared(item, output, "error", reason=f"{type(e).__name__}: {_one_line(e)}")
+        return _Prepared(item, output, "error", reason=f"{type(e).__name__}: {one_line(e)}")
 
 
 def encode_prepared(encode_batch: EncodeBatch, batch: list[_Prepared]) -> dict[str, np.ndarray] | None:
@@ -350,7 +351,7 @@ def _prepare(item: InputItem, output: str, out_dir: Path, prior: bytes, to_input
             img = decode_image(f, item.display, exif_transpose=exif_transpose, max_pixels=max_pixels)
             pixels, extra = to_input(img)  # (V, S, S, 3) float32
     except Gemma3VisionError as e:
-        return _Prepared(item, output, "error", reason=_one_line(e), facts=facts)
+        return _Prepared(item, output, "error", reason=one_line(e), facts=facts)
     return _Prepared(item, output, "encode", pixels=pixels, facts=facts, extra=extra,
                      replaces=ResumeState.written_of(prior))
 

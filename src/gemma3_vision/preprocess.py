@@ -2,7 +2,8 @@
 
 Pipeline: decode (allow-listed formats, bomb-checked, first frame) → EXIF orientation (files only, see the policy
 below) → RGB (alpha composited onto white, 16-bit scaled) → stretch-resize to ``image_size²`` with Pillow's
-antialiasing bilinear filter (bicubic for SigLIP checkpoints that ask for it) → ``x/255`` → ``(x - mean) / std`` → float32 NHWC.
+antialiasing bilinear filter (bicubic for SigLIP checkpoints that ask for it) → ``x/255`` → ``(x - mean) / std`` →
+float32 NHWC.
 
 EXIF policy: an image given as a *file path* is rotated by its EXIF orientation tag (as transformers'
 ``load_image(path)`` does); an image given as a PIL image or an array is taken as already oriented (as transformers
@@ -153,9 +154,9 @@ def decode_image(fp: BinaryIO, name: str, *, exif_transpose: bool = True,
         raise ImageError(f"{name}: not an image in an allowed format, or its header is corrupt "
                          f"(expected one of {', '.join(ALLOWED_FORMATS)})") from None
     except Image.DecompressionBombError as e:  # Pillow's own limit, when it is below ours
-        raise ImageError(f"{name}: decompression bomb refused by Pillow ({_one_line(e)})") from None
+        raise ImageError(f"{name}: decompression bomb refused by Pillow ({one_line(e)})") from None
     except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, struct.error... on corrupt data
-        raise ImageError(f"{name}: corrupt or truncated image ({type(e).__name__}: {_one_line(e)})") from None
+        raise ImageError(f"{name}: corrupt or truncated image ({type(e).__name__}: {one_line(e)})") from None
     return img
 
 
@@ -281,7 +282,7 @@ def pil_to_input(img: Image.Image, config: PreprocessConfig = PreprocessConfig()
     except ImageError:
         raise
     except Exception as e:
-        raise ImageError(f"cannot convert {img.mode} image to RGB ({_one_line(e)})") from None
+        raise ImageError(f"cannot convert {img.mode} image to RGB ({one_line(e)})") from None
     return normalize(rgb, config.image_mean, config.image_std)
 
 
@@ -296,5 +297,6 @@ def preprocess(images: ImageInput | Sequence[ImageInput], config: PreprocessConf
     return torch.from_numpy(np.stack(arrays))  # (B, S, S, 3)
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (whitespace runs folded), or its type's name if it has none."""
     return " ".join(str(e).split()) or type(e).__name__
