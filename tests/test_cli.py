@@ -105,6 +105,7 @@ def test_inputs_from_a_list_file_and_stdin(images, tmp_path, monkeypatch):
     result = encode("-", "-o", str(tmp_path / "out2"), input="sub/b.png\n'*.png'\n")
     assert result.exit_code == EXIT_SOME_FAILED  # the quoted name does not exist
     assert [r["status"] for r in records(tmp_path / "out2")] == ["ok", "error"]
+    assert records(tmp_path / "out2")[1]["error"] == "'*.png': no file matches this pattern"
     result = encode("*.png", "-o", str(tmp_path / "out3"))  # a pattern the shell did not expand
     assert [r["input"] for r in records(tmp_path / "out3")] == ["a.png"]
 

@@ -25,6 +25,11 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", "
 _GLOB_MAGIC = frozenset("*?[")
 
 
+def is_pattern(arg: str) -> bool:
+    """Whether ``arg`` is taken as a glob pattern: it names no existing path and holds ``*``, ``?`` or ``[``."""
+    return bool(_GLOB_MAGIC & set(arg)) and not os.path.lexists(arg)
+
+
 @dataclass(frozen=True)
 class InputItem:
     """One input: where it is, how the user would recognise it, and its path under the output folder (less
@@ -81,7 +86,7 @@ def discover(arguments: Iterable[str], *, follow_symlinks: bool = False) -> Iter
     - a folder: recursed depth first with names sorted, keeping image suffixes; links leaving the folder, links to
       folders and broken links are skipped with a reason unless ``follow_symlinks`` (cycles are never followed);
     - a pattern with ``*``, ``?``, ``[`` or ``**`` that names no existing path: matched below its fixed leading
-      folder, in the same order (matching nothing, it fails like a missing file);
+      folder, in the same order (matching nothing, it is handed on and fails: "no file matches this pattern");
     - anything else: an input that will fail with "cannot read".
 
     FIFOs, sockets, devices and folders met where an image is expected are skipped with a reason; nothing is opened.
@@ -89,7 +94,7 @@ def discover(arguments: Iterable[str], *, follow_symlinks: bool = False) -> Iter
     for arg in arguments:
         if os.path.isdir(arg):
             yield from _walk(Path(arg), _display_root(arg), follow_symlinks, pattern=None)
-        elif not os.path.lexists(arg) and _GLOB_MAGIC & set(arg):
+        elif is_pattern(arg):
             matched = False
             for item in _glob(arg, follow_symlinks):
                 matched = True

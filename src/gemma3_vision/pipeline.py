@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
-from .discovery import InputItem
+from .discovery import InputItem, is_pattern
 from .errors import Gemma3VisionError, ImageError
 from .output_folder import (
     ARRAY_NAME,
@@ -359,6 +359,8 @@ def _prepare(item: InputItem, output: str, out_dir: Path, prior: bytes, to_input
 def _open(item: InputItem) -> BinaryIO:
     """``open_regular_file`` with the input named as the user spelled it (``nope/: cannot read``), as every other
     reason names it, not as ``Path`` normalised it (``nope``): messages name an input once, not twice."""
+    if is_pattern(item.display):  # discovery hands on a pattern that matched nothing, so it is not a silent no-op
+        raise ImageError(f"{item.display}: no file matches this pattern")
     try:
         return open_regular_file(item.path)
     except ImageError as e:
