@@ -280,6 +280,33 @@ def test_debug_shows_the_traceback(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ kill and resume
 
+def encode_command(root: Path, out: Path) -> tuple[list[str], dict[str, str]]:
+    """``encode ROOT -o OUT`` with random:tiny as a subprocess: the command and its environment. One thread each:
+    the job must last long enough to be stopped in the middle, and torch's thread pool only adds spinning on a busy
+    machine."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "gemma3_vision", "encode", str(root), "-m", "random:tiny", "-o", str(out),
+           "--workers", "1"]
+    return cmd, env
+
+
+def signal_once_three_are_done(cmd: list[str], env: dict[str, str], out: Path, sig: int) -> tuple[int, str]:
+    """Run ``cmd`` and send it ``sig`` once OUT's index holds 3 ok records: (its exit code, its stderr)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            index = out / INDEX_NAME
+            if index.exists() and index.read_bytes().count(b'"status": "ok"') >= 3:
+                break
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return proc.returncode, stderr
+
+
 def test_sigkill_mid_job_then_rerun_encodes_every_image_exactly_once(tmp_path):
     """SIGKILL once some records are in; then: no partial file under a final name, and the re-run finishes the
     rest: each good image exactly one ok record, each bad one exactly one error record, no temporary left."""
@@ -296,23 +323,9 @@ def test_sigkill_mid_job_then_rerun_encodes_every_image_exactly_once(tmp_path):
     for name, data in bad.items():
         (root / name).write_bytes(data)
     out = tmp_path / "out"
-    # One thread each: the job must last long enough to be killed in the middle, and torch's thread pool only
-    # adds spinning on a busy machine.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "gemma3_vision", "encode", str(root), "-m", "random:tiny", "-o", str(out),
-           "--workers", "1"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            index = out / INDEX_NAME
-            if index.exists() and index.read_bytes().count(b'"status": "ok"') >= 3:
-                break
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, f"the job ended before it was killed: {proc.stderr.read()!r}"
+    cmd, env = encode_command(root, out)
+    code, stderr = signal_once_three_are_done(cmd, env, out, signal.SIGKILL)
+    assert code == -signal.SIGKILL, f"the job ended before it was killed: {stderr!r}"
 
     lines = (out / INDEX_NAME).read_bytes().split(b"\n")
     before = [json.loads(line) for line in lines[:-1]]  # every complete line parses; the last may be torn
@@ -344,22 +357,9 @@ def test_sigterm_mid_job_unwinds_like_ctrl_c_and_the_rerun_finishes(tmp_path):
     for i in range(300):
         png(root / f"{i:04d}.png", i % 4, size=(96, 72))
     out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "gemma3_vision", "encode", str(root), "-m", "random:tiny", "-o", str(out),
-           "--workers", "1"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            index = out / INDEX_NAME
-            if index.exists() and index.read_bytes().count(b'"status": "ok"') >= 3:
-                break
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == EXIT_TERMINATED, f"exit {proc.returncode}: {stderr!r}"
+    cmd, env = encode_command(root, out)
+    code, stderr = signal_once_three_are_done(cmd, env, out, signal.SIGTERM)
+    assert code == EXIT_TERMINATED, f"exit {code}: {stderr!r}"
     assert stderr.splitlines()[-1] == "terminated" and "Traceback" not in stderr, stderr
     assert not (out / TMP_DIR_NAME).exists()
     assert (out / INDEX_NAME).read_bytes().endswith(b"\n")  # unwound between records, none torn
