@@ -38,7 +38,7 @@ def parse_device(device: str | torch.device) -> torch.device:
     driver names the device of other machines).
 
     Raises:
-        ConfigError: anything else.
+        OptionError: anything else.
     """
     try:
         parsed = torch.device(device)
@@ -53,7 +53,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """The device to run on: ``None`` picks CUDA when available, else the CPU; a named one must exist here.
 
     Raises:
-        ConfigError: not cpu, cuda or cuda:N; CUDA asked for where there is none; a GPU index this machine lacks.
+        OptionError: not cpu, cuda or cuda:N; CUDA asked for where there is none; a GPU index this machine lacks.
     """
     if device is None:
         return default_device()
