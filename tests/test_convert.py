@@ -126,6 +126,21 @@ def test_overflow_is_refused(tmp_path, tiny_state, to, name):
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "65504" in result.output, result.output
 
 
+def test_f16_keeps_values_that_round_to_its_largest_and_refuses_those_that_round_to_inf(tmp_path, tiny_state):
+    # f16's largest is 65504 and the next step up would be 65536, so an f32 value below the midpoint 65520 rounds
+    # to 65504 (kept), and one at 65520 or above rounds to inf (refused).
+    state = {k: v.clone() for k, v in tiny_state.items()}
+    state[PROJECTION].view(-1)[:2] = torch.tensor([65519.0, -65510.0])
+    hf = write_hf_folder(tmp_path / "hf", state, TINY_VISION, TINY_PROJECTOR)
+    convert(resolve(hf), tmp_path / "kept", "hf", "f16")
+    kept = resolve(tmp_path / "kept").tensors[PROJECTION].read()
+    assert kept.view(-1)[:2].tolist() == [65504.0, -65504.0]
+    state[PROJECTION].view(-1)[0] = 65520.0
+    hf = write_hf_folder(tmp_path / "hf2", state, TINY_VISION, TINY_PROJECTOR)
+    with pytest.raises(ConfigError, match=rf"{PROJECTION} holds \|value\| up to 65520, beyond f16's largest 65504"):
+        convert(resolve(hf), tmp_path / "refused", "hf", "f16")
+
+
 def test_explicit_bf16_is_honoured_where_llama_cpp_takes_it(tmp_path, tiny_state):
     convert(resolve("random:tiny"), tmp_path / "m.gguf", "mmproj", "bf16")  # an f32 source
     r = gguf.GGUFReader(tmp_path / "m.gguf")

@@ -106,14 +106,16 @@ def _read(checkpoint: Checkpoint, name: str) -> torch.Tensor:
 
 
 def _cast(checkpoint: Checkpoint, name: str, t: torch.Tensor, dtype: str) -> torch.Tensor:
-    """``t`` in ``dtype``, refusing values beyond its range: a cast would make them inf, which no reader accepts."""
+    """``t`` in ``dtype``, refusing values the cast makes inf, which no reader accepts. ``t`` is finite (``_read``),
+    so an inf in the result is an overflow; a value just past the largest (f16: below 65520) rounds to it and is kept.
+    """
     target = DTYPES[dtype]
-    if t.dtype != target and t.numel():
+    cast = t.to(target)
+    if cast.dtype != t.dtype and not bool(torch.isfinite(cast).all()):
         largest, limit = t.abs().max().item(), torch.finfo(target).max
-        if largest > limit:
-            raise OptionError(f"{checkpoint.description}: {name} holds |value| up to {largest:.6g}, beyond {dtype}'s "
-                              f"largest {limit:.6g}; choose a wider --dtype (f32 holds it)")
-    return t.to(target)
+        raise OptionError(f"{checkpoint.description}: {name} holds |value| up to {largest:.6g}, beyond {dtype}'s "
+                          f"largest {limit:.6g}; choose a wider --dtype (f32 holds it)")
+    return cast
 
 
 # --- Hugging Face folder -----------------------------------------------------------------------------------------
