@@ -40,7 +40,7 @@ from gemma3_vision.discovery import discover
 from gemma3_vision.job import EncodeOptions, check_options, encode_batch_for, job_key, make_input_for
 from gemma3_vision.output_folder import content_digest, save_npy
 from gemma3_vision.pipeline import run_job
-from gemma3_vision.preprocess import decode_image, pil_to_input
+from gemma3_vision.preprocessing import decode_image, pil_to_input
 from gemma3_vision.random_model import random_checkpoint
 from gemma3_vision.weights import expected_shapes, load_model
 

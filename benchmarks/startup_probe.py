@@ -26,7 +26,7 @@ WATCHED = {
     "gemma3_vision.resolve": ("resolve",),
     "gemma3_vision.weights": ("load_model",),
     "gemma3_vision.pipeline": ("run_job",),
-    "gemma3_vision.preprocess": ("decode_image", "pil_to_input"),
+    "gemma3_vision.preprocessing": ("decode_image", "pil_to_input"),
     "gemma3_vision.model": ("VisionTower.forward",),
 }
 

@@ -261,6 +261,25 @@ def test_every_error_class_is_exported_from_the_package():
     assert not missing, f"not exported from gemma3_vision: {missing}"
 
 
+def test_every_export_is_what_its_module_defines_whatever_was_imported_first():
+    # An export named like a submodule would be replaced by that module once anything imported it (the import
+    # system sets the package attribute): `gemma3_vision.preprocess` was the module after load().
+    import importlib
+    import pkgutil
+
+    import gemma3_vision
+
+    submodules = {m.name for m in pkgutil.iter_modules(gemma3_vision.__path__)} - {"__main__"}  # it runs the CLI
+    for name in submodules:
+        importlib.import_module(f"gemma3_vision.{name}")  # every one, in case one is imported before an export
+    lazy = gemma3_vision._LAZY
+    clashes = sorted(set(lazy) & submodules)
+    assert not clashes, f"exports named like a submodule: {clashes}"
+    for name, module in lazy.items():
+        value = getattr(gemma3_vision, name)
+        assert value is getattr(importlib.import_module(f"gemma3_vision.{module}"), name), name
+
+
 def test_a_folder_held_by_another_job_exits_1(images, tmp_path):
     out = tmp_path / "out"
     held = OutputFolder(out)

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from gemma3_vision.errors import ImageError
-from gemma3_vision.preprocess import PreprocessConfig, open_image, preprocess_one, to_rgb
+from gemma3_vision.preprocessing import PreprocessConfig, open_image, preprocess_one, to_rgb
 
 SMALL = PreprocessConfig(image_size=28)
 MAX_SECONDS = 3.0  # per case; every refusal here happens after reading a header
@@ -170,7 +170,7 @@ def test_refusals_allocate_nothing_like_their_claims(tmp_path):
         paths.append([str(path), kwargs])
     script = """
 import json, resource, sys, warnings
-from gemma3_vision.preprocess import open_image
+from gemma3_vision.preprocessing import open_image
 from gemma3_vision.errors import ImageError
 warnings.simplefilter("ignore")
 cases = json.loads(sys.argv[1])

@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import TOL, make_rgb, max_abs
 from gemma3_vision import ConfigError
 from gemma3_vision.pan_and_scan import PanAndScanConfig, crop_boxes, pan_and_scan_inputs
-from gemma3_vision.preprocess import PreprocessConfig
+from gemma3_vision.preprocessing import PreprocessConfig
 
 transformers = pytest.importorskip("transformers")
 

@@ -27,7 +27,7 @@ from gemma3_vision.output_folder import (
     short_hash,
 )
 from gemma3_vision.pipeline import run_job
-from gemma3_vision.preprocess import PreprocessConfig, pil_to_input
+from gemma3_vision.preprocessing import PreprocessConfig, pil_to_input
 
 SMALL = PreprocessConfig(image_size=28)
 
@@ -200,7 +200,7 @@ def test_every_input_gets_one_record_and_the_job_goes_on(monkeypatch, tree, tmp_
 
 
 def test_outputs_equal_the_model_applied_to_each_image_alone(tree, tmp_path):
-    from gemma3_vision.preprocess import preprocess_one
+    from gemma3_vision.preprocessing import preprocess_one
 
     out = tmp_path / "out"
     job([str(tree)], out, batch_size=3)

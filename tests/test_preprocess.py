@@ -17,7 +17,7 @@ from conftest import TINY_PROJECTOR, TINY_VISION, make_rgb
 from format_fixtures import write_hf_folder, write_siglip_folder
 from gemma3_vision.errors import ConfigError
 from gemma3_vision.pan_and_scan import PanAndScanConfig, pan_and_scan_inputs
-from gemma3_vision.preprocess import PreprocessConfig, normalize, preprocess, to_rgb
+from gemma3_vision.preprocessing import PreprocessConfig, normalize, preprocess, to_rgb
 from gemma3_vision.resolve import resolve
 
 TOL_PIXELS = 1e-6  # same uint8 image, same PIL resize: only float rounding may differ
@@ -98,7 +98,7 @@ def test_exif_rotation_applied_to_files_only(tmp_path):
     exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
     path = tmp_path / "rotated.jpg"
     Image.fromarray(arr).save(path, exif=exif, quality=95)
-    from gemma3_vision.preprocess import as_pil, open_image
+    from gemma3_vision.preprocessing import as_pil, open_image
 
     assert open_image(path).size == (40, 80)  # displayed upright: portrait
     assert open_image(path, exif_transpose=False).size == (80, 40)

@@ -24,7 +24,7 @@ from gemma3_vision import ConfigError, Gemma3Vision, RandomWeightsWarning, load
 from gemma3_vision.checkpoint import Checkpoint, TensorSource
 from gemma3_vision.config import PRESETS, ProjectorConfig, VisionConfig
 from gemma3_vision.model import interpolate_position_embedding
-from gemma3_vision.preprocess import PreprocessConfig, preprocess
+from gemma3_vision.preprocessing import PreprocessConfig, preprocess
 from gemma3_vision.weights import load_model
 
 transformers = pytest.importorskip("transformers")

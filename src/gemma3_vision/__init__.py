@@ -26,13 +26,13 @@ __version__ = "0.1.0"
 _LAZY = {
     "Gemma3Vision": "api", "RandomWeightsWarning": "api", "load": "api",
     "VisionTower": "model", "MultiModalProjector": "projector",
-    "PreprocessConfig": "preprocess", "preprocess": "preprocess",
+    "PreprocessConfig": "preprocessing", "preprocess": "preprocessing",
 }
 
 if TYPE_CHECKING:
     from .api import Gemma3Vision, RandomWeightsWarning, load
     from .model import VisionTower
-    from .preprocess import PreprocessConfig, preprocess
+    from .preprocessing import PreprocessConfig, preprocess
     from .projector import MultiModalProjector
 
 

@@ -14,7 +14,7 @@ import torch
 from .checkpoint import Checkpoint
 from .errors import OptionError
 from .pan_and_scan import Box, PanAndScanConfig, pan_and_scan_inputs
-from .preprocess import DEFAULT_MAX_PIXELS, ImageInput, PreprocessConfig, as_pil, pil_to_input, preprocess
+from .preprocessing import DEFAULT_MAX_PIXELS, ImageInput, PreprocessConfig, as_pil, pil_to_input, preprocess
 from .resolve import resolve
 from .weights import VisionModel, load_model
 

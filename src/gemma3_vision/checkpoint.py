@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import ProjectorConfig, VisionConfig
-from .preprocess import PreprocessConfig
+from .preprocessing import PreprocessConfig
 
 TOWER = "vision_tower."
 PROJECTOR = "multi_modal_projector."

@@ -199,7 +199,7 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
     from .job import EncodeOptions, check_options, encode_batch_for, job_key, make_input_for
     from .pan_and_scan import PanAndScanConfig
     from .pipeline import run_job
-    from .preprocess import DEFAULT_MAX_PIXELS
+    from .preprocessing import DEFAULT_MAX_PIXELS
 
     if not inputs and not lists:
         raise click.UsageError("give at least one input (file, folder, pattern or '-') or --from-file LIST")

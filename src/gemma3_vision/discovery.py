@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from .preprocess import (
+from .preprocessing import (
     file_kind,
 )
 

@@ -27,7 +27,7 @@ from .checkpoint import Checkpoint, TensorSource
 from .config import ProjectorConfig, VisionConfig
 from .errors import ConfigError, WeightsError
 from .gguf_header import GGUFHeader, TensorInfo, read_gguf_header
-from .preprocess import PreprocessConfig, channel_values
+from .preprocessing import PreprocessConfig, channel_values
 from .safe_io import open_regular
 
 Fix = Callable[[torch.Tensor], torch.Tensor]

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from .checkpoint import PROJECTOR, TOWER, Checkpoint, TensorSource
 from .config import VisionConfig, configs_from_hf_dict
 from .errors import ConfigError, FormatError, ModelNotFoundError, WeightsError
-from .preprocess import RESAMPLE_CODES, PreprocessConfig, channel_values, resample_name
+from .preprocessing import RESAMPLE_CODES, PreprocessConfig, channel_values, resample_name
 from .safe_io import open_regular, parse_json, read_json, read_json_object
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit

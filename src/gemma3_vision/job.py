@@ -20,7 +20,7 @@ from .errors import OptionError
 from .output_folder import checkpoint_identity, fingerprint
 from .pan_and_scan import PanAndScanConfig
 from .pipeline import EncodeBatch, MakeInput
-from .preprocess import PreprocessConfig
+from .preprocessing import PreprocessConfig
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import OptionError
-from .preprocess import PreprocessConfig, check_pixel_count, normalize, resize, to_rgb
+from .preprocessing import PreprocessConfig, check_pixel_count, normalize, resize, to_rgb
 
 Box = tuple[int, int, int, int]  # (left, top, right, bottom) in original pixels, right/bottom exclusive
 _GEMMA3_INPUT = PreprocessConfig()

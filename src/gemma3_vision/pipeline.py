@@ -42,7 +42,7 @@ from .output_folder import (
     output_intact,
     short_hash,
 )
-from .preprocess import (
+from .preprocessing import (
     DEFAULT_MAX_PIXELS,
     PreprocessConfig,
     decode_image,

@@ -24,7 +24,7 @@ import torch
 from .checkpoint import Checkpoint, TensorSource
 from .config import PRESETS
 from .errors import ModelNotFoundError, OptionError
-from .preprocess import PreprocessConfig
+from .preprocessing import PreprocessConfig
 from .weights import expected_shapes
 
 DEFAULT_PRESET = "gemma3-4b"

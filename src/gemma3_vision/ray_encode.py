@@ -68,7 +68,7 @@ from .pipeline import (
     report_failed_before,
     split_outputs,
 )
-from .preprocess import DEFAULT_MAX_PIXELS
+from .preprocessing import DEFAULT_MAX_PIXELS
 from .resolve import resolve
 from .weights import empty_model
 

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .api import Gemma3Vision
 from .errors import OptionError
 from .model import EncoderLayer
-from .preprocess import ImageInput
+from .preprocessing import ImageInput
 
 MIN_PANEL = 448  # small inputs (the tiny test model's 112 px) are shown at an integer multiple of at least this
 MARGIN = 8
