@@ -106,7 +106,7 @@ def breakdown(marks: dict[str, list[float]]) -> dict[str, float | None]:
         "job set-up": span((load, 1), (forward, 0)),
     }
     out["of which import torch"] = span(("import torch", 0), ("import torch", 1))
-    decode = [marks[m] for m in ("preprocess.decode_image", "preprocess.pil_to_input") if m in marks]
+    decode = [marks[m] for m in ("preprocessing.decode_image", "preprocessing.pil_to_input") if m in marks]
     out["decode + preprocess (worker thread)"] = sum(e - s for s, e in decode) if decode else None
     out["first forward"] = marks[forward][0]
     return out
