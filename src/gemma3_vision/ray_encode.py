@@ -338,9 +338,11 @@ def _console_filter(record: logging.LogRecord) -> bool:
 
 
 def _worker_failure(e: Exception) -> Gemma3VisionError:
-    """A failed actor or task as one line. Ray keeps only the text of an actor's failed ``__init__`` (e.g. a
-    ``WeightsError`` from weights that hold NaN), so the line is the last line of that text."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    """A failed actor or task as one line. Ray keeps only the text of a worker's exception (e.g. a ``WeightsError``
+    from weights that hold NaN), and Ray Data chains its own after it, so the line is the last line of the first
+    traceback in that text: the root cause's ``type: message``."""
+    root = str(e).split("The above exception was the direct cause of the following exception:")[0]
+    lines = [line.strip() for line in root.splitlines() if line.strip()]
     return Gemma3VisionError(f"a Ray worker failed, the job stopped (records so far are kept): "
                              f"{lines[-1] if lines else type(e).__name__}")
 
@@ -395,18 +397,28 @@ class _Encoder:
 
     def __init__(self, model: str, dtype: torch.dtype, device: str, image_size: int | None,
                  options: EncodeOptions, out_dir: Path, job_key: str, error_key: str):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RandomWeightsWarning)  # the driver has said so once
-            encoder = load(model, dtype=dtype, device=device, image_size=image_size)
-        self.encode_batch = encode_batch_for(encoder, options)
         self.out_dir = out_dir
         self.job_key, self.error_key = job_key, error_key
+        # A model this actor cannot load fails its first batch instead of the constructor: Ray restarts an actor
+        # whose constructor raised, without end, and its raylet prints each failure's traceback on the driver's
+        # stdout (about 100 lines), whatever log_to_driver says. A failed batch stops the job with the error.
+        self.load_error: Exception | None = None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RandomWeightsWarning)  # the driver has said so once
+                encoder = load(model, dtype=dtype, device=device, image_size=image_size)
+        except Exception as e:  # noqa: BLE001 - any of them, raised again by __call__
+            self.load_error = e
+            return
+        self.encode_batch = encode_batch_for(encoder, options)
 
     def save(self, rel: str, array: np.ndarray, unlike: bytes = b"") -> None:
         # A unique temporary name: actors on several nodes share one temporary folder.
         save_npy(self.out_dir, rel, array, self.out_dir / TMP_DIR_NAME / f"{uuid.uuid4().hex}.npy", unlike=unlike)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.load_error is not None:
+            raise self.load_error
         prepared: list[_Prepared] = list(batch["prepared"])
         outputs = encode_prepared(self.encode_batch, prepared)
         records = []
