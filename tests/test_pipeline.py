@@ -26,7 +26,7 @@ from gemma3_vision.output_folder import (
     load_index,
     short_hash,
 )
-from gemma3_vision.pipeline import run_job
+from gemma3_vision.pipeline import JobSummary, run_job
 from gemma3_vision.preprocessing import PreprocessConfig, pil_to_input
 
 SMALL = PreprocessConfig(image_size=28)
@@ -177,6 +177,15 @@ def test_special_files_are_skipped_never_opened(monkeypatch, tree, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------- the job
+
+
+def test_the_summary_gives_a_slow_rate_as_seconds_per_image():
+    fast = JobSummary(encoded=89, seconds=5.0)
+    assert fast.line() == "encoded 89, failed 0, skipped 0 in 5.0 s (17.80 images/s)"
+    slow = JobSummary(encoded=3, seconds=620.6)  # 0.0048 images/s printed as 0.00 before
+    assert slow.line() == "encoded 3, failed 0, skipped 0 in 620.6 s (206.9 s/image)"
+    assert JobSummary(seconds=1.0).line() == "encoded 0, failed 0, skipped 0 in 1.0 s (0.00 images/s)"
+
 
 def test_every_input_gets_one_record_and_the_job_goes_on(monkeypatch, tree, tmp_path):
     out = tmp_path / "out"

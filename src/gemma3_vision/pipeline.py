@@ -84,8 +84,10 @@ class JobSummary:
         skipped = f"skipped {self.skipped + self.done_before}"
         if self.done_before:
             skipped += f" ({self.done_before} already encoded)"
-        return (f"encoded {self.encoded}, {failed}, {skipped} in {self.seconds:.1f} s "
-                f"({self.images_per_second:.2f} images/s)")
+        rate = self.images_per_second
+        # Under one image a second (a full tower in fp32 on a small CPU), the rate would print as 0.00.
+        speed = f"{1 / rate:.1f} s/image" if 0 < rate < 1 else f"{rate:.2f} images/s"
+        return f"encoded {self.encoded}, {failed}, {skipped} in {self.seconds:.1f} s ({speed})"
 
 
 @dataclass
