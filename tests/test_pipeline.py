@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import queue
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -177,6 +179,22 @@ def test_special_files_are_skipped_never_opened(monkeypatch, tree, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------- the job
+
+
+def test_a_lost_wake_up_does_not_hang_the_job(monkeypatch, tree, tmp_path):
+    # A signal-raised exception (Ctrl-C, SIGTERM) inside Condition.notify can leave a stale waiter that takes the
+    # writer's wake-up: the job then hung in join() with the final None queued. Simulated: every put notifies no one.
+    class LossyQueue(queue.Queue):
+        def put(self, item, block=True, timeout=None):
+            with self.mutex:
+                self._put(item)
+
+    monkeypatch.setattr(queue, "Queue", LossyQueue)
+    finished = []
+    runner = threading.Thread(target=lambda: finished.append(job([str(tree)], tmp_path / "out")), daemon=True)
+    runner.start()
+    runner.join(timeout=30)
+    assert finished and finished[0].encoded > 0, "run_job still waiting after 30 s"
 
 
 def test_the_summary_gives_a_slow_rate_as_seconds_per_image():

@@ -90,6 +90,10 @@ class JobSummary:
         return f"encoded {self.encoded}, {failed}, {skipped} in {self.seconds:.1f} s ({speed})"
 
 
+# How long the writer waits for the next batch before looking at the queue again (see run_job's next_result).
+_WRITER_POLL_S = 0.5
+
+
 @dataclass
 class _Prepared:
     item: InputItem
@@ -157,9 +161,19 @@ def run_job(
         return prepare_input(item, output, folder.dir, folder.state.prior(item.key) or b"", to_input, job_key,
                              error_key, exif_transpose, max_pixels)
 
+    def next_result() -> tuple[list[_Prepared], dict[str, np.ndarray] | None] | None:
+        # Waits in slices: a Ctrl-C or SIGTERM raised in the main thread inside Condition.notify (in put) can leave
+        # a stale waiter first in line, whose release then takes the wake-up meant for this thread. A plain get()
+        # then waited for ever with the final None in the queue (about 1 SIGTERM in 30); a timed one looks again.
+        while True:
+            try:
+                return results.get(timeout=_WRITER_POLL_S)
+            except queue.Empty:
+                continue
+
     def writer() -> None:
         try:
-            while (entry := results.get()) is not None:
+            while (entry := next_result()) is not None:
                 batch, outputs = entry
                 for p, rows in split_outputs(batch, outputs):
                     rec = finish_input(p, rows, folder.dir, folder.save, job_key, error_key)
@@ -170,7 +184,7 @@ def run_job(
                     summary.count(p.kind)
         except BaseException as e:  # surfaced to the caller after the model loop stops
             writer_error.append(e)
-            while results.get() is not None:  # drain so the producer never blocks on a full queue
+            while next_result() is not None:  # drain so the producer never blocks on a full queue
                 pass
 
     start = time.perf_counter()
