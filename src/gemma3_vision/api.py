@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint
-from .errors import OptionError
+from .errors import ConfigError, OptionError
 from .pan_and_scan import Box, PanAndScanConfig, pan_and_scan_inputs
 from .preprocessing import DEFAULT_MAX_PIXELS, ImageInput, PreprocessConfig, as_pil, pil_to_input, preprocess
 from .resolve import resolve
@@ -201,6 +202,11 @@ class Gemma3Vision:
         self.image_size = image_size if image_size is not None else checkpoint.preprocess.image_size
         self.check_image_size(self.image_size, project=False)
 
+    def __getstate__(self) -> dict[str, object]:
+        """For pickle (a DataLoader's spawned workers, torch.multiprocessing): the weights travel in ``model``, the
+        checkpoint without its file readers (``Checkpoint.detached``)."""
+        return {**self.__dict__, "checkpoint": self.checkpoint.detached()}
+
     @property
     def vision_config(self):  # noqa: ANN201 - VisionConfig
         return self.checkpoint.vision
@@ -254,12 +260,14 @@ class Gemma3Vision:
         """Images → float32 NHWC ``(B, S, S, 3)`` in [-1, 1]."""
         return preprocess(images, self.preprocess_config, exif_transpose=exif_transpose, max_pixels=max_pixels)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: its tensors refuse in-place changes and autograd outside it
     def encode_pixels(self, pixels: torch.Tensor, *, project: bool = True) -> torch.Tensor:
-        """NHWC pixels ``(B, H, W, 3)`` → ``(B, T, text_hidden)`` projected, or ``(B, N, hidden)`` with
-        ``project=False``."""
+        """NHWC pixels ``(B, H, W, 3)``, floating point in [-1, 1] (what ``preprocess`` returns, or a float numpy
+        array) → ``(B, T, text_hidden)`` projected, or ``(B, N, hidden)`` with ``project=False``. No gradients:
+        for them, call ``self.model.vision_tower`` and ``self.model.multi_modal_projector`` (README: Python API)."""
         if project:
             self.require_projector()
+        pixels = check_pixel_tensor(pixels)
         x = self.model.vision_tower(pixels.to(self.device, non_blocking=True))
         if project:
             assert self.model.multi_modal_projector is not None
@@ -273,10 +281,10 @@ class Gemma3Vision:
         layers: Sequence[int] | None = None, pool: str | None = None, normalize: bool = False,
         exif_transpose: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> torch.Tensor | list[ImageEncoding]:
-        """Encode images (paths, PIL images or uint8 arrays: HWC RGB, or HW grey).
+        """Encode images (paths, PIL images, uint8 arrays: HWC RGB, or HW grey; or an image file's bytes).
 
         Args:
-            images: one image or a sequence of them.
+            images: one image, or a list, tuple or any other iterable of them.
             project: return the projector's soft tokens; ``False`` returns the tower output.
             batch_size: views per forward pass, which is what bounds memory: images, and with ``pan_and_scan``
                 each image and each of its crops counts one (views of several images share a pass).
@@ -295,10 +303,8 @@ class Gemma3Vision:
             ``(B, N, hidden)`` with ``project=False``. Otherwise one ``ImageEncoding`` per image. No images give
             no rows: a ``(0, T, text_hidden)`` (or ``(0, N, hidden)``) tensor, or ``[]``.
         """
-        if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
-            images = [images]  # type: ignore[list-item]
-        if batch_size < 1:
-            raise OptionError(f"batch_size must be at least 1, got {batch_size}")
+        images = image_list(images)
+        batch_size = check_count("batch_size", batch_size)
         config = self.preprocess_config if image_size is None else replace(self.preprocess_config,
                                                                            image_size=image_size)
         self.check_image_size(config.image_size, project=project and self.has_projector)
@@ -360,7 +366,7 @@ class Gemma3Vision:
             pixels, boxes = pil_to_input(img, config)[None], [(0, 0, img.width, img.height)]
         return (img.width, img.height), pixels, boxes
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_views(self, pixels: torch.Tensor, *, project: bool = True, layers: Sequence[int] = (),
                      pool: str | None = None, normalize: bool = False) -> list[ViewEncoding]:
         """NHWC pixels ``(V, S, S, 3)`` → one ``ViewEncoding`` per row (boxes left empty for the caller)."""
@@ -388,8 +394,9 @@ class Gemma3Vision:
         if layers is None:
             return []
         depth = self.vision_config.num_hidden_layers
-        if isinstance(layers, (int, str)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        if isinstance(layers, (numbers.Integral, str)) or not all(is_integer(i) for i in layers):
             raise OptionError(f"layers must be a list of integers, got {layers!r}")
+        layers = [int(i) for i in layers]  # numpy integers too
         bad = [i for i in layers if not 0 <= i <= depth]
         if bad:
             raise OptionError(f"layers must be in 0..{depth} (0 = the embeddings, {depth} = the last layer, "
@@ -412,9 +419,46 @@ def view_batches(views: Iterable[np.ndarray], batch_size: int) -> Iterator[np.nd
 
 def check_input_size(image_size: int, patch_size: int) -> None:
     """An input side must hold at least one patch (a remainder is cut, as a valid-padding conv does)."""
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < patch_size:
+    if not is_integer(image_size) or image_size < patch_size:
         raise OptionError(f"image_size must be an integer of at least the patch size {patch_size}, "
                           f"got {image_size!r}")
+
+
+def is_integer(value: object) -> bool:
+    """An int or a numpy integer, not a bool (True is an int to Python, never a count or an index here)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def check_count(name: str, value: int) -> int:
+    """``value`` as an int of at least 1, or an OptionError naming the option."""
+    if not is_integer(value) or value < 1:
+        raise OptionError(f"{name} must be an integer of at least 1, got {value!r}")
+    return int(value)
+
+
+# One image each, though Python could iterate them: a file's bytes, a path, an array, a tensor.
+_ONE_IMAGE = (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, torch.Tensor)
+
+
+def image_list(images: object) -> list:
+    """``encode``'s ``images`` as a list: one image alone, or a list, tuple, generator or other iterable of them."""
+    from PIL import Image
+
+    if isinstance(images, (*_ONE_IMAGE, Image.Image)) or not isinstance(images, Iterable):
+        return [images]
+    return list(images)
+
+
+def check_pixel_tensor(pixels: object) -> torch.Tensor:
+    """``encode_pixels``' input as a floating-point tensor: integer pixels (0..255) would be read as [-1, 1]."""
+    if isinstance(pixels, np.ndarray):
+        pixels = torch.from_numpy(pixels)
+    if not isinstance(pixels, torch.Tensor):
+        raise ConfigError(f"pixels must be a torch tensor or numpy array, got {type(pixels).__name__}")
+    if not pixels.is_floating_point():
+        raise ConfigError(f"pixels must be floating point in [-1, 1] (what preprocess() returns), got {pixels.dtype}: "
+                          "pass images to encode() instead")
+    return pixels
 
 
 def pool_rows(x: torch.Tensor, *, normalize: bool = False) -> torch.Tensor:
@@ -455,4 +499,6 @@ def load(model: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
                               keep_dtypes=kept_storage_dtypes(run_dtype, device))
     tower = vision_model.vision_tower
     tower.compute_dtype, tower.output_dtype = compute_dtype_for(run_dtype, device), run_dtype
+    if vision_model.multi_modal_projector is not None:
+        vision_model.multi_modal_projector.compute_dtype = tower.compute_dtype
     return Gemma3Vision(vision_model, checkpoint, run_dtype, device, image_size=image_size)

@@ -8,12 +8,13 @@ Canonical names are the Hugging Face SigLIP / Gemma 3 names under two roots, ``v
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from .config import ProjectorConfig, VisionConfig
+from .errors import WeightsError
 from .preprocessing import PreprocessConfig
 
 TOWER = "vision_tower."
@@ -53,3 +54,25 @@ class Checkpoint:
     @property
     def is_random(self) -> bool:
         return self.format == "random"
+
+    def detached(self) -> Checkpoint:
+        """This checkpoint without its readers (closures over files, which pickle refuses): what a pickled model
+        carries, its weights being in the model. Reading a tensor of it raises ``WeightsError``."""
+        tensors = {name: replace(t, read=AlreadyRead(self.description, name)) for name, t in self.tensors.items()}
+        return replace(self, tensors=tensors, release=_nothing)
+
+
+def _nothing() -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class AlreadyRead:
+    """The reader of a detached checkpoint's tensor."""
+
+    description: str
+    name: str
+
+    def __call__(self) -> torch.Tensor:
+        raise WeightsError(f"{self.description}: {self.name} was read when the model loaded, and this copy of the "
+                           "model (from pickle) reads no files: load the model again to read it")

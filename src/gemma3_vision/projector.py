@@ -39,8 +39,23 @@ class MultiModalProjector(nn.Module):
         # A raw (in, out) parameter used as x @ W, exactly as the checkpoints store it; not an nn.Linear.
         self.mm_input_projection_weight = nn.Parameter(torch.zeros(vision.hidden_size, config.text_hidden_size))
         self.mm_soft_emb_norm = GemmaRMSNorm(vision.hidden_size, eps=vision.layer_norm_eps)
+        # dtype of the pooling, norm and product; None: the input's. load() sets the tower's compute dtype, so fp16
+        # weights on a CPU without native fp16 are computed in fp32 here too (emulated fp16 is slower and coarser).
+        self.compute_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, N, D)`` tower output → ``(B, T, text_hidden)``, in x's dtype."""
+        # One image at a time: torch splits a reduction (the norm's mean) and a BLAS a product by the row count,
+        # so in a batch of 8 an image got other values than alone (1 bf16 ulp). The tower runs a CPU batch one
+        # 896-px image at a time too, so there an image's tokens do not depend on its batch.
+        B, N, _ = x.shape
+        if B == 0:
+            return x.new_empty(0, N // self.kernel_size**2, self.mm_input_projection_weight.shape[1])
+        return torch.cat([self.project(image[None]) for image in x]).to(x.dtype)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """``(1, N, D)`` → ``(1, T, text_hidden)``, in the compute dtype."""
+        x = x.to(self.compute_dtype or x.dtype)
         B, N, D = x.shape
         side = math.isqrt(N)
         if side * side != N or side % self.kernel_size:
@@ -52,6 +67,6 @@ class MultiModalProjector(nn.Module):
         pooled = F.avg_pool2d(grid, self.kernel_size)  # (B, D, side/k, side/k)
         tokens = pooled.flatten(2).transpose(1, 2)  # (B, T, D), row-major over the token grid
         tokens = self.mm_soft_emb_norm(tokens)
-        # In the input's dtype: a float32 run may keep the weight stored in bf16 (model.py, Precision).
+        # In the compute dtype: a float32 run may keep the weight stored in bf16 (model.py, Precision).
         weight = self.mm_input_projection_weight.to(tokens.dtype)  # (D, text_hidden)
-        return (tokens @ weight).type_as(x)  # (B, T, text_hidden)
+        return tokens @ weight  # (B, T, text_hidden)
