@@ -11,18 +11,27 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import warnings
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from gemma3_vision.errors import ImageError
-from gemma3_vision.preprocessing import PreprocessConfig, open_image, preprocess_one, to_rgb
+from gemma3_vision.preprocessing import (
+    PreprocessConfig,
+    as_pil,
+    open_image,
+    preprocess_one,
+    strict_decoding,
+    to_rgb,
+)
 
 SMALL = PreprocessConfig(image_size=28)
 MAX_SECONDS = 3.0  # per case; every refusal here happens after reading a header
@@ -352,3 +361,117 @@ def test_exif_rotated_file_matches_transformers_load_image(tmp_path):
     theirs = proc(transformers.image_utils.load_image(str(path)), return_tensors="np")["pixel_values"][0]
     diff = np.abs(ours - theirs.transpose(1, 2, 0)).max()
     assert diff <= 1e-6, f"max abs diff {diff} (tolerance 1e-6)"
+
+
+# ------------------------------------------------------------------- strict whatever the caller's Pillow globals say
+
+TRUNCATED = [c for c in REFUSED if c[0].startswith("truncated-")]
+
+
+@pytest.mark.parametrize("case_id, name, build, kwargs, fragment", TRUNCATED, ids=[c[0] for c in TRUNCATED])
+def test_truncated_refused_even_when_the_caller_allows_truncated_images(tmp_path, monkeypatch, case_id, name, build,
+                                                                         kwargs, fragment):
+    """Many training scripts set ``ImageFile.LOAD_TRUNCATED_IMAGES = True``; Pillow would then fill in the rest of
+    these files (grey, or a pretended JPEG end marker). Ours stays an error, and the caller's setting is back after."""
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    path = tmp_path / name
+    path.write_bytes(build())
+    with pytest.raises(ImageError, match=re.escape(fragment)):
+        open_image(path)
+    if case_id != "truncated-webp":  # Pillow's WebP reader decodes in Image.open already: the caller gets the error
+        with Image.open(path) as lazy:  # the caller's own lazily opened image, passed in memory
+            with pytest.raises(ImageError) as info:
+                as_pil(lazy)
+        assert str(info.value).startswith("PIL image ("), info.value
+        assert f"from {path}): {CORRUPT}" in str(info.value), info.value
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
+def test_lazily_opened_truncated_image_is_called_truncated(tmp_path):
+    """Before: ``cannot convert RGB image to RGB (image file is truncated)``, from the conversion much later."""
+    path = tmp_path / "t.png"
+    path.write_bytes(truncated(saved(Image.fromarray(noise(64, 64)), "PNG")))
+    with Image.open(path) as lazy:
+        with pytest.raises(ImageError) as info:
+            preprocess_one(lazy, SMALL)
+    assert str(info.value).startswith(f"PIL image (RGB, from {path}): corrupt or truncated image"), info.value
+
+
+def test_strict_decoding_overlapping_out_of_order(monkeypatch):
+    """Two decodes overlap and the first to start finishes first: Pillow must stay strict until the last one ends,
+    then get the caller's True back."""
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    first, second = strict_decoding(), strict_decoding()
+    first.__enter__()
+    second.__enter__()
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    first.__exit__(None, None, None)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False, "the second decode is still running"
+    ImageFile.LOAD_TRUNCATED_IMAGES = True  # set by another thread of the caller meanwhile
+    third = strict_decoding()
+    third.__enter__()
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False, "a decode that starts now is strict again"
+    second.__exit__(None, None, None)
+    third.__exit__(None, None, None)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
+def test_strict_decoding_in_concurrent_threads(tmp_path, monkeypatch):
+    """Eight threads decode good and truncated files at once with the caller's flag True: every truncated file is
+    refused, every good one decodes, and the flag is True afterwards."""
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    good = saved(Image.fromarray(noise(64, 64)), "PNG")
+    (tmp_path / "good.png").write_bytes(good)
+    (tmp_path / "bad.png").write_bytes(truncated(good))
+    barrier = threading.Barrier(8)
+
+    def work(i: int) -> list[str]:
+        barrier.wait()
+        outcomes = []
+        for _ in range(20):
+            name = "bad.png" if i % 2 else "good.png"
+            try:
+                open_image(tmp_path / name)
+                outcomes.append(f"{name} decoded")
+            except ImageError:
+                outcomes.append(f"{name} refused")
+        return outcomes
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = [o for result in pool.map(work, range(8)) for o in result]
+    assert sorted(set(outcomes)) == ["bad.png refused", "good.png decoded"], sorted(set(outcomes))
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
+# ------------------------------------------------------------------------------- samples without a defined range
+
+def test_32_bit_integer_images_beyond_16_bits_are_refused(tmp_path):
+    """A mode-I TIFF holding up to 1.9e9 was clipped at 65535 and shifted as 16-bit: almost all white."""
+    path = tmp_path / "i32.tif"
+    path.write_bytes(saved(Image.fromarray(np.array([[0, 1000], [65536, 1_900_000_000]], np.int32)), "TIFF"))
+    with pytest.raises(ImageError) as info:
+        preprocess_one(path, SMALL)
+    assert str(info.value).startswith(f"{path}: expected 32-bit integer samples (mode I) within 0..65535"), info.value
+    assert "found 0..1900000000" in str(info.value)
+    with pytest.raises(ImageError, match=re.escape("found -1..5")):
+        as_pil(Image.fromarray(np.array([[-1, 5]], np.int32)))
+
+
+def test_32_bit_integer_images_within_16_bits_keep_working(tmp_path):
+    """Pillow opens some 16-bit files as mode I: 0..65535 keeps the high byte, as I;16 does."""
+    values = np.array([[0, 255, 256, 1000, 32768, 65535]], np.int32)
+    path = tmp_path / "i.tif"
+    path.write_bytes(saved(Image.fromarray(values), "TIFF"))
+    img = open_image(path)
+    assert img.mode == "I"
+    np.testing.assert_array_equal(np.asarray(to_rgb(img))[..., 0], (values >> 8).astype(np.uint8))
+
+
+def test_float_image_errors_name_the_input(tmp_path):
+    path = tmp_path / "f.tif"
+    path.write_bytes(saved(Image.fromarray(np.full((4, 4), 0.5, np.float32)), "TIFF"))
+    with pytest.raises(ImageError) as info:
+        preprocess_one(path, SMALL)
+    assert str(info.value).startswith(f"{path}: expected 8- or 16-bit samples, found floating-point"), info.value
+    with pytest.raises(ImageError, match=re.escape("PIL image (F): expected 8- or 16-bit samples")):
+        preprocess_one(Image.fromarray(np.zeros((2, 2), np.float32)), SMALL)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 import gemma3_vision as g3
 from conftest import TINY_PROJECTOR, TINY_VISION, make_rgb
@@ -195,3 +197,81 @@ def test_job_keys_of_bilinear_models_are_unchanged_and_the_filter_is_in_the_key(
     checkpoint.preprocess = replace(checkpoint.preprocess, resample="bilinear")
     assert checkpoint_identity(checkpoint) != bicubic
     assert "resample" not in checkpoint_identity(checkpoint)["preprocess"]
+
+
+# --------------------------------------------------------------------------------------------- premultiplied alpha
+
+PREMULTIPLIED_TOL = 1  # premultiplying rounds each sample to 8 bits, un-premultiplying rounds again: 1 level apart
+
+
+@pytest.mark.parametrize("straight_mode, premultiplied_mode", [("RGBA", "RGBa"), ("LA", "La")])
+def test_premultiplied_alpha_is_composited_like_straight_alpha(straight_mode, premultiplied_mode):
+    """RGBa was converted as if opaque (premultiplied colours, dark where transparent) and La was refused
+    ("conversion from La to L not supported"): both now match their straight-alpha image."""
+    straight = _rgba(40, 60).convert(straight_mode)
+    premultiplied = straight.convert(premultiplied_mode)
+    ours = np.asarray(to_rgb(premultiplied)).astype(int)
+    expected = np.asarray(to_rgb(straight)).astype(int)
+    d = np.abs(ours - expected).max()
+    assert d <= PREMULTIPLIED_TOL, f"{premultiplied_mode}: max abs diff {d} from {straight_mode} (tolerance 1)"
+    assert (ours[:, 0] == 255).all(), "the first column is fully transparent, so white"
+    pixels = preprocess(premultiplied, PreprocessConfig(image_size=56))
+    d = (pixels - preprocess(straight, PreprocessConfig(image_size=56))).abs().max().item()
+    assert d <= 2 * PREMULTIPLIED_TOL / 255 + TOL_PIXELS, f"{premultiplied_mode}: max abs pixel diff {d:.3g}"
+
+
+# ------------------------------------------------------------------------------------------- encoded bytes inputs
+
+def _encoded(img: Image.Image, fmt: str, **kw) -> bytes:
+    out = io.BytesIO()
+    img.save(out, fmt, **kw)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_bytes_are_decoded_like_the_file(tmp_path, kind):
+    """An image file's contents in memory give exactly what the file gives (tolerance 0), through the API's
+    preprocess and its per-image decode (``Gemma3Vision.prepare``)."""
+    from gemma3_vision.api import Gemma3Vision
+
+    path = tmp_path / "a.png"
+    Image.fromarray(make_rgb(30, 50)).save(path)
+    data = kind(path.read_bytes())
+    config = PreprocessConfig(image_size=56)
+    from_file = preprocess([path], config)
+    assert torch.equal(preprocess(data, config), from_file)
+    assert torch.equal(preprocess([data, path], config), torch.cat([from_file, from_file]))
+    size, pixels, _ = Gemma3Vision.prepare(data, config)
+    assert size == (50, 30) and np.array_equal(pixels[0], from_file[0].numpy())
+
+
+def test_bytes_get_the_checks_files_get(tmp_path, monkeypatch):
+    """EXIF rotation, the first frame, the pixel limit, truncation (whatever Pillow's global says) and the
+    allow-list apply to bytes as to files; errors name the input by its kind and length."""
+    from gemma3_vision.errors import ImageError
+    from gemma3_vision.preprocessing import as_pil
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to view
+    rotated = _encoded(Image.fromarray(make_rgb(20, 40)), "JPEG", exif=exif, quality=95)
+    assert as_pil(rotated).size == (20, 40)
+    assert as_pil(rotated, exif_transpose=False).size == (40, 20)
+
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
+    gif = _encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
+    assert np.asarray(to_rgb(as_pil(gif)))[0, 0].tolist() == [255, 0, 0]
+
+    png = _encoded(Image.fromarray(make_rgb(100, 100)), "PNG")
+    with pytest.raises(ImageError, match=re.escape(f"<bytes, {len(png)} bytes>: image is 100x100")):
+        as_pil(png, max_pixels=5000)
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    cut = bytearray(png[: len(png) // 2])
+    with pytest.raises(ImageError, match=re.escape(f"<bytearray, {len(cut)} bytes>: corrupt or truncated image")):
+        as_pil(cut)
+    with pytest.raises(ImageError, match=re.escape("<bytes, 30 bytes>: not an image in an allowed format")):
+        as_pil(b"GIF87a but not really an image")
+    ppm = _encoded(Image.new("RGB", (4, 4)), "PPM")
+    with pytest.raises(ImageError, match="not an image in an allowed format"):
+        as_pil(memoryview(ppm))
+    with pytest.raises(ImageError, match=re.escape("<bytes, 0 bytes>: expected the contents of an image file")):
+        preprocess(b"")

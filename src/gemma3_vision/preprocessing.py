@@ -1,37 +1,48 @@
 """Image decoding and preprocessing, equal to transformers' ``Gemma3ImageProcessor`` (PIL backend).
 
-Pipeline: decode (allow-listed formats, bomb-checked, first frame) → EXIF orientation (files only, see the policy
-below) → RGB (alpha composited onto white, 16-bit scaled) → stretch-resize to ``image_size²`` with Pillow's
-antialiasing bilinear filter (bicubic for SigLIP checkpoints that ask for it) → ``x/255`` → ``(x - mean) / std`` →
-float32 NHWC.
+Inputs: a file path, the encoded bytes of an image file (``bytes``, ``bytearray`` or ``memoryview``), a PIL image, or
+a uint8 array. Paths and bytes are decoded by the same code, with the same checks.
 
-EXIF policy: an image given as a *file path* is rotated by its EXIF orientation tag (as transformers'
-``load_image(path)`` does); an image given as a PIL image or an array is taken as already oriented (as transformers
-takes it). ``exif_transpose=False`` turns the rotation off for files.
+Pipeline: decode (allow-listed formats, bomb-checked, first frame, truncation always an error) → EXIF orientation
+(files and bytes only, see the policy below) → RGB (alpha, straight or premultiplied, composited onto white; 16-bit
+scaled) → stretch-resize to ``image_size²`` with Pillow's antialiasing bilinear filter (bicubic for SigLIP
+checkpoints that ask for it) → ``x/255`` → ``(x - mean) / std`` → float32 NHWC.
+
+EXIF policy: an image given as a *file path* or as encoded bytes is rotated by its EXIF orientation tag (as
+transformers' ``load_image(path)`` does); an image given as a PIL image or an array is taken as already oriented (as
+transformers takes it). ``exif_transpose=False`` turns the rotation off for files and bytes.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from .errors import ConfigError, ImageError
 from .safe_io import file_kind as file_kind  # re-exported: discovery takes it from here
 from .safe_io import open_regular
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
+# An image file's contents, held in memory: decoded like a file. Kept apart from ImageInput, which callers unpack
+# as "one image or a sequence" (bytes are a sequence of ints); the functions here take ImageInput | EncodedImage.
+EncodedImage = bytes | bytearray | memoryview
+ENCODED = (bytes, bytearray, memoryview)
 
 # Only these decoders run on untrusted bytes: Pillow's bomb checks live per plugin and keep failing in exotic ones.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own warning threshold; 896² needs a tiny fraction of it
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_PREMULTIPLIED = {"RGBa": "RGBA", "La": "LA"}  # Pillow's premultiplied-alpha modes → their straight-alpha forms
 
 
 # preprocessor_config.json's ``resample`` (PIL's filter numbers) → the filters honoured. Gemma3ImageProcessor uses
@@ -134,20 +145,23 @@ def decode_image(fp: BinaryIO, name: str, *, exif_transpose: bool = True,
 
     Only ``ALLOWED_FORMATS`` decoders run. The pixel count is checked from the header, before any pixel is
     allocated. ``max_pixels=None`` leaves only Pillow's own hard limit (178,956,970 pixels). Truncated data is an
-    error, never grey fill (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left off).
+    error, never grey fill, even when the caller has set ``ImageFile.LOAD_TRUNCATED_IMAGES`` (see
+    ``strict_decoding``). Samples with no defined range (``check_mode``) are refused here, where the input's name
+    is known.
 
     Raises:
         ImageError: with ``name`` and the reason.
     """
     try:
-        img: Image.Image = Image.open(fp, formats=ALLOWED_FORMATS)
-        # Only the header has been read: refuse the claimed size before the decoder allocates anything.
-        check_pixel_count(img.size, max_pixels, name)
-        img.load()
-        if exif_transpose:
-            # Inside the try: a TIFF reads its EXIF from the file, and a malformed block raises anything. In place:
-            # the image is ours, and the default returns a full copy even when there is nothing to rotate.
-            ImageOps.exif_transpose(img, in_place=True)
+        with strict_decoding():
+            img: Image.Image = Image.open(fp, formats=ALLOWED_FORMATS)
+            # Only the header has been read: refuse the claimed size before the decoder allocates anything.
+            check_pixel_count(img.size, max_pixels, name)
+            img.load()
+            if exif_transpose:
+                # Inside the try: a TIFF reads its EXIF from the file, and a malformed block raises anything. In
+                # place: the image is ours, and the default returns a full copy even when there is nothing to rotate.
+                ImageOps.exif_transpose(img, in_place=True)
     except ImageError:
         raise
     except Image.UnidentifiedImageError:
@@ -156,8 +170,62 @@ def decode_image(fp: BinaryIO, name: str, *, exif_transpose: bool = True,
     except Image.DecompressionBombError as e:  # Pillow's own limit, when it is below ours
         raise ImageError(f"{name}: decompression bomb refused by Pillow ({one_line(e)})") from None
     except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, struct.error... on corrupt data
-        raise ImageError(f"{name}: corrupt or truncated image ({type(e).__name__}: {one_line(e)})") from None
+        raise ImageError(f"{name}: {CORRUPT} ({type(e).__name__}: {one_line(e)})") from None
+    check_mode(img, name)
     return img
+
+
+CORRUPT = "corrupt or truncated image"
+
+# Pillow has no per-call switch for truncated data: ``ImageFile.LOAD_TRUNCATED_IMAGES`` is one process-wide module
+# global, read during ``open`` (PNG skips bad ancillary CRCs) and ``load`` (JPEG pretends an end marker, the others
+# stop early and leave the rest grey). Many training scripts set it to True. While at least one of our decodes runs
+# it is False; the last one to finish gives the caller's value back. The count, under a lock, is what makes this
+# safe with our decode threads overlapping: a plain save/set/restore per decode would let a thread that finishes
+# first restore True while another is still decoding (and one that starts second would save our False as "theirs").
+_strict_lock = threading.Lock()
+_strict_users = 0
+_caller_truncated = False  # True if the caller's value was True at our first decode or was set so since
+
+
+@contextmanager
+def strict_decoding() -> Iterator[None]:
+    """Pillow refuses truncated data inside this block, whatever ``ImageFile.LOAD_TRUNCATED_IMAGES`` says outside.
+
+    Meanwhile, Pillow decodes elsewhere in the process are strict too. Afterwards the caller's value is back: True
+    if it was True before or was set to True meanwhile (each decode that starts resets it to False, so only a decode
+    already running when another thread sets it can escape).
+    """
+    global _strict_users, _caller_truncated
+    with _strict_lock:
+        if _strict_users == 0:
+            _caller_truncated = False
+        _caller_truncated = _caller_truncated or bool(ImageFile.LOAD_TRUNCATED_IMAGES)
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        _strict_users += 1
+    try:
+        yield
+    finally:
+        with _strict_lock:
+            _strict_users -= 1
+            if _strict_users == 0:
+                ImageFile.LOAD_TRUNCATED_IMAGES = _caller_truncated or ImageFile.LOAD_TRUNCATED_IMAGES
+
+
+def decode_bytes(data: EncodedImage, *, exif_transpose: bool = True,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode the encoded contents of an image file held in memory, exactly as ``open_image`` decodes a file.
+
+    Raises:
+        ImageError: empty, or anything ``decode_image`` refuses; the input is named ``<bytes, N bytes>``.
+    """
+    view = memoryview(data)
+    name = f"<{type(data).__name__}, {view.nbytes} bytes>"
+    if view.nbytes == 0:
+        raise ImageError(f"{name}: expected the contents of an image file, found no bytes")
+    if not view.c_contiguous:
+        view = memoryview(view.tobytes())
+    return decode_image(io.BytesIO(view.cast("B")), name, exif_transpose=exif_transpose, max_pixels=max_pixels)
 
 
 def check_pixel_count(size: tuple[int, int], max_pixels: int | None, name: str) -> None:
@@ -172,21 +240,50 @@ def check_pixel_count(size: tuple[int, int], max_pixels: int | None, name: str) 
         )
 
 
+def check_mode(img: Image.Image, name: str) -> None:
+    """Refuse, naming the input, an image whose samples have no defined range (``mode_problem``)."""
+    problem = mode_problem(img)
+    if problem is not None:
+        raise ImageError(f"{name}: {problem}")
+
+
+def mode_problem(img: Image.Image) -> str | None:
+    """Why ``to_rgb`` cannot take this image's samples, or None.
+
+    Mode ``F`` (floats) has no defined range. Mode ``I`` (32-bit integers) is how Pillow opens some 16-bit files,
+    so it is taken as 16-bit while it holds only 0..65535; beyond that its range is as undefined as F's.
+    """
+    if img.mode == "F":
+        return ("expected 8- or 16-bit samples, found floating-point samples (mode F), which have no defined value "
+                "range; convert the image to 8 or 16 bits")
+    if img.mode == "I":
+        lo, hi = cast(tuple[int, int], img.getextrema())  # one band: (min, max)
+        if lo < 0 or hi > 65535:
+            return (f"expected 32-bit integer samples (mode I) within 0..65535, taken as 16-bit, found {lo}..{hi}, "
+                    "which has no defined value range; convert the image to 8 or 16 bits")
+    return None
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB with any transparency composited onto white, exactly as transformers 5.x ``convert_to_rgb`` does.
 
-    16-bit greyscale (``I;16*``, and ``I`` taken as 16-bit) keeps its high byte (``>> 8``), as Pillow itself does
-    for 16-bit RGB PNGs; Pillow's ``convert`` would clamp it instead (1000 → 255), turning a 16-bit ramp almost
-    white. This is a deliberate difference from the reference. Float images (mode ``F``) have no defined range
-    and are refused. An RGB image without transparency is returned as it is, not copied.
+    16-bit greyscale (``I;16*``, and ``I`` holding only 0..65535) keeps its high byte (``>> 8``), as Pillow itself
+    does for 16-bit RGB PNGs; Pillow's ``convert`` would clamp it instead (1000 → 255), turning a 16-bit ramp almost
+    white. This is a deliberate difference from the reference. Premultiplied alpha (``RGBa``, ``La``) is
+    un-premultiplied by Pillow and composited like ``RGBA`` / ``LA`` (transformers composites only an ``A`` band).
+    Images ``mode_problem`` names are refused. An RGB image without transparency is returned as it is, not copied.
 
     Raises:
-        ImageError: a mode with no defined conversion to RGB.
+        ImageError: a mode with no defined conversion to RGB (without the input's name: ``decode_image`` and
+            ``as_pil`` refuse these first, naming it).
     """
-    if img.mode == "F":
-        raise ImageError("floating-point (mode F) images have no defined value range; convert them to 8 or 16 bits")
+    problem = mode_problem(img)
+    if problem is not None:
+        raise ImageError(problem)
     if img.mode in _SIXTEEN_BIT_MODES:
         img = _sixteen_bit_to_8(img)
+    if img.mode in _PREMULTIPLIED:
+        img = img.convert(_PREMULTIPLIED[img.mode])
     has_alpha = "A" in img.getbands() or img.info.get("transparency") is not None
     if has_alpha:
         rgba = img.convert("RGBA")
@@ -196,9 +293,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _sixteen_bit_to_8(img: Image.Image) -> Image.Image:
-    """``I;16*`` / ``I`` → ``L`` (or ``LA`` when a tRNS value marks transparent pixels) by the high byte."""
+    """``I;16*`` / ``I`` (0..65535, checked by ``mode_problem``) → ``L`` (or ``LA`` when a tRNS value marks
+    transparent pixels) by the high byte."""
     a = np.asarray(img).astype(np.int64)  # (H, W), whatever the byte order
-    grey = Image.fromarray((np.clip(a, 0, 65535) >> 8).astype(np.uint8), mode="L")
+    grey = Image.fromarray((a >> 8).astype(np.uint8), mode="L")
     key = img.info.get("transparency")
     if isinstance(key, int):  # Pillow's own convert ignores a 16-bit tRNS value; honour it
         alpha = Image.fromarray(np.where(a == key, 0, 255).astype(np.uint8), mode="L")
@@ -206,24 +304,46 @@ def _sixteen_bit_to_8(img: Image.Image) -> Image.Image:
     return grey
 
 
-def as_pil(image: ImageInput, *, exif_transpose: bool = True,
+def as_pil(image: ImageInput | EncodedImage, *, exif_transpose: bool = True,
            max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """A path, a PIL image or a uint8 array (HW, HWC with 1/3/4 channels) as a PIL image.
+    """A path, an image file's bytes, a PIL image or a uint8 array (HW, HWC with 1/3/4 channels) as a PIL image.
 
-    ``max_pixels`` guards decoding, so it applies to files; an image already in memory is only refused when it has
-    no pixels (resized, it would come out black, and Pan & Scan would divide by its zero side).
+    ``max_pixels`` guards decoding, so it applies to files and bytes; an image already in memory is only refused
+    when it has no pixels (resized, it would come out black, and Pan & Scan would divide by its zero side), when
+    its pixels cannot be read (a lazily opened, truncated file), or when ``mode_problem`` refuses its samples.
 
     Raises:
-        ImageError: zero-size, not an image, or a file ``open_image`` refuses.
+        ImageError: zero-size, not an image, truncated or corrupt, samples without a defined range, or a file or
+            bytes ``decode_image`` refuses; the message starts with the input (its path, ``<bytes, N bytes>``,
+            ``PIL image (mode, from path)`` or the array's shape).
     """
     if isinstance(image, Image.Image):
-        check_pixel_count(image.size, None, f"PIL image ({image.mode})")
+        name = f"PIL image ({image.mode})"
+        source = getattr(image, "filename", None)  # set when the caller opened a file by its path
+        if isinstance(source, str) and source:
+            name = f"PIL image ({image.mode}, from {source})"
+        check_pixel_count(image.size, None, name)
+        _load_in_memory(image, name)
+        check_mode(image, name)
         return image
     if isinstance(image, np.ndarray):
         return _array_to_pil(image)
+    if isinstance(image, ENCODED):
+        return decode_bytes(image, exif_transpose=exif_transpose, max_pixels=max_pixels)
     if isinstance(image, (str, os.PathLike)):
         return open_image(image, exif_transpose=exif_transpose, max_pixels=max_pixels)
-    raise ImageError(f"expected a path, a PIL image or a uint8 array, got {type(image).__name__}")
+    raise ImageError(f"expected a path, an image file's bytes, a PIL image or a uint8 array, "
+                     f"got {type(image).__name__}")
+
+
+def _load_in_memory(image: Image.Image, name: str) -> None:
+    """Read the pixels of a PIL image the caller opened lazily (``Image.open`` reads only the header), strictly, so
+    a truncated file is reported as such rather than as a failed conversion later."""
+    try:
+        with strict_decoding():
+            image.load()
+    except Exception as e:  # as in decode_image: Pillow raises many types on corrupt data
+        raise ImageError(f"{name}: {CORRUPT} ({type(e).__name__}: {one_line(e)})") from None
 
 
 def _array_to_pil(a: np.ndarray) -> Image.Image:
@@ -268,9 +388,10 @@ def normalize(rgb: np.ndarray, mean: Sequence[float] = (0.5, 0.5, 0.5),
     return table[rgb, np.arange(3)]  # (H, W, 3) float32
 
 
-def preprocess_one(image: ImageInput, config: PreprocessConfig = PreprocessConfig(), *,
+def preprocess_one(image: ImageInput | EncodedImage, config: PreprocessConfig = PreprocessConfig(), *,
                    exif_transpose: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """One image → float32 ``(S, S, 3)`` model input."""
+    """One image (a path, an image file's bytes, a PIL image or a uint8 array) → float32 ``(S, S, 3)`` model
+    input."""
     img = as_pil(image, exif_transpose=exif_transpose, max_pixels=max_pixels)
     return pil_to_input(img, config)
 
@@ -286,10 +407,16 @@ def pil_to_input(img: Image.Image, config: PreprocessConfig = PreprocessConfig()
     return normalize(rgb, config.image_mean, config.image_std)
 
 
-def preprocess(images: ImageInput | Sequence[ImageInput], config: PreprocessConfig = PreprocessConfig(), *,
-               exif_transpose: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    """Images → float32 NHWC ``(B, S, S, 3)`` in [-1, 1], the tower's input."""
-    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+def preprocess(images: ImageInput | EncodedImage | Sequence[ImageInput | EncodedImage],
+               config: PreprocessConfig = PreprocessConfig(), *, exif_transpose: bool = True,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Images → float32 NHWC ``(B, S, S, 3)`` in [-1, 1], the tower's input.
+
+    Args:
+        images: one image or a sequence of them, each a file path, an image file's encoded bytes (``bytes``,
+            ``bytearray`` or ``memoryview``, decoded like a file), a PIL image or a uint8 array (see ``as_pil``).
+    """
+    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray, *ENCODED)):
         images = [images]
     arrays = [preprocess_one(im, config, exif_transpose=exif_transpose, max_pixels=max_pixels) for im in images]
     if not arrays:
