@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import gemma3_vision as g3
 from conftest import TINY_PROJECTOR, TINY_VISION, make_rgb, random_state
@@ -76,6 +77,15 @@ def test_images_come_from_any_iterable(tiny_model):
     assert tiny_model.encode(IMAGES[0]).shape == expected[:1].shape  # one array alone is one image
     with pytest.raises(g3.ImageError, match="got Tensor"):
         tiny_model.encode(torch.zeros(2, 8, 8, 3))  # one (bad) input, not two rows
+
+
+def test_an_image_files_bytes_are_one_image(tiny_model, tmp_path):
+    path = tmp_path / "a.png"
+    Image.fromarray(IMAGES[0]).save(path)
+    data = path.read_bytes()
+    expected = tiny_model.encode([path])
+    assert torch.equal(tiny_model.encode(data), expected)  # not a sequence of ints
+    assert torch.equal(tiny_model.encode([bytearray(data), memoryview(data)]), torch.cat([expected, expected]))
 
 
 def test_integer_options_take_numpy_integers_and_nothing_else(tiny_model):

@@ -15,7 +15,15 @@ import torch
 from .checkpoint import Checkpoint
 from .errors import ConfigError, OptionError
 from .pan_and_scan import Box, PanAndScanConfig, pan_and_scan_inputs
-from .preprocessing import DEFAULT_MAX_PIXELS, ImageInput, PreprocessConfig, as_pil, pil_to_input, preprocess
+from .preprocessing import (
+    DEFAULT_MAX_PIXELS,
+    EncodedImage,
+    ImageInput,
+    PreprocessConfig,
+    as_pil,
+    pil_to_input,
+    preprocess,
+)
 from .resolve import resolve
 from .weights import VisionModel, load_model
 
@@ -255,7 +263,7 @@ class Gemma3Vision:
             return (grid // self.model.multi_modal_projector.kernel_size) ** 2
         return grid * grid
 
-    def preprocess(self, images: ImageInput | Sequence[ImageInput], *, exif_transpose: bool = True,
+    def preprocess(self, images: ImageInput | EncodedImage | Sequence[ImageInput | EncodedImage], *, exif_transpose: bool = True,
                    max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
         """Images → float32 NHWC ``(B, S, S, 3)`` in [-1, 1]."""
         return preprocess(images, self.preprocess_config, exif_transpose=exif_transpose, max_pixels=max_pixels)
@@ -275,8 +283,9 @@ class Gemma3Vision:
         return x
 
     def encode(
-        self, images: ImageInput | Sequence[ImageInput], *, project: bool = True, batch_size: int = 8,
-        image_size: int | None = None, pan_and_scan: bool = False, pan_and_scan_min_crop_size: int = 256,
+        self, images: ImageInput | EncodedImage | Iterable[ImageInput | EncodedImage], *, project: bool = True,
+        batch_size: int = 8, image_size: int | None = None, pan_and_scan: bool = False,
+        pan_and_scan_min_crop_size: int = 256,
         pan_and_scan_max_num_crops: int = 4, pan_and_scan_min_ratio_to_activate: float = 1.2,
         layers: Sequence[int] | None = None, pool: str | None = None, normalize: bool = False,
         exif_transpose: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -354,7 +363,7 @@ class Gemma3Vision:
                            device=self.device)
 
     @staticmethod
-    def prepare(image: ImageInput, config: PreprocessConfig, pan_and_scan: PanAndScanConfig | None = None, *,
+    def prepare(image: ImageInput | EncodedImage, config: PreprocessConfig, pan_and_scan: PanAndScanConfig | None = None, *,
                 exif_transpose: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                 ) -> tuple[tuple[int, int], np.ndarray, list[Box]]:
         """Decode one image into its views: ``(width, height)``, float32 ``(views, S, S, 3)`` and each view's box
