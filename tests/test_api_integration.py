@@ -88,6 +88,12 @@ def test_an_image_files_bytes_are_one_image(tiny_model, tmp_path):
     assert torch.equal(tiny_model.encode([bytearray(data), memoryview(data)]), torch.cat([expected, expected]))
 
 
+def test_no_images_give_no_rows_at_every_step(tiny_model):
+    pixels = tiny_model.preprocess([])
+    assert pixels.shape == (0, TINY_VISION.image_size, TINY_VISION.image_size, 3)
+    assert tiny_model.encode_pixels(pixels).shape == tiny_model.encode([]).shape == (0, 16, 96)
+
+
 def test_integer_options_take_numpy_integers_and_nothing_else(tiny_model):
     image = IMAGES[:1]
     expected = tiny_model.encode(image, layers=[1])[0].layers[1]

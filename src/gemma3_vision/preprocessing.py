@@ -410,7 +410,7 @@ def pil_to_input(img: Image.Image, config: PreprocessConfig = PreprocessConfig()
 def preprocess(images: ImageInput | EncodedImage | Sequence[ImageInput | EncodedImage],
                config: PreprocessConfig = PreprocessConfig(), *, exif_transpose: bool = True,
                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    """Images → float32 NHWC ``(B, S, S, 3)`` in [-1, 1], the tower's input.
+    """Images → float32 NHWC ``(B, S, S, 3)`` in [-1, 1], the tower's input (``(0, S, S, 3)`` for none).
 
     Args:
         images: one image or a sequence of them, each a file path, an image file's encoded bytes (``bytes``,
@@ -419,8 +419,8 @@ def preprocess(images: ImageInput | EncodedImage | Sequence[ImageInput | Encoded
     if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray, *ENCODED)):
         images = [images]
     arrays = [preprocess_one(im, config, exif_transpose=exif_transpose, max_pixels=max_pixels) for im in images]
-    if not arrays:
-        raise ImageError("no images given")
+    if not arrays:  # as encode([]) gives no rows
+        return torch.empty(0, config.image_size, config.image_size, 3)
     return torch.from_numpy(np.stack(arrays))  # (B, S, S, 3)
 
 
