@@ -464,8 +464,11 @@ class OutputFolder:
         if not isinstance(reason, str):
             return None
         name = record.get("input")
-        if isinstance(name, str) and reason.startswith(f"{name}: "):
-            reason = f"{display}: {reason[len(name) + 2:]}"
+        if isinstance(name, str):
+            # reasons were folded to one line (``one_line``), the name in them too: "a  b.png" as "a b.png"
+            for prefix in (f"{name}: ", " ".join(f"{name}:".split()) + " "):
+                if reason.startswith(prefix):
+                    return f"{display}: {reason[len(prefix):]}"
         return reason
 
     def save(self, rel: str, array: np.ndarray, unlike: bytes = b"") -> None:
