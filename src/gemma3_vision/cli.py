@@ -135,6 +135,15 @@ def _ray_address(ctx: click.Context, param: click.Parameter, value: str | None) 
                              "address, put --ray after the inputs or write --ray=")
 
 
+def _max_num_crops(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    """``PanAndScanConfig``'s upper limit, refused as a usage error that names the option, with the reason."""
+    from .pan_and_scan import MAX_NUM_CROPS, TOO_MANY_CROPS
+
+    if value > MAX_NUM_CROPS:
+        raise click.BadParameter(f"at most {MAX_NUM_CROPS}, got {value}: {TOO_MANY_CROPS}")
+    return value
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="gemma3-vision")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
@@ -179,7 +188,7 @@ def main(debug: bool) -> None:
 @click.option("--pan-and-scan-min-crop-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Pan & Scan: no crop smaller than this many pixels.")
 @click.option("--pan-and-scan-max-num-crops", type=click.IntRange(min=2), default=4, show_default=True,
-              help="Pan & Scan: at most this many crops.")
+              callback=_max_num_crops, help="Pan & Scan: at most this many crops (32 at most).")
 @click.option("--pan-and-scan-min-ratio", type=click.FloatRange(min=1.0), default=1.2, show_default=True,
               help="Pan & Scan: only for images at least this much longer than wide (or wider than long).")
 @click.option("--image-size", type=click.IntRange(min=1), default=None,
