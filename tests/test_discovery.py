@@ -143,3 +143,41 @@ def test_empty_and_missing_files_still_count_as_unchanged_failures(top, tmp_path
     assert (again.failed, again.failed_before) == (0, 2)
     png(top / "gone.png", 3)
     assert job(["top/empty.png", "top/gone.png"], out).encoded == 1
+
+
+# ------------------------------------------------------------------------------------------------------------ links
+
+def test_a_link_to_a_folder_above_is_called_a_cycle_with_or_without_follow_symlinks(top):
+    # Without --follow-symlinks it said "(use --follow-symlinks)", which then refused it as a cycle.
+    os.symlink("..", top / "locked" / "up")
+    for follow in (False, True):
+        items = {i.display: i.skip for i in discover(["top"], follow_symlinks=follow)}
+        assert items["top/locked/up"] == "link to a folder above it (a cycle): not followed", follow
+    os.symlink("../elsewhere", top / "side")
+    (top.parent / "elsewhere").mkdir()
+    side = {i.display: i.skip for i in discover(["top"])}["top/side"]
+    assert side == "link to a folder: not followed (use --follow-symlinks)"  # where the hint does work
+
+
+def test_a_link_loop_is_named_as_one_and_treated_as_a_broken_link(top, tmp_path):
+    # Inside a folder it was "broken symbolic link to .../self.png", given directly "Too many levels of symbolic
+    # links". Either way it leads nowhere: skipped in a folder, as a broken link is; a failure when named, as a
+    # broken link named is (the user asked for that input). Both now say why.
+    os.symlink("self.png", top / "self.png")
+    os.symlink("gone.png", top / "dangling.png")
+    items = {i.display: i.skip for i in discover(["top"])}
+    assert items["top/self.png"] == "symbolic link loop (Too many levels of symbolic links): not followed"
+    assert items["top/dangling.png"].startswith("broken symbolic link to ")
+    out = tmp_path / "out"
+    job(["top/self.png", "top/dangling.png"], out)
+    assert [r["error"] for r in records(out)] == ["top/self.png: cannot read (Too many levels of symbolic links)",
+                                                  "top/dangling.png: cannot read (No such file or directory)"]
+
+
+def test_a_link_to_a_file_that_cannot_be_looked_at_is_a_failure_not_a_broken_link(top, tmp_path, monkeypatch):
+    # Its image is there: the job must not look complete (as for a file that cannot be opened).
+    os.symlink("locked/b.png", top / "b.png")
+    refuse(monkeypatch, "stat", {top / "b.png"})
+    assert {i.display: i.skip for i in discover(["top"])}["top/b.png"] is None
+    summary = job(["top"], tmp_path / "out")
+    assert summary.failed == 1 and records(tmp_path / "out")[1]["error"] == "top/b.png: cannot read (Permission denied)"

@@ -1,13 +1,14 @@
 """Finding the inputs of an encode job: files, folders, globs and lists, streamed in a deterministic order.
 
-Folders are walked depth first with names sorted, so every run sees the same order. Links that leave a folder,
-links to folders and broken links are not followed unless asked; FIFOs, sockets and devices are reported as
-skipped without ever being opened (a FIFO would block, ``/dev/zero`` never ends). A folder that cannot be listed is
+Folders are walked depth first with names sorted, so every run sees the same order. Links that leave a folder and
+links to folders are not followed unless asked, broken links, link loops and links to a folder above never are;
+FIFOs, sockets and devices are reported as skipped without ever being opened (a FIFO would block, ``/dev/zero`` never ends). A folder that cannot be listed is
 an input that fails, not one skipped: its images were never seen, so the job must not look complete.
 """
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
 import stat
@@ -86,8 +87,9 @@ def discover(arguments: Iterable[str], *, follow_symlinks: bool = False) -> Iter
     """Every input named by ``arguments``, lazily and in a deterministic order.
 
     - a file (or a link the user named): taken as is, whatever its suffix;
-    - a folder: recursed depth first with names sorted, keeping image suffixes; links leaving the folder, links to
-      folders and broken links are skipped with a reason unless ``follow_symlinks`` (cycles are never followed);
+    - a folder: recursed depth first with names sorted, keeping image suffixes; links leaving the folder and links to
+      folders are skipped with a reason unless ``follow_symlinks``; links to a folder above (cycles), broken links
+      and link loops always are (named as arguments, these two fail: the user asked for them);
     - a pattern with ``*``, ``?``, ``[`` or ``**`` that names no existing path: matched below its fixed leading
       folder, in the same order (matching nothing, it is handed on and fails: "no file matches this pattern");
     - anything else: an input that will fail with "cannot read".
@@ -228,19 +230,25 @@ def _walk(root: Path, root_display: str, follow_symlinks: bool, pattern: list[st
             target = os.path.realpath(entry.path)
             try:
                 st = os.stat(entry.path)
-            except OSError:
-                if wanted(parts, entry.name):
+            except OSError as e:
+                if not wanted(parts, entry.name):
+                    continue
+                if e.errno in (errno.ENOENT, errno.ENOTDIR):
                     yield item(entry.path, rel, f"broken symbolic link to {target}: not followed")
+                elif e.errno == errno.ELOOP:  # leads nowhere, as a broken link does; named as an input, it fails
+                    yield item(entry.path, rel, f"symbolic link loop ({e.strerror}): not followed")
+                else:  # its target is there but cannot be looked at (permission, I/O): the reader fails on it
+                    yield item(entry.path, rel)
                 continue
             inside = target == real_root or target.startswith(real_root.rstrip(os.sep) + os.sep)
             if stat.S_ISDIR(st.st_mode):
                 ident = (st.st_dev, st.st_ino)
                 if pattern is not None and not _match(parts, pattern, full=False):
                     continue
-                if not follow_symlinks:
-                    yield item(entry.path, rel, "link to a folder: not followed (use --follow-symlinks)")
-                elif ident in ancestors:
+                if ident in ancestors:  # first: --follow-symlinks would not follow it either
                     yield item(entry.path, rel, "link to a folder above it (a cycle): not followed")
+                elif not follow_symlinks:
+                    yield item(entry.path, rel, "link to a folder: not followed (use --follow-symlinks)")
                 else:
                     yield from push(entry.path, parts, ancestors | _folders_up(target, known))
                 continue
