@@ -387,3 +387,48 @@ def test_sigterm_mid_job_unwinds_like_ctrl_c_and_the_rerun_finishes(tmp_path):
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == EXIT_OK, rerun.stderr
     assert sorted(r["input"].rsplit("/", 1)[1] for r in records(out)) == [f"{i:04d}.png" for i in range(300)]
+
+
+def test_control_characters_in_names_are_escaped_and_each_name_is_given_once(tmp_path, monkeypatch):
+    # A newline split the failed: line in two; ESC and CR were written raw (a name could recolour the terminal or
+    # overwrite the line); a name with a whitespace run, or a listed path with spaces around it, was given twice
+    # (its reason folds whitespace, so the de-duplication missed it).
+    monkeypatch.chdir(tmp_path)
+    names = ["a\nb.png", "c\x1b[31mred.png", "d\rfailed: fake.png", "e  f.png", "g\x9bh\x7f.png"]
+    for name in names:
+        (tmp_path / "imgs").mkdir(exist_ok=True)
+        (tmp_path / "imgs" / name).write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    os.mkfifo(tmp_path / "imgs" / "p\n\x1b.png")  # skipped lines name files too
+    (tmp_path / "list.txt").write_text("  imgs/l.png  \n")
+    shown = ["imgs/a\\nb.png", "imgs/c\\x1b[31mred.png", "imgs/d\\rfailed: fake.png", "imgs/e  f.png",
+             "imgs/g\\x9bh\\x7f.png"]
+    for run, prefix in [(1, "failed: "), (2, "failed (unchanged since an earlier run): ")]:
+        result = encode("imgs", "--from-file", "list.txt", "-o", "out")
+        assert result.exit_code == EXIT_SOME_FAILED, result.output
+        assert not any(c in result.stderr for c in "\r\x1b\x7f\x9b"), repr(result.stderr)
+        failed = [line for line in result.stderr.splitlines() if line.startswith("failed")]
+        assert len(failed) == 6, failed  # one line each: no name split one
+        for line, name in zip(failed, shown, strict=False):
+            assert line.startswith(f"{prefix}{name}: not an image"), (run, line)
+        # the listed path is missing (it has spaces around it); named once, as spelled
+        assert failed[5] == f"{prefix}  imgs/l.png  : cannot read (No such file or directory)", (run, failed[5])
+    first = encode("imgs", "-o", "out2").stderr.splitlines()
+    assert "skipped: imgs/p\\n\\x1b.png: a FIFO, not a regular file: not opened" in first, first
+
+
+def test_a_folder_that_cannot_be_listed_fails_the_job(images, tmp_path, monkeypatch):
+    # It was "skipped: ...: cannot list folder (Permission denied)" with exit 0, though its images were never read.
+    # As root, permission bits change nothing: os.scandir refuses the folder as it would for a user without them.
+    scandir = os.scandir
+
+    def refuse(path=".", *args):
+        if not isinstance(path, int) and Path(os.fspath(path)) == images / "sub":  # int: a descriptor
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path, *args)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    result = encode(str(images), "-o", str(tmp_path / "out"))
+    assert result.exit_code == EXIT_SOME_FAILED, result.output
+    assert f"failed: {images}/sub: cannot list folder (Permission denied)" in result.stderr.splitlines()
+    assert "encoded 1, failed 1, skipped 0 in " in result.stderr
+    assert records(tmp_path / "out")[-1]["status"] == "error"

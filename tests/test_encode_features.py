@@ -112,6 +112,9 @@ def test_plain_encode_record_is_unchanged(tmp_path, inputs):
         (["--image-size", "126"], 2, "merge does not divide: use a multiple of 28 (e.g. 112), or project=False / "
                                      "--no-project"),
         (["--pan-and-scan", "--pan-and-scan-max-num-crops", "1"], 2, "--pan-and-scan-max-num-crops"),
+        # one image's views are held together: 100,000 crops of a 1x100,000 image got the process OOM-killed
+        (["--pan-and-scan", "--pan-and-scan-max-num-crops", "100000"], 2,
+         "'--pan-and-scan-max-num-crops': at most 32, got 100000: one image's views"),
         (["--pan-and-scan-max-num-crops", "3"], 2,
          "--pan-and-scan-max-num-crops applies to Pan & Scan: add --pan-and-scan"),
     ],

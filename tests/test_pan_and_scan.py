@@ -114,10 +114,13 @@ def test_boxes_equal_transformers_slicing(width, height, min_crop, max_crops, ra
 
 def test_bad_parameters_are_refused():
     for kwargs, match in [({"min_crop_size": 0}, "min_crop_size"), ({"max_num_crops": 1}, "at least 2"),
+                          # one image's views are held together: 100,000 crops got the process OOM-killed
+                          ({"max_num_crops": 33}, "at most 32, got 33: one image's views"),
                           ({"min_ratio_to_activate": 0.5}, ">= 1"),
                           ({"min_ratio_to_activate": float("nan")}, ">= 1")]:
         with pytest.raises(ConfigError, match=match):
             PanAndScanConfig(**kwargs)
+    assert PanAndScanConfig(max_num_crops=32).max_num_crops == 32
 
 
 def test_encode_returns_original_then_crops(tiny_model):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import re
 import signal
 import sys
 import threading
@@ -49,9 +50,34 @@ def _raise_terminated(signum: int, frame: object) -> None:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL, C1
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters (C0, DEL, C1) escaped as Python writes them (``\\n``, ``\\x1b``).
+
+    Lines name files, and a file name may hold anything but ``/`` and NUL: a newline would split a line in two,
+    a CR or ESC could overwrite it with a fake message or recolour the terminal."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def named(name: str, reason: str | None) -> str:
+    """``NAME: REASON`` with the input named once: most reasons start with the name already, though folded to one
+    line (whitespace runs as one space, none at either end), as ``one_line`` folds them."""
+    if reason is None:
+        return name
+    for prefix in (f"{name}:", " ".join(f"{name}:".split())):
+        if reason.startswith(prefix):
+            reason = reason[len(prefix):].lstrip(" ")
+            break
+    return f"{name}: {reason}"
+
+
 def _say(line: str) -> None:
     """One line on stderr, above encode's progress bar when one is drawn there (tqdm.write clears the bar, prints
-    the line and draws the bar again; a plain print would land on the bar's line)."""
+    the line and draws the bar again; a plain print would land on the bar's line). Control characters are escaped:
+    whatever a file name holds, the line stays one line."""
+    line = printable(line)
     tqdm = sys.modules.get("tqdm")  # imported only once a bar is made
     if tqdm is not None:
         tqdm.tqdm.write(line, file=sys.stderr)  # without file=, tqdm.write prints to stdout
@@ -85,7 +111,7 @@ def reports_errors(fn: F) -> F:
                 message = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
             else:
                 message = " ".join(str(e).split()) or type(e).__name__
-            click.echo(f"error: {message}", err=True)
+            click.echo(printable(f"error: {message}"), err=True)
             sys.exit(EXIT_USAGE if isinstance(e, OptionError) else EXIT_CANNOT_RUN)
         except KeyboardInterrupt as e:
             if debug:
@@ -107,6 +133,15 @@ def _ray_address(ctx: click.Context, param: click.Parameter, value: str | None) 
         return value
     raise click.BadParameter(f"{value!r} is not a Ray address (auto, ray://HOST:10001, HOST:6379); without an "
                              "address, put --ray after the inputs or write --ray=")
+
+
+def _max_num_crops(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    """``PanAndScanConfig``'s upper limit, refused as a usage error that names the option, with the reason."""
+    from .pan_and_scan import MAX_NUM_CROPS, TOO_MANY_CROPS
+
+    if value > MAX_NUM_CROPS:
+        raise click.BadParameter(f"at most {MAX_NUM_CROPS}, got {value}: {TOO_MANY_CROPS}")
+    return value
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -153,7 +188,7 @@ def main(debug: bool) -> None:
 @click.option("--pan-and-scan-min-crop-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Pan & Scan: no crop smaller than this many pixels.")
 @click.option("--pan-and-scan-max-num-crops", type=click.IntRange(min=2), default=4, show_default=True,
-              help="Pan & Scan: at most this many crops.")
+              callback=_max_num_crops, help="Pan & Scan: at most this many crops (32 at most).")
 @click.option("--pan-and-scan-min-ratio", type=click.FloatRange(min=1.0), default=1.2, show_default=True,
               help="Pan & Scan: only for images at least this much longer than wide (or wider than long).")
 @click.option("--image-size", type=click.IntRange(min=1), default=None,
@@ -236,16 +271,14 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
 
     def on_record(record: dict[str, Any]) -> None:
         if record["status"] == "error":
-            reason = record["error"]
-            _say(f"failed: {reason}" if reason.startswith(record["input"]) else f"failed: {record['input']}: {reason}")
+            _say(f"failed: {named(record['input'], record['error'])}")
         elif record["status"] == "skipped":
-            _say(f"skipped: {record['input']}: {record['reason']}")
+            _say(f"skipped: {named(record['input'], record['reason'])}")
         if progress is not None:
             progress.update(1)
 
     def on_failed_before(name: str, reason: str | None) -> None:
-        said = reason if reason and reason.startswith(name) else f"{name}: {reason}" if reason else name
-        _say(f"failed (unchanged since an earlier run): {said}")
+        _say(f"failed (unchanged since an earlier run): {named(name, reason)}")
 
     try:
         if ray_address is not None:
@@ -346,7 +379,7 @@ def convert(model: str, out: Path, to: str, dtype: str | None) -> None:
     from .resolve import resolve
 
     path = convert_checkpoint(resolve(model), out, to, dtype)
-    click.echo(f"wrote {path}", err=True)
+    click.echo(printable(f"wrote {path}"), err=True)
 
 
 def _int_list(value: str, option: str) -> list[int]:
@@ -401,7 +434,7 @@ def show(image: Path, model: str, out: Path, features_layer: int | None, attenti
     query = AttentionQuery(attention[0], attention[1], patch) if attention is not None else None
     width, height = write_picture(encoder, str(image), str(out), features_layer=features_layer, attention=query,
                                   image_size=image_size)
-    click.echo(f"wrote {out} ({width}x{height})", err=True)
+    click.echo(printable(f"wrote {out} ({width}x{height})"), err=True)
 
 
 @main.command()

@@ -1,12 +1,14 @@
 """Finding the inputs of an encode job: files, folders, globs and lists, streamed in a deterministic order.
 
-Folders are walked depth first with names sorted, so every run sees the same order. Links that leave a folder,
-links to folders and broken links are not followed unless asked; FIFOs, sockets and devices are reported as
-skipped without ever being opened (a FIFO would block, ``/dev/zero`` never ends).
+Folders are walked depth first with names sorted, so every run sees the same order. Links that leave a folder and
+links to folders are not followed unless asked, broken links, link loops and links to a folder above never are;
+FIFOs, sockets and devices are reported as skipped without ever being opened (a FIFO would block, ``/dev/zero`` never ends). A folder that cannot be listed is
+an input that fails, not one skipped: its images were never seen, so the job must not look complete.
 """
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
 import stat
@@ -33,7 +35,8 @@ def is_pattern(arg: str) -> bool:
 @dataclass(frozen=True)
 class InputItem:
     """One input: where it is, how the user would recognise it, and its path under the output folder (less
-    ``.npy``). ``skip`` is set when discovery decided, without opening it, that it must not be read.
+    ``.npy``). ``skip`` is set when discovery decided, without opening it, that it must not be read; ``error``
+    when discovery already failed on it (a folder it cannot list), with the reason, input named first.
 
     ``key``, the input's identity in ``index.jsonl`` (its records' ``path``), is ``input_key(path)`` unless given:
     the same file named ``photos/a.png``, ``./photos/a.png``, ``photos//a.png`` or by its absolute path, from any
@@ -44,6 +47,7 @@ class InputItem:
     rel: str  # relative path that names the output
     skip: str | None = None
     key: str = ""
+    error: str | None = None
 
     def __post_init__(self) -> None:
         if not self.key:
@@ -83,13 +87,15 @@ def discover(arguments: Iterable[str], *, follow_symlinks: bool = False) -> Iter
     """Every input named by ``arguments``, lazily and in a deterministic order.
 
     - a file (or a link the user named): taken as is, whatever its suffix;
-    - a folder: recursed depth first with names sorted, keeping image suffixes; links leaving the folder, links to
-      folders and broken links are skipped with a reason unless ``follow_symlinks`` (cycles are never followed);
+    - a folder: recursed depth first with names sorted, keeping image suffixes; links leaving the folder and links to
+      folders are skipped with a reason unless ``follow_symlinks``; links to a folder above (cycles), broken links
+      and link loops always are (named as arguments, these two fail: the user asked for them);
     - a pattern with ``*``, ``?``, ``[`` or ``**`` that names no existing path: matched below its fixed leading
       folder, in the same order (matching nothing, it is handed on and fails: "no file matches this pattern");
     - anything else: an input that will fail with "cannot read".
 
     FIFOs, sockets, devices and folders met where an image is expected are skipped with a reason; nothing is opened.
+    A folder that cannot be listed, the argument itself or one below it, is an input with ``error`` set.
     """
     for arg in arguments:
         if os.path.isdir(arg):
@@ -177,6 +183,11 @@ def _walk(root: Path, root_display: str, follow_symlinks: bool, pattern: list[st
         display = rel if not root_display else f"{root_display.rstrip('/')}/{rel}"
         return InputItem(Path(path), display, rel, skip)
 
+    def unlisted(path: str, rel: str, e: OSError) -> InputItem:
+        """A folder whose images cannot be seen: a failure (the job must not look complete), retried next run."""
+        display = (f"{root_display.rstrip('/')}/{rel}" if root_display else rel).rstrip("/") or root_display or "."
+        return InputItem(Path(path), display, rel, error=f"{display}: cannot list folder ({e.strerror or e})")
+
     def wanted(rel_parts: list[str], name: str) -> bool:
         if pattern is None:
             return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
@@ -185,7 +196,7 @@ def _walk(root: Path, root_display: str, follow_symlinks: bool, pattern: list[st
     try:
         os.stat(root)
     except OSError as e:
-        yield item(str(root), "", f"cannot list folder ({e.strerror or e})")
+        yield unlisted(str(root), "", e)
         return
     # Each frame: (entries left, relative parts of this folder, identities of this folder and of every folder above
     # it, links resolved: the folders a followed link must not lead back into, or the walk would loop or repeat)
@@ -196,8 +207,7 @@ def _walk(root: Path, root_display: str, follow_symlinks: bool, pattern: list[st
             with os.scandir(path) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
-            rel = "/".join(rel_parts)
-            yield item(path, rel, f"cannot list folder ({e.strerror or e})")
+            yield unlisted(path, "/".join(rel_parts), e)
             return
         stack.append((iter(entries), rel_parts, ancestors))
 
@@ -220,19 +230,25 @@ def _walk(root: Path, root_display: str, follow_symlinks: bool, pattern: list[st
             target = os.path.realpath(entry.path)
             try:
                 st = os.stat(entry.path)
-            except OSError:
-                if wanted(parts, entry.name):
+            except OSError as e:
+                if not wanted(parts, entry.name):
+                    continue
+                if e.errno in (errno.ENOENT, errno.ENOTDIR):
                     yield item(entry.path, rel, f"broken symbolic link to {target}: not followed")
+                elif e.errno == errno.ELOOP:  # leads nowhere, as a broken link does; named as an input, it fails
+                    yield item(entry.path, rel, f"symbolic link loop ({e.strerror}): not followed")
+                else:  # its target is there but cannot be looked at (permission, I/O): the reader fails on it
+                    yield item(entry.path, rel)
                 continue
             inside = target == real_root or target.startswith(real_root.rstrip(os.sep) + os.sep)
             if stat.S_ISDIR(st.st_mode):
                 ident = (st.st_dev, st.st_ino)
                 if pattern is not None and not _match(parts, pattern, full=False):
                     continue
-                if not follow_symlinks:
-                    yield item(entry.path, rel, "link to a folder: not followed (use --follow-symlinks)")
-                elif ident in ancestors:
+                if ident in ancestors:  # first: --follow-symlinks would not follow it either
                     yield item(entry.path, rel, "link to a folder above it (a cycle): not followed")
+                elif not follow_symlinks:
+                    yield item(entry.path, rel, "link to a folder: not followed (use --follow-symlinks)")
                 else:
                     yield from push(entry.path, parts, ancestors | _folders_up(target, known))
                 continue
@@ -252,7 +268,7 @@ def _walk(root: Path, root_display: str, follow_symlinks: bool, pattern: list[st
             try:
                 st = entry.stat(follow_symlinks=False)
             except OSError as e:
-                yield item(entry.path, rel, f"cannot list folder ({e.strerror or e})")
+                yield unlisted(entry.path, rel, e)
                 continue
             yield from push(entry.path, parts, ancestors | {(st.st_dev, st.st_ino)})
         elif wanted(parts, entry.name):

@@ -17,7 +17,8 @@ What makes the job safe to kill and re-run:
   its last record has the same job key (model identity and output-affecting options) and either the same size and
   modification time, or the same content hash; an ``ok`` record also needs its output file to be intact.
   Unchanged inputs that failed are not retried (same bytes, same failure) but still count as failed, and their
-  reason is read back from the index (``OutputFolder.earlier_failure``);
+  reason is read back from the index (``OutputFolder.earlier_failure``); except those whose bytes were never read
+  (``never_read``: a file that could not be opened), which are tried on every run;
 - an input encoded again (a new job key, or new bytes) drops the extra files of its previous ``ok`` record that the
   new one does not list, and only once the new record is appended (``OutputFolder.append``);
 - output names are assigned so that no input's file, main or extra, can be another input's (``ResumeState.free``),
@@ -166,6 +167,20 @@ def record_key(record: dict[str, Any], cwd: str | None = None) -> str | None:
     return input_key(name, cwd) if isinstance(name, str) else None
 
 
+def never_read(record: dict[str, Any]) -> bool:
+    """Whether an ``error`` record is of a file that was there and not empty, yet whose bytes were never read (no
+    content hash): opening it failed (permission denied, an I/O error).
+
+    Such a failure is the environment's, not the image's, and fixing it (``chmod``, a parent folder's permission,
+    an ACL, a remount) changes neither the file's size nor its modification time, nor even, for a parent folder
+    or a disk, its ``st_ctime``. So it is never taken as unchanged: the input is tried on every run, at the cost of
+    one ``open`` that fails fast. A missing file (no size: once there, its facts differ) and an empty one are told
+    by their facts, and a file that was read failed on its content: those stay failed while unchanged. A failure
+    while reading leaves a record without facts, which the file's, once read again, never match. Records of
+    earlier versions hold the same fields, so their permission failures are retried too."""
+    return record.get("content") is None and record.get("bytes") not in (None, 0)
+
+
 class ResumeState:
     """The index's last word per input, compactly: ``{h(record_key): status + two 8-byte keys [+ the error
     record's offset in the index] [+ h(main file's size, mtime) + output [+ NUL-separated extra suffixes, only for
@@ -186,6 +201,7 @@ class ResumeState:
     # naming: main file's id (8) | output [| NUL suffix]...
     _FACTS, _CONTENT, _KEYS, _OFFSET = slice(1, 9), slice(9, 17), 17, slice(17, 25)
     NO_OFFSET = 2**64 - 1  # an error record added without its place in the index (``add`` called directly)
+    RETRY = bytes(16)  # the keys of an error that says nothing of the file (``never_read``): they match no input
 
     def __init__(self) -> None:
         self._last: dict[bytes, bytes] = {}
@@ -224,9 +240,10 @@ class ResumeState:
                 value += b"".join(b"\0" + k.encode("ascii") for k in suffixes)
         elif status == "error":
             at = self.NO_OFFSET if offset is None else offset
-            value = (self.ERROR + short_hash(record.get("bytes"), record.get("mtime_ns"), record.get("job"))
-                     + short_hash(record.get("content"), record.get("job")) + at.to_bytes(8, "little")
-                     + self._naming(key))
+            keys = (short_hash(record.get("bytes"), record.get("mtime_ns"), record.get("job"))
+                    + short_hash(record.get("content"), record.get("job")) if not never_read(record)
+                    else self.RETRY)
+            value = self.ERROR + keys + at.to_bytes(8, "little") + self._naming(key)
         elif status == "skipped":
             value = self.skipped(record.get("reason")) + self._naming(key)
         else:  # an unknown status, or an ok record naming a file elsewhere: never acted on
@@ -447,8 +464,11 @@ class OutputFolder:
         if not isinstance(reason, str):
             return None
         name = record.get("input")
-        if isinstance(name, str) and reason.startswith(f"{name}: "):
-            reason = f"{display}: {reason[len(name) + 2:]}"
+        if isinstance(name, str):
+            # reasons were folded to one line (``one_line``), the name in them too: "a  b.png" as "a b.png"
+            for prefix in (f"{name}: ", " ".join(f"{name}:".split()) + " "):
+                if reason.startswith(prefix):
+                    return f"{display}: {reason[len(prefix):]}"
         return reason
 
     def save(self, rel: str, array: np.ndarray, unlike: bytes = b"") -> None:

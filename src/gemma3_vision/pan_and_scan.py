@@ -23,6 +23,12 @@ from .preprocessing import PreprocessConfig, check_pixel_count, normalize, resiz
 
 Box = tuple[int, int, int, int]  # (left, top, right, bottom) in original pixels, right/bottom exclusive
 _GEMMA3_INPUT = PreprocessConfig()
+# One image's views, the original and every crop, are held together (each 896×896×3 float32 = 9.6 MB, and its
+# outputs): the crop count, not the batch size, bounds that memory, and 100,000 crops of a 1×100,000 image asked
+# for ~1 TB. Gemma 3's processor uses 4; 32 leaves 8 times that (a 1:32 scroll) at ~0.3 GB an image.
+MAX_NUM_CROPS = 32
+TOO_MANY_CROPS = ("one image's views, the original and every crop (9.6 MB each at 896 px), are held in memory "
+                  "together")
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,9 @@ class PanAndScanConfig:
         if self.max_num_crops < 2:
             # The rule always makes at least 2 crops; a cap of 1 would silently be exceeded.
             raise OptionError(f"pan-and-scan max_num_crops must be at least 2, got {self.max_num_crops}")
+        if self.max_num_crops > MAX_NUM_CROPS:
+            raise OptionError(f"pan-and-scan max_num_crops must be at most {MAX_NUM_CROPS}, got "
+                              f"{self.max_num_crops}: {TOO_MANY_CROPS}")
         r = self.min_ratio_to_activate
         if not isinstance(r, (int, float)) or isinstance(r, bool) or not math.isfinite(r) or r < 1:
             raise OptionError(f"pan-and-scan min_ratio_to_activate must be a number >= 1, got {r!r}")

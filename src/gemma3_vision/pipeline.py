@@ -342,6 +342,8 @@ def _prepare(item: InputItem, output: str, out_dir: Path, prior: bytes, to_input
     """Decide what one input needs, reading as little as possible: skip, already done, or decode."""
     if not output:
         return _Prepared(item, output, "duplicate")
+    if item.error is not None:  # discovery failed on it (a folder it cannot list): a failure every run, no facts
+        return _Prepared(item, output, "error", reason=item.error)
     if item.skip is not None:
         same = prior.startswith(ResumeState.skipped(item.skip))
         return _Prepared(item, output, "skipped_before" if same else "skip", reason=item.skip)

@@ -368,12 +368,12 @@ def actor_weight_bytes(checkpoint: Checkpoint, run_dtype: torch.dtype, device: t
 def _task_text(item: InputItem, output: str, prior: bytes) -> str:
     """An input, its output name and its prior record as ASCII JSON: a plain Arrow string column, and file
     names that are not valid UTF-8 survive as ``\\udcXX`` escapes."""
-    return json.dumps([str(item.path), item.display, item.rel, item.skip, item.key, output, prior.hex()])
+    return json.dumps([str(item.path), item.display, item.rel, item.skip, item.key, output, prior.hex(), item.error])
 
 
 def _task(text: str) -> tuple[InputItem, str, bytes]:
-    path, display, rel, skip, key, output, prior = json.loads(text)
-    return InputItem(Path(path), display, rel, skip, key), output, bytes.fromhex(prior)
+    path, display, rel, skip, key, output, prior, error = json.loads(text)
+    return InputItem(Path(path), display, rel, skip, key, error), output, bytes.fromhex(prior)
 
 
 def _objects(values: list[Any]) -> np.ndarray:
