@@ -2,8 +2,9 @@
 
 Folders are walked depth first with names sorted, so every run sees the same order. Links that leave a folder and
 links to folders are not followed unless asked, broken links, link loops and links to a folder above never are;
-FIFOs, sockets and devices are reported as skipped without ever being opened (a FIFO would block, ``/dev/zero`` never ends). A folder that cannot be listed is
-an input that fails, not one skipped: its images were never seen, so the job must not look complete.
+FIFOs, sockets and devices are reported as skipped without ever being opened (a FIFO would block, ``/dev/zero``
+never ends). A folder that cannot be listed is an input that fails, not one skipped: its images were never seen,
+so the job must not look complete.
 """
 
 from __future__ import annotations
