@@ -181,3 +181,14 @@ def test_a_link_to_a_file_that_cannot_be_looked_at_is_a_failure_not_a_broken_lin
     assert {i.display: i.skip for i in discover(["top"])}["top/b.png"] is None
     summary = job(["top"], tmp_path / "out")
     assert summary.failed == 1 and records(tmp_path / "out")[1]["error"] == "top/b.png: cannot read (Permission denied)"
+
+
+def test_a_link_leaving_the_folder_is_skipped_whether_or_not_its_target_can_be_looked_at(top, tmp_path, monkeypatch):
+    # It is never read without --follow-symlinks, so a target out of reach must not fail the job either.
+    png(tmp_path / "elsewhere" / "c.png", 3)
+    os.symlink(tmp_path / "elsewhere" / "c.png", top / "c.png")
+    reason = f"link to {tmp_path / 'elsewhere' / 'c.png'}, outside top: not followed (use --follow-symlinks)"
+    assert {i.display: i.skip for i in discover(["top"])}["top/c.png"] == reason
+    refuse(monkeypatch, "stat", {top / "c.png"})
+    assert {i.display: i.skip for i in discover(["top"])}["top/c.png"] == reason
+    assert {i.display: i.skip for i in discover(["top"], follow_symlinks=True)}["top/c.png"] is None  # then read

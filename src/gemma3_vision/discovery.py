@@ -229,6 +229,8 @@ def _walk(root: Path, root_display: str, follow_symlinks: bool, pattern: list[st
             is_link = is_dir = False
         if is_link:
             target = os.path.realpath(entry.path)
+            inside = target == real_root or target.startswith(real_root.rstrip(os.sep) + os.sep)
+            outside = f"link to {target}, outside {root_display or '.'}: not followed (use --follow-symlinks)"
             try:
                 st = os.stat(entry.path)
             except OSError as e:
@@ -238,10 +240,11 @@ def _walk(root: Path, root_display: str, follow_symlinks: bool, pattern: list[st
                     yield item(entry.path, rel, f"broken symbolic link to {target}: not followed")
                 elif e.errno == errno.ELOOP:  # leads nowhere, as a broken link does; named as an input, it fails
                     yield item(entry.path, rel, f"symbolic link loop ({e.strerror}): not followed")
+                elif not inside and not follow_symlinks:  # never read, so its target's permissions do not matter
+                    yield item(entry.path, rel, outside)
                 else:  # its target is there but cannot be looked at (permission, I/O): the reader fails on it
                     yield item(entry.path, rel)
                 continue
-            inside = target == real_root or target.startswith(real_root.rstrip(os.sep) + os.sep)
             if stat.S_ISDIR(st.st_mode):
                 ident = (st.st_dev, st.st_ino)
                 if pattern is not None and not _match(parts, pattern, full=False):
@@ -256,8 +259,7 @@ def _walk(root: Path, root_display: str, follow_symlinks: bool, pattern: list[st
             if not wanted(parts, entry.name):
                 continue
             if not inside and not follow_symlinks:
-                yield item(entry.path, rel, f"link to {target}, outside {root_display or '.'}: not followed "
-                                            "(use --follow-symlinks)")
+                yield item(entry.path, rel, outside)
                 continue
             yield item(entry.path, rel, None if stat.S_ISREG(st.st_mode) else
                        f"link to {file_kind(st.st_mode)}, not a regular file: not opened")
