@@ -100,6 +100,10 @@ def test_integer_options_take_numpy_integers_and_nothing_else(tiny_model):
     got = tiny_model.encode(image, layers=[np.int64(1)], batch_size=np.int32(2))[0].layers[1]
     assert torch.equal(got, expected)
     assert tiny_model.encode(image, image_size=np.int64(224)).shape == (1, 64, TINY_PROJECTOR.text_hidden_size)
+    np_pas = tiny_model.encode(image, pan_and_scan=True, pan_and_scan_min_crop_size=np.int64(20),
+                               pan_and_scan_max_num_crops=np.int64(3), pan_and_scan_min_ratio_to_activate=np.float32(1.2))
+    assert np_pas[0].crop_boxes and [r.crop_boxes for r in np_pas] == [r.crop_boxes for r in tiny_model.encode(
+        image, pan_and_scan=True, pan_and_scan_min_crop_size=20, pan_and_scan_max_num_crops=3)]
     for bad in (2.5, True, "2", 0):
         with pytest.raises(OptionError, match=f"batch_size must be an integer of at least 1, got {bad!r}"):
             tiny_model.encode(image, batch_size=bad)

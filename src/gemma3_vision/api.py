@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint
+from .checks import is_integer
 from .errors import ConfigError, OptionError
 from .pan_and_scan import Box, PanAndScanConfig, pan_and_scan_inputs
 from .preprocessing import (
@@ -431,11 +432,6 @@ def check_input_size(image_size: int, patch_size: int) -> None:
     if not is_integer(image_size) or image_size < patch_size:
         raise OptionError(f"image_size must be an integer of at least the patch size {patch_size}, "
                           f"got {image_size!r}")
-
-
-def is_integer(value: object) -> bool:
-    """An int or a numpy integer, not a bool (True is an int to Python, never a count or an index here)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def check_count(name: str, value: int) -> int:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from .checks import is_integer, is_number
 from .errors import OptionError
 from .preprocessing import PreprocessConfig, check_pixel_count, normalize, resize, to_rgb
 
@@ -42,8 +43,9 @@ class PanAndScanConfig:
     def __post_init__(self) -> None:
         for name in ("min_crop_size", "max_num_crops"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise OptionError(f"pan-and-scan {name} must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, int(value))  # a numpy integer as an int: job keys are JSON
         if self.max_num_crops < 2:
             # The rule always makes at least 2 crops; a cap of 1 would silently be exceeded.
             raise OptionError(f"pan-and-scan max_num_crops must be at least 2, got {self.max_num_crops}")
@@ -51,8 +53,10 @@ class PanAndScanConfig:
             raise OptionError(f"pan-and-scan max_num_crops must be at most {MAX_NUM_CROPS}, got "
                               f"{self.max_num_crops}: {TOO_MANY_CROPS}")
         r = self.min_ratio_to_activate
-        if not isinstance(r, (int, float)) or isinstance(r, bool) or not math.isfinite(r) or r < 1:
+        if not is_number(r) or not math.isfinite(r) or r < 1:
             raise OptionError(f"pan-and-scan min_ratio_to_activate must be a number >= 1, got {r!r}")
+        if not isinstance(r, (int, float)):  # a numpy float; Python numbers stay as given (job keys spell them)
+            object.__setattr__(self, "min_ratio_to_activate", float(r))
 
 
 def crop_boxes(width: int, height: int, config: PanAndScanConfig = PanAndScanConfig()) -> list[Box]:
