@@ -158,3 +158,33 @@ def test_fp16_weights_on_a_cpu_without_fp16_project_in_fp32(monkeypatch):
     d = (got.float() - fp32.float()).abs().max().item()
     assert d == 0.0, f"fp16 weights computed in fp32 vs the fp32 projector: max abs diff {d:.3g} (tolerance 0)"
     assert not torch.equal(fp16, got)  # the check can fail: fp16 compute gives other values
+
+
+def test_a_pickled_random_model_carries_its_weights_not_their_pools(tiny_model):
+    # Random weights are windows of shared pools; pickled whole, random:tiny took 70 MB for 0.5 MB of weights.
+    weights = sum(p.numel() * p.element_size() for p in tiny_model.model.parameters())
+    size = len(pickle.dumps(tiny_model))
+    assert size < 1.5 * weights, f"pickled {size:,} bytes for {weights:,} bytes of weights"
+
+
+def test_a_call_that_fails_its_checks_leaves_a_generator_unread(tiny_model):
+    images = iter(IMAGES)
+    with pytest.raises(OptionError):
+        tiny_model.encode(images, batch_size=0)
+    assert len(list(images)) == len(IMAGES)
+
+
+def test_awkward_in_memory_inputs_get_typed_errors_or_work(tiny_model, tmp_path):
+    pixels = tiny_model.preprocess(IMAGES[:1]).numpy()
+    flipped = pixels[:, :, ::-1]  # negative strides, which torch.from_numpy refuses
+    assert torch.equal(tiny_model.encode_pixels(flipped), tiny_model.encode_pixels(pixels[:, :, ::-1].copy()))
+    released = memoryview(b"not used")
+    released.release()
+    with pytest.raises(g3.ImageError, match="released memoryview"):
+        tiny_model.preprocess(released)
+    path = tmp_path / "a.png"
+    Image.fromarray(IMAGES[0]).save(path)
+    with Image.open(path) as closed:
+        pass  # closed before its pixels were read
+    with pytest.raises(g3.ImageError, match="closed before its pixels were read"):
+        tiny_model.encode([closed])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import numbers
 import os
@@ -22,6 +23,7 @@ from .preprocessing import (
     ImageInput,
     PreprocessConfig,
     as_pil,
+    image_list,
     pil_to_input,
     preprocess,
 )
@@ -212,9 +214,10 @@ class Gemma3Vision:
         self.check_image_size(self.image_size, project=False)
 
     def __getstate__(self) -> dict[str, object]:
-        """For pickle (a DataLoader's spawned workers, torch.multiprocessing): the weights travel in ``model``, the
-        checkpoint without its file readers (``Checkpoint.detached``)."""
-        return {**self.__dict__, "checkpoint": self.checkpoint.detached()}
+        """For pickle and copy (a DataLoader's spawned workers, torch.multiprocessing): the weights travel in
+        ``model``, each in a storage of its own (``compact``), the checkpoint without its file readers
+        (``Checkpoint.detached``)."""
+        return {**self.__dict__, "model": compact(self.model), "checkpoint": self.checkpoint.detached()}
 
     @property
     def vision_config(self):  # noqa: ANN201 - VisionConfig
@@ -264,7 +267,8 @@ class Gemma3Vision:
             return (grid // self.model.multi_modal_projector.kernel_size) ** 2
         return grid * grid
 
-    def preprocess(self, images: ImageInput | EncodedImage | Sequence[ImageInput | EncodedImage], *, exif_transpose: bool = True,
+    def preprocess(self, images: ImageInput | EncodedImage | Iterable[ImageInput | EncodedImage], *,
+                   exif_transpose: bool = True,
                    max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
         """Images → float32 NHWC ``(B, S, S, 3)`` in [-1, 1]."""
         return preprocess(images, self.preprocess_config, exif_transpose=exif_transpose, max_pixels=max_pixels)
@@ -313,7 +317,6 @@ class Gemma3Vision:
             ``(B, N, hidden)`` with ``project=False``. Otherwise one ``ImageEncoding`` per image. No images give
             no rows: a ``(0, T, text_hidden)`` (or ``(0, N, hidden)``) tensor, or ``[]``.
         """
-        images = image_list(images)
         batch_size = check_count("batch_size", batch_size)
         config = self.preprocess_config if image_size is None else replace(self.preprocess_config,
                                                                            image_size=image_size)
@@ -323,6 +326,7 @@ class Gemma3Vision:
             raise OptionError(f"pool must be one of {', '.join(POOLS)} or None, got {pool!r}")
         if normalize and pool is None:
             raise OptionError("normalize applies to pooled vectors: set pool='mean' as well")
+        images = image_list(images)  # after the checks: a generator is not used up by a call that fails
         if not (pan_and_scan or layers is not None or pool is not None):
             if not images:
                 return self.empty_output(config.image_size, project=project)
@@ -364,7 +368,8 @@ class Gemma3Vision:
                            device=self.device)
 
     @staticmethod
-    def prepare(image: ImageInput | EncodedImage, config: PreprocessConfig, pan_and_scan: PanAndScanConfig | None = None, *,
+    def prepare(image: ImageInput | EncodedImage, config: PreprocessConfig,
+                pan_and_scan: PanAndScanConfig | None = None, *,
                 exif_transpose: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                 ) -> tuple[tuple[int, int], np.ndarray, list[Box]]:
         """Decode one image into its views: ``(width, height)``, float32 ``(views, S, S, 3)`` and each view's box
@@ -441,23 +446,20 @@ def check_count(name: str, value: int) -> int:
     return int(value)
 
 
-# One image each, though Python could iterate them: a file's bytes, a path, an array, a tensor.
-_ONE_IMAGE = (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, torch.Tensor)
-
-
-def image_list(images: object) -> list:
-    """``encode``'s ``images`` as a list: one image alone, or a list, tuple, generator or other iterable of them."""
-    from PIL import Image
-
-    if isinstance(images, (*_ONE_IMAGE, Image.Image)) or not isinstance(images, Iterable):
-        return [images]
-    return list(images)
+def compact(model: VisionModel) -> VisionModel:
+    """``model``, or a copy whose parameters each own their storage where some are views of a larger one: random
+    weights are windows of a few shared pools, which pickle would write whole (70 MB for random:tiny's 0.5 MB)."""
+    shared = any(p.untyped_storage().nbytes() > p.numel() * p.element_size() for p in model.parameters())
+    if not shared:
+        return model
+    own = {id(p): torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad) for p in model.parameters()}
+    return copy.deepcopy(model, own)  # deepcopy takes each parameter from the memo: no pool is copied
 
 
 def check_pixel_tensor(pixels: object) -> torch.Tensor:
     """``encode_pixels``' input as a floating-point tensor: integer pixels (0..255) would be read as [-1, 1]."""
     if isinstance(pixels, np.ndarray):
-        pixels = torch.from_numpy(pixels)
+        pixels = torch.from_numpy(np.ascontiguousarray(pixels))  # torch takes no negative strides (a[:, ::-1])
     if not isinstance(pixels, torch.Tensor):
         raise ConfigError(f"pixels must be a torch tensor or numpy array, got {type(pixels).__name__}")
     if not pixels.is_floating_point():

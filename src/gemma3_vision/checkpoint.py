@@ -75,4 +75,4 @@ class AlreadyRead:
 
     def __call__(self) -> torch.Tensor:
         raise WeightsError(f"{self.description}: {self.name} was read when the model loaded, and this copy of the "
-                           "model (from pickle) reads no files: load the model again to read it")
+                           "model (made by pickle or copy) reads no files: load the model again to read it")

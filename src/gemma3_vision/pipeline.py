@@ -85,7 +85,8 @@ class JobSummary:
         if self.done_before:
             skipped += f" ({self.done_before} already encoded)"
         rate = self.images_per_second
-        # Under one image a second (a full tower in fp32 on a small CPU), the rate would print as 0.00.
+        # Under one image a second (a full tower in fp32 on a small CPU), seconds per image read better (a rate
+        # under 0.005 printed as 0.00).
         speed = f"{1 / rate:.1f} s/image" if 0 < rate < 1 else f"{rate:.2f} images/s"
         return f"encoded {self.encoded}, {failed}, {skipped} in {self.seconds:.1f} s ({speed})"
 

@@ -19,7 +19,7 @@ import io
 import math
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, BinaryIO, cast
@@ -219,7 +219,10 @@ def decode_bytes(data: EncodedImage, *, exif_transpose: bool = True,
     Raises:
         ImageError: empty, or anything ``decode_image`` refuses; the input is named ``<bytes, N bytes>``.
     """
-    view = memoryview(data)
+    try:
+        view = memoryview(data)
+    except ValueError as e:  # a memoryview already released
+        raise ImageError(f"<{type(data).__name__}>: {e}") from None
     name = f"<{type(data).__name__}, {view.nbytes} bytes>"
     if view.nbytes == 0:
         raise ImageError(f"{name}: expected the contents of an image file, found no bytes")
@@ -343,6 +346,9 @@ def _load_in_memory(image: Image.Image, name: str) -> None:
         with strict_decoding():
             image.load()
     except Exception as e:  # as in decode_image: Pillow raises many types on corrupt data
+        if getattr(image, "fp", True) is None:  # closed (``with Image.open(p) as im``) before its pixels were read
+            raise ImageError(f"{name}: closed before its pixels were read: call load() before closing it, or pass "
+                             "its path") from None
         raise ImageError(f"{name}: {CORRUPT} ({type(e).__name__}: {one_line(e)})") from None
 
 
@@ -407,21 +413,32 @@ def pil_to_input(img: Image.Image, config: PreprocessConfig = PreprocessConfig()
     return normalize(rgb, config.image_mean, config.image_std)
 
 
-def preprocess(images: ImageInput | EncodedImage | Sequence[ImageInput | EncodedImage],
+def preprocess(images: ImageInput | EncodedImage | Iterable[ImageInput | EncodedImage],
                config: PreprocessConfig = PreprocessConfig(), *, exif_transpose: bool = True,
                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Images → float32 NHWC ``(B, S, S, 3)`` in [-1, 1], the tower's input (``(0, S, S, 3)`` for none).
 
     Args:
-        images: one image or a sequence of them, each a file path, an image file's encoded bytes (``bytes``,
-            ``bytearray`` or ``memoryview``, decoded like a file), a PIL image or a uint8 array (see ``as_pil``).
+        images: one image, or a list, tuple or other iterable of them (``image_list``), each a file path, an image
+            file's encoded bytes (``bytes``, ``bytearray`` or ``memoryview``, decoded like a file), a PIL image or a
+            uint8 array (see ``as_pil``).
     """
-    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray, *ENCODED)):
-        images = [images]
-    arrays = [preprocess_one(im, config, exif_transpose=exif_transpose, max_pixels=max_pixels) for im in images]
+    arrays = [preprocess_one(im, config, exif_transpose=exif_transpose, max_pixels=max_pixels)
+              for im in image_list(images)]
     if not arrays:  # as encode([]) gives no rows
         return torch.empty(0, config.image_size, config.image_size, 3)
     return torch.from_numpy(np.stack(arrays))  # (B, S, S, 3)
+
+
+# One image each, though Python could iterate them: a path, a file's bytes, an array, a tensor (refused by as_pil).
+_ONE_IMAGE = (str, os.PathLike, Image.Image, np.ndarray, torch.Tensor, *ENCODED)
+
+
+def image_list(images: object) -> list[Any]:
+    """One image alone, or a list, tuple, generator or other iterable of them, as a list of images."""
+    if isinstance(images, _ONE_IMAGE) or not isinstance(images, Iterable):
+        return [images]
+    return list(images)
 
 
 def one_line(e: BaseException) -> str:

@@ -45,16 +45,16 @@ class MultiModalProjector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, N, D)`` tower output → ``(B, T, text_hidden)``, in x's dtype."""
-        # One image at a time: torch splits a reduction (the norm's mean) and a BLAS a product by the row count,
-        # so in a batch of 8 an image got other values than alone (1 bf16 ulp). The tower runs a CPU batch one
-        # 896-px image at a time too, so there an image's tokens do not depend on its batch.
-        B, N, _ = x.shape
-        if B == 0:
-            return x.new_empty(0, N // self.kernel_size**2, self.mm_input_projection_weight.shape[1])
+        # On a CPU one image at a time: torch splits a reduction (the norm's mean) and a BLAS a product by the row
+        # count, so in a batch of 8 an image got other values than alone (1 bf16 ulp). The tower runs a CPU batch
+        # one 896-px image at a time too, so there an image's tokens do not depend on its batch. A GPU runs the
+        # tower's batch as one: there it would only add launches.
+        if x.device.type != "cpu" or x.shape[0] <= 1:
+            return self.project(x).to(x.dtype)
         return torch.cat([self.project(image[None]) for image in x]).to(x.dtype)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """``(1, N, D)`` → ``(1, T, text_hidden)``, in the compute dtype."""
+        """``(B, N, D)`` → ``(B, T, text_hidden)``, in the compute dtype."""
         x = x.to(self.compute_dtype or x.dtype)
         B, N, D = x.shape
         side = math.isqrt(N)

@@ -407,8 +407,8 @@ class _Encoder:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RandomWeightsWarning)  # the driver has said so once
                 encoder = load(model, dtype=dtype, device=device, image_size=image_size)
-        except Exception as e:  # noqa: BLE001 - any of them, raised again by __call__
-            self.load_error = e
+        except Exception as e:  # any of them, raised again by __call__
+            self.load_error = e.with_traceback(None)  # its frames would keep partly loaded weights alive
             return
         self.encode_batch = encode_batch_for(encoder, options)
 
