@@ -64,13 +64,12 @@ def printable(text: str) -> str:
 def named(name: str, reason: str | None) -> str:
     """``NAME: REASON`` with the input named once: most reasons start with the name already, though folded to one
     line (whitespace runs as one space, none at either end), as ``one_line`` folds them."""
+    from .preprocessing import without_name
+
     if reason is None:
         return name
-    for prefix in (f"{name}:", " ".join(f"{name}:".split())):
-        if reason.startswith(prefix):
-            reason = reason[len(prefix):].lstrip(" ")
-            break
-    return f"{name}: {reason}"
+    rest = without_name(name, reason)
+    return f"{name}: {reason if rest is None else rest}"
 
 
 def _say(line: str) -> None:

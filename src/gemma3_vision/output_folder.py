@@ -50,6 +50,7 @@ import numpy as np
 from .checkpoint import Checkpoint
 from .discovery import input_key
 from .errors import OutputError
+from .preprocessing import without_name
 
 INDEX_NAME = "index.jsonl"
 TMP_DIR_NAME = ".gemma3-vision-tmp"  # starts with ".": is_output_name's fast path relies on it
@@ -464,12 +465,8 @@ class OutputFolder:
         if not isinstance(reason, str):
             return None
         name = record.get("input")
-        if isinstance(name, str):
-            # reasons were folded to one line (``one_line``), the name in them too: "a  b.png" as "a b.png"
-            for prefix in (f"{name}: ", " ".join(f"{name}:".split()) + " "):
-                if reason.startswith(prefix):
-                    return f"{display}: {reason[len(prefix):]}"
-        return reason
+        rest = without_name(name, reason) if isinstance(name, str) else None
+        return reason if rest is None else f"{display}: {rest}"
 
     def save(self, rel: str, array: np.ndarray, unlike: bytes = b"") -> None:
         """Write ``rel`` (a safe relative path) through the temporary folder, then rename into place."""

@@ -444,3 +444,12 @@ def image_list(images: object) -> list[Any]:
 def one_line(e: BaseException) -> str:
     """An exception's message on one line (whitespace runs folded), or its type's name if it has none."""
     return " ".join(str(e).split()) or type(e).__name__
+
+
+def without_name(name: str, reason: str) -> str | None:
+    """``reason`` less the input's ``name`` it starts with (``NAME: ...``), as written or as ``one_line`` folded it
+    ("a  b.png" as "a b.png"); None if it does not start with it."""
+    for prefix in (f"{name}:", " ".join(f"{name}:".split())):
+        if reason.startswith(prefix):
+            return reason[len(prefix):].lstrip(" ")
+    return None
