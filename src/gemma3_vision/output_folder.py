@@ -140,8 +140,7 @@ def is_output_name(output: object) -> TypeGuard[str]:
     if ".." not in output and not output.startswith("."):
         # the usual name, decided fast: no part can be "..", nor can the first be TMP_DIR_NAME, which starts "."
         return True
-    parts = _name_parts(output)
-    return ".." not in parts and not (len(parts) > 1 and parts[0].casefold() == TMP_DIR_NAME.casefold())
+    return ".." not in _name_parts(output) and not in_tmp_dir(output)
 
 
 def _owners(name: str) -> Iterator[str]:

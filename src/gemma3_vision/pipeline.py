@@ -138,9 +138,8 @@ def run_job(
     identifies the model and every option that changes an output (see ``fingerprint``); resumed inputs must match
     it. Per-input failures are recorded and the job goes on; a failure of ``encode_batch`` itself stops the job
     (the model is broken, not the input), keeping everything recorded so far. ``on_record`` sees every appended
-    record;
-    ``on_failed_before(input, reason)`` every input that failed in an earlier run and is unchanged, so not tried
-    or recorded again (``reason``: its ``error`` record's, None if that cannot be read back).
+    record; ``on_failed_before(input, reason)`` every input that failed in an earlier run and is unchanged, so not
+    tried or recorded again (``reason``: its ``error`` record's, None if that cannot be read back).
 
     Raises:
         OutputError: the output folder cannot be used (not writable, or another job holds it).
@@ -314,6 +313,7 @@ def finish_input(p: _Prepared, rows: dict[str, np.ndarray] | None, out_dir: Path
     the ones written with it; a kill anywhere in between leaves no main file, or one the old record does not
     match, and the input is encoded again.
     """
+    named_input = {"input": p.item.display, "path": p.item.key}  # every record's first fields
     if p.kind == "encode":
         assert rows is not None
         named = _name_views(rows)
@@ -327,14 +327,13 @@ def finish_input(p: _Prepared, rows: dict[str, np.ndarray] | None, out_dir: Path
         save(p.output, named[""], p.replaces)
         st = os.stat(out_dir / p.output)
         extra = {"outputs": {k: v for k, v in files.items() if k}} if len(files) > 1 else {}
-        return {"input": p.item.display, "path": p.item.key, "status": "ok", "output": p.output,
-                "shape": list(named[""].shape), "output_bytes": st.st_size, "output_mtime_ns": st.st_mtime_ns,
+        return {**named_input, "status": "ok", "output": p.output, "shape": list(named[""].shape),
+                "output_bytes": st.st_size, "output_mtime_ns": st.st_mtime_ns,
                 **extra, **(p.extra or {}), **(p.facts or {}), "job": job_key}
     if p.kind == "error":
-        return {"input": p.item.display, "path": p.item.key, "status": "error", "error": p.reason,
-                **(p.facts or {}), "job": error_key}
+        return {**named_input, "status": "error", "error": p.reason, **(p.facts or {}), "job": error_key}
     if p.kind == "skip":
-        return {"input": p.item.display, "path": p.item.key, "status": "skipped", "reason": p.reason}
+        return {**named_input, "status": "skipped", "reason": p.reason}
     return None
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
+from .checks import is_number
 from .errors import ConfigError, ImageError
 from .safe_io import file_kind as file_kind  # re-exported: discovery takes it from here
 from .safe_io import open_regular
@@ -96,9 +97,9 @@ def channel_values(value: Any, key: str, *, broadcast: bool = False,
     Raises:
         ConfigError: anything else (a string, a wrong length, NaN, a std of 0, a number too large for a float).
     """
-    if broadcast and _is_number(value):
+    if broadcast and is_number(value):
         value = [value] * 3
-    if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_number(x) for x in value)):
+    if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(is_number(x) for x in value)):
         raise ConfigError(f"{key} must be a list of 3 numbers, found {_short(value)}")
     try:
         out = (float(value[0]), float(value[1]), float(value[2]))
@@ -107,10 +108,6 @@ def channel_values(value: Any, key: str, *, broadcast: bool = False,
     if not all(math.isfinite(x) and (x > 0 or not positive) for x in out):
         raise ConfigError(f"{key} must be 3 finite numbers{' > 0' if positive else ''}, found {_short(value)}")
     return out
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _short(value: Any) -> str:
