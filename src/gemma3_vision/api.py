@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from .backends import Backend, resolve_backend
 from .checkpoint import Checkpoint
 from .checks import is_integer
 from .errors import ConfigError, OptionError
@@ -205,19 +206,32 @@ class Gemma3Vision:
     """A loaded tower (and projector). Use ``encode`` for images, ``encode_pixels`` for preprocessed input."""
 
     def __init__(self, model: VisionModel, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device,
-                 image_size: int | None = None):
-        self.model = model
+                 image_size: int | None = None, backend: Backend | None = None):
+        from .backends.torch import TorchBackend
+
+        self.model = model  # the torch modules: the weights every backend starts from
         self.checkpoint = checkpoint
         self.dtype = dtype
         self.device = device
         self.image_size = image_size if image_size is not None else checkpoint.preprocess.image_size
         self.check_image_size(self.image_size, project=False)
+        self.backend: Backend = backend if backend is not None else TorchBackend(model, device)
 
     def __getstate__(self) -> dict[str, object]:
         """For pickle and copy (a DataLoader's spawned workers, torch.multiprocessing): the weights travel in
         ``model``, each in a storage of its own (``compact``), the checkpoint without its file readers
         (``Checkpoint.detached``)."""
-        return {**self.__dict__, "model": compact(self.model), "checkpoint": self.checkpoint.detached()}
+        state = {**self.__dict__, "model": compact(self.model), "checkpoint": self.checkpoint.detached()}
+        if self.backend.name == "torch":
+            state["backend"] = None  # made again from the compact model, which it would otherwise pickle twice
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        from .backends.torch import TorchBackend
+
+        self.__dict__.update(state)
+        if self.backend is None:
+            self.backend = TorchBackend(self.model, self.device)
 
     @property
     def vision_config(self):  # noqa: ANN201 - VisionConfig
@@ -281,11 +295,8 @@ class Gemma3Vision:
         if project:
             self.require_projector()
         pixels = check_pixel_tensor(pixels)
-        x = self.model.vision_tower(pixels.to(self.device, non_blocking=True))
-        if project:
-            assert self.model.multi_modal_projector is not None
-            x = self.model.multi_modal_projector(x)
-        return x
+        x, _ = self.backend.tower(pixels)
+        return self.backend.project(x) if project else x
 
     def encode(
         self, images: ImageInput | EncodedImage | Iterable[ImageInput | EncodedImage], *, project: bool = True,
@@ -387,16 +398,9 @@ class Gemma3Vision:
         """NHWC pixels ``(V, S, S, 3)`` → one ``ViewEncoding`` per row (boxes left empty for the caller)."""
         if project:
             self.require_projector()
-        x = pixels.to(self.device, non_blocking=True)
-        hidden: dict[int, torch.Tensor] = {}
-        if layers:
-            out = self.model.vision_tower(x, hidden_layers=layers)  # only these states are kept
-            x, hidden = out.last_hidden_state, out.layers
-        else:
-            x = self.model.vision_tower(x)
+        x, hidden = self.backend.tower(pixels, layers)  # (V, N, hidden), {i: (V, N, hidden)}
         if project:
-            assert self.model.multi_modal_projector is not None
-            x = self.model.multi_modal_projector(x)  # (V, T, text_hidden)
+            x = self.backend.project(x)  # (V, T, text_hidden)
         pooled = pool_rows(x, normalize=normalize) if pool is not None else None  # (V, D) float32
         return [
             ViewEncoding(box=(0, 0, 0, 0), embeddings=x[v], layers={i: hidden[i][v] for i in layers},
@@ -475,7 +479,8 @@ def pool_rows(x: torch.Tensor, *, normalize: bool = False) -> torch.Tensor:
 
 
 def load(model: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
-         device: str | torch.device | None = None, image_size: int | None = None) -> Gemma3Vision:
+         device: str | torch.device | None = None, image_size: int | None = None,
+         backend: str | None = "auto") -> Gemma3Vision:
     """Load a Gemma 3 vision tower and projector.
 
     Args:
@@ -486,6 +491,8 @@ def load(model: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
         device: ``cpu``, ``cuda`` or ``cuda:N``; ``None`` picks CUDA when available.
         image_size: input side in pixels, overriding the checkpoint's (e.g. 448 or 1344 for Gemma 3, whose
             position table is 64×64: it is interpolated bicubically, as transformers does).
+        backend: the engine that runs the tower and projector (``backends/``): ``auto`` (default) picks the
+            fastest exact one present for the device; ``torch`` is the reference path.
 
     Returns:
         A ``Gemma3Vision`` whose ``encode(images)`` returns embeddings.
@@ -495,6 +502,7 @@ def load(model: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
         ModelNotFoundError, WeightsError: the model cannot be found, or its files cannot be read as one.
     """
     device = resolve_device(device)
+    backend = resolve_backend(backend, device)
     run_dtype = resolve_dtype(dtype, device)
     checkpoint = resolve(model, dtype=run_dtype)  # random weights are made in it: nothing to cast
     if image_size is not None:
@@ -508,4 +516,5 @@ def load(model: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
     tower.compute_dtype, tower.output_dtype = compute_dtype_for(run_dtype, device), run_dtype
     if vision_model.multi_modal_projector is not None:
         vision_model.multi_modal_projector.compute_dtype = tower.compute_dtype
+    assert backend == "torch"  # the only one resolve_backend returns so far
     return Gemma3Vision(vision_model, checkpoint, run_dtype, device, image_size=image_size)

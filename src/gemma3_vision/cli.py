@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import click
 
 from . import __version__
+from .backends import CHOICES as BACKEND_CHOICES
 from .config import PRESETS
 
 MODEL_HELP = ("A Hugging Face folder or hub id (org/name), a GGUF file (llama.cpp mmproj, Ollama blob), an Ollama "
@@ -175,6 +176,8 @@ def main(debug: bool) -> None:
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Compute dtype. Default: bfloat16 where the hardware runs it fast, else float32.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cuda if available.")
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
+              help="Engine that runs the tower: auto picks the fastest exact one installed for the device.")
 @click.option("--no-exif-transpose", is_flag=True, help="Do not rotate files by their EXIF orientation tag.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=None,
               help="Refuse images above this many pixels, checked from the header (decompression-bomb guard). "
@@ -208,7 +211,7 @@ def main(debug: bool) -> None:
 @reports_errors
 def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str, ...], overwrite: bool,
            follow_symlinks: bool, no_project: bool, batch_size: int, dtype: str | None, device: str | None,
-           no_exif_transpose: bool, max_pixels: int | None, workers: int, pan_and_scan: bool,
+           backend: str, no_exif_transpose: bool, max_pixels: int | None, workers: int, pan_and_scan: bool,
            pan_and_scan_min_crop_size: int, pan_and_scan_max_num_crops: int, pan_and_scan_min_ratio: float,
            image_size: int | None, layers: str | None, pool: str | None, normalize: bool,
            ray_address: str | None, ray_actors: int | None) -> None:
@@ -290,7 +293,7 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
                 actors=ray_actors, on_record=on_record, on_failed_before=on_failed_before,
             )
         else:
-            encoder = load(model, dtype=dtype, device=device, image_size=image_size)
+            encoder = load(model, dtype=dtype, device=device, image_size=image_size, backend=backend)
             started()
             options = check_options(encoder, options)
             summary = run_job(
