@@ -163,6 +163,22 @@ def test_without_the_image_mask_the_logits_differ(case, checkpoint):
     assert before <= TOL["fp32_max_abs"], f"{name}: text before the first image differs by {before:.3g}"
 
 
+def test_scaled_soft_tokens_differ(checkpoint, encoder):
+    """The other trap: Gemma's sqrt(D) embedding scale is for token embeddings; soft tokens scaled by it differ."""
+    _, model, processor = checkpoint
+    image = make_rgb(120, 90, 1)
+    tokens = encoder.encode([image])
+    ids = processor.tokenizer(g3.expand_prompt("<start_of_image>" + TEXT, tokens), return_tensors="pt")["input_ids"]
+    embed = model.get_input_embeddings()
+    scale = model.config.text_config.hidden_size ** 0.5
+    with torch.no_grad():
+        right = model(**g3.splice_images(ids, tokens, embed).kwargs()).logits
+        scaled = model(**g3.splice_images(ids, tokens * scale, embed).kwargs()).logits
+    d = max_abs(scaled, right)
+    print(f"soft tokens times sqrt(D) = {scale:.3g}: the logits differ by {d:.3g} (floor {NO_MASK_FLOOR:.3g})")
+    assert d >= NO_MASK_FLOOR, f"scaling the soft tokens changed the logits by only {d:.3g}"
+
+
 def test_slot_count_mismatch_is_a_prompt_error(checkpoint, encoder):
     _, model, processor = checkpoint
     tokens = encoder.encode([make_rgb(64, 64, 5), make_rgb(80, 64, 6)])  # (2, T, D)
