@@ -196,8 +196,9 @@ def test_slot_count_mismatch_is_a_prompt_error(checkpoint, encoder):
         g3.splice_images(ids, [torch.zeros(16)], embed)
 
 
-def test_splice_takes_the_cli_files(checkpoint, encoder, tmp_path):
-    """A (V, T, D) stack of an image's .npy files (original, crop1, ...) is that image with its crops."""
+def test_splice_takes_the_cli_files(checkpoint, encoder):
+    """A (V, T, D) stack of an image's .npy files (original, crop1, ...), or a list of them, is that image with its
+    crops."""
     _, model, processor = checkpoint
     [encoding] = encoder.encode([make_rgb(300, 700, 3)], pan_and_scan=True)
     stacked = np.stack([view.embeddings.numpy() for view in encoding.views])
@@ -206,7 +207,10 @@ def test_splice_takes_the_cli_files(checkpoint, encoder, tmp_path):
     with torch.no_grad():
         a = g3.splice_images(ids, [encoding], embed)
         b = g3.splice_images(ids, [stacked], embed)
-    assert torch.equal(a.inputs_embeds, b.inputs_embeds) and torch.equal(a.token_type_ids, b.token_type_ids)
+        c = g3.splice_images(ids, [list(stacked)], embed)
+    for other in (b, c):
+        assert torch.equal(a.inputs_embeds, other.inputs_embeds)
+        assert torch.equal(a.token_type_ids, other.token_type_ids)
 
 
 def test_example_captions_from_cli_tokens(checkpoint, tmp_path):

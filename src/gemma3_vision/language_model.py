@@ -150,6 +150,9 @@ def splice_images(input_ids: torch.Tensor | np.ndarray | Sequence[int],
     ids = torch.as_tensor(np.asarray(input_ids) if isinstance(input_ids, Sequence) else input_ids)
     if ids.dim() == 1:
         ids = ids[None]
+    weight = getattr(embed, "weight", None)  # an nn.Embedding: the ids go where its table is (a GPU, say)
+    if isinstance(weight, torch.Tensor):
+        ids = ids.to(weight.device)
     if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise OptionError(f"input_ids must be integer token ids, (L,) or (B, L), got {ids.dtype} {tuple(ids.shape)}")
     per_image = image_views(images)
