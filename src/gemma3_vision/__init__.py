@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .config import PRESETS, ProjectorConfig, VisionConfig
 from .errors import (
     ConfigError,
     FormatError,
@@ -21,13 +20,14 @@ from .errors import (
     PromptError,
     WeightsError,
 )
+from .model.config import PRESETS, ProjectorConfig, VisionConfig
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "Gemma3Vision": "api", "RandomWeightsWarning": "api", "load": "api",
-    "VisionTower": "model", "MultiModalProjector": "projector",
-    "PreprocessConfig": "preprocessing", "preprocess": "preprocessing",
+    "VisionTower": "model.tower", "MultiModalProjector": "model.projector",
+    "PreprocessConfig": "model.preprocessing", "preprocess": "model.preprocessing",
     "SplicedPrompt": "language_model", "expand_prompt": "language_model", "greedy_generate": "language_model",
     "image_prompt": "language_model", "splice_images": "language_model",
 }
@@ -35,9 +35,9 @@ _LAZY = {
 if TYPE_CHECKING:
     from .api import Gemma3Vision, RandomWeightsWarning, load
     from .language_model import SplicedPrompt, expand_prompt, greedy_generate, image_prompt, splice_images
-    from .model import VisionTower
-    from .preprocessing import PreprocessConfig, preprocess
-    from .projector import MultiModalProjector
+    from .model.preprocessing import PreprocessConfig, preprocess
+    from .model.projector import MultiModalProjector
+    from .model.tower import VisionTower
 
 
 def __getattr__(name: str) -> Any:
