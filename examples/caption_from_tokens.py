@@ -67,14 +67,20 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args()
+    if not (args.tokens / "index.jsonl").is_file():
+        parser.error(f"{args.tokens} has no index.jsonl: give the --out folder of gemma3-vision encode")
 
     model, tokenizer = load_language_model(args.checkpoint, getattr(torch, args.dtype))
     embed = model.get_input_embeddings()
     for name, views in saved_tokens(args.tokens).items():
-        text = g3.expand_prompt(args.prompt, [views])
-        ids = tokenizer(text, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            prompt = g3.splice_images(ids, [views], embed, image_token_id=model.config.image_token_id)
+        try:
+            text = g3.expand_prompt(args.prompt, [views])
+            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                prompt = g3.splice_images(ids, [views], embed, image_token_id=model.config.image_token_id)
+        except g3.PromptError as e:  # e.g. --prompt without one <start_of_image>, or tokens of another checkpoint
+            print(f"error: {name}: {e}", file=sys.stderr)
+            return 1
         new = g3.greedy_generate(model, prompt, args.max_new_tokens, eos_token_id=model.generation_config.eos_token_id)
         print(f"{name}\t{json.dumps(tokenizer.decode(new[0], skip_special_tokens=True))}")
     return 0
