@@ -10,7 +10,7 @@ It also times each stage alone on one thread (hash, decode, preprocess, encode, 
 can be read against what the stages cost.
 
 Examples:
-    python benchmarks/pipeline_bench.py --json benchmarks/results_pipeline_cpu.json
+    python benchmarks/pipeline_bench.py --json benchmarks/results/MACHINE/pipeline_fp32.json
     python benchmarks/pipeline_bench.py --model tiny --images 32 --repeats 2          # quick look
     python benchmarks/pipeline_bench.py --model gemma3:2 --batch 1                      # full width, 2 layers
 """
@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from gemma3_vision.api import Gemma3Vision, compute_dtype_for, load
-from gemma3_vision.bench import machine_info
+from gemma3_vision.bench import machine_info, result_meta
 from gemma3_vision.discovery import discover
 from gemma3_vision.job import EncodeOptions, check_options, encode_batch_for, job_key, make_input_for
 from gemma3_vision.output_folder import content_digest, save_npy
@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(format_table(rows[-1:]).splitlines()[-1], file=sys.stderr)
     print(format_table(rows))
     if a.json:
-        a.json.write_text(json.dumps({"machine": machine_info(torch.device("cpu")), "results": rows}, indent=1) + "\n")
+        a.json.write_text(json.dumps({"meta": result_meta(torch.device("cpu")), "machine": machine_info(torch.device("cpu")),
+                                   "results": rows}, indent=1) + "\n")
     return 0
 
 

@@ -61,7 +61,7 @@ def onednn_linears(device: torch.device, dtype: torch.dtype, *tensors: torch.Ten
 
 
 # Tokens per image below which torch's flash kernel beats the blocked attention, in either dtype
-# (benchmarks/cpu_attention.py; benchmarks/results_attention_zen5_cpu.json): at 256 tokens (224 px) it took 1.9 ms
+# (benchmarks/cpu_attention.py; benchmarks/results/zen5-2vcpu/attention.json): at 256 tokens (224 px) it took 1.9 ms
 # a layer against 3.1 (fp32) and 2.6 (bf16); at 576 the blocked attention was 1.2x (fp32) and 1.8x (bf16) faster.
 BLOCKED_MIN_TOKENS = 576
 
