@@ -68,7 +68,7 @@ BLOCKED_MIN_TOKENS = 576
 
 def default_attention(device: torch.device, dtype: torch.dtype, tokens: int, *tensors: torch.Tensor) -> str:
     """``blocked`` where ``cpu_onednn_kernels`` holds from ``BLOCKED_MIN_TOKENS`` tokens an image (faster than the
-    flash kernel there: 3.1x in bf16 and 1.9x in fp32 at Gemma 3's 4096 tokens; README: Performance), except fp32
+    flash kernel there: 3.1x in bf16 and 1.9x in fp32 at Gemma 3's 4096 tokens; docs/performance.md), except fp32
     without AVX-512 (``cpu_kernels.AVX512``); else ``sdpa``."""
     fp32_slower = dtype == torch.float32 and not cpu_kernels.AVX512
     blocked = cpu_onednn_kernels(device, dtype, *tensors) and tokens >= BLOCKED_MIN_TOKENS and not fp32_slower
@@ -299,7 +299,7 @@ class VisionTower(nn.Module):
         # One of ATTENTION_PATHS; None: default_attention() for the device, the products' dtype and the image size.
         self.attention: str | None = None
         # scaled_dot_product_attention kernels allowed (torch picks among them in its own order); None: all.
-        # On Hopper and Blackwell torch already puts cuDNN first, the fastest at head_dim 72 (README: GPU).
+        # On Hopper and Blackwell torch already puts cuDNN first, the fastest at head_dim 72 (docs/performance.md: NVIDIA H200).
         self.attention_backends: Sequence[SDPBackend] | None = None
 
     def attention_kernels(self) -> contextlib.AbstractContextManager[object]:
