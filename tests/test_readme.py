@@ -82,8 +82,11 @@ def test_python_example_runs(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights warn that they are random
         exec(compile(code, "README.md python example", "exec"), namespace)
-    doc = namespace["doc"]
-    assert len(doc.crops) >= 1, "diagram.png (300x600) should get Pan & Scan crops"
+    model, tokens, patches, doc = (namespace[k] for k in ("model", "tokens", "patches", "doc"))
+    text_hidden = model.projector_config.text_hidden_size
+    assert tuple(tokens.shape) == (2, model.tokens_per_image(), text_hidden), tokens.shape
+    assert tuple(patches.shape) == (2, model.tokens_per_image(project=False), model.vision_config.hidden_size)
+    assert len(doc.crops) == 2, f"diagram.png (300x600) gives two Pan & Scan crops, got {doc.crop_boxes}"
 
 
 def relative_links(path: Path) -> list[str]:
@@ -117,6 +120,14 @@ def test_every_relative_link_resolves(page):
 def test_awaited_pages_are_still_missing():
     landed = sorted(p for p in AWAITED if (ROOT / p).exists())
     assert not landed, f"{landed} exist now: take them off AWAITED in this test and add them to mkdocs.yml's nav"
+
+
+def test_the_cli_page_names_every_command():
+    from gemma3_vision.cli import main
+
+    page = (DOCS / "cli.md").read_text(encoding="utf-8")
+    missing = [name for name in main.commands if f"\n| `{name}` |" not in page]
+    assert not missing, f"docs/cli.md's table of commands lacks {missing}"
 
 
 def test_the_references_are_generated_from_the_code():
