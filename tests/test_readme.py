@@ -130,6 +130,16 @@ def test_the_cli_page_names_every_command():
     assert not missing, f"docs/cli.md's table of commands lacks {missing}"
 
 
+def test_cli_help_has_no_angle_brackets_the_site_would_hide():
+    # mkdocs-click renders help text as Markdown, where <relative path> is an HTML tag and vanishes.
+    from gemma3_vision.cli import main
+
+    texts = {name: " ".join([cmd.help or "", *(getattr(p, "help", None) or "" for p in cmd.params)])
+             for name, cmd in {"": main, **main.commands}.items()}
+    tagged = {name: re.findall(r"<[A-Za-z][^>]*>", text) for name, text in texts.items()}
+    assert not any(tagged.values()), f"help texts with <...>: {tagged}"
+
+
 def test_the_references_are_generated_from_the_code():
     cli = (DOCS / "cli.md").read_text(encoding="utf-8")
     assert "::: mkdocs-click\n    :module: gemma3_vision.cli\n    :command: main\n" in cli
