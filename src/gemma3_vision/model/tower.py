@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..errors import ConfigError, OptionError
 from . import cpu_kernels
 from .config import VisionConfig
-from .errors import ConfigError, OptionError
 
 # How attention is computed: torch's scaled_dot_product_attention (flash / cuDNN / ... kernels), or
 # cpu_kernels.blocked_attention (2-D oneDNN matmuls, one head and block of queries at a time: faster on a CPU).
@@ -299,7 +299,7 @@ class VisionTower(nn.Module):
         # One of ATTENTION_PATHS; None: default_attention() for the device, the products' dtype and the image size.
         self.attention: str | None = None
         # scaled_dot_product_attention kernels allowed (torch picks among them in its own order); None: all.
-        # On Hopper and Blackwell torch already puts cuDNN first, the fastest at head_dim 72 (docs/performance.md: NVIDIA H200).
+        # On Hopper and Blackwell torch already puts cuDNN first, the fastest at head_dim 72 (docs/performance.md: H200).
         self.attention_backends: Sequence[SDPBackend] | None = None
 
     def attention_kernels(self) -> contextlib.AbstractContextManager[object]:
