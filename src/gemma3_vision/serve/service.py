@@ -106,9 +106,7 @@ class EncodeService:
             DeadlineExceeded: ``deadline`` (``loop.time()``) passed first. ClientGone: ``gone`` was set first.
             Unavailable: draining, or the worker died.
         """
-        if self.draining:
-            raise Unavailable(self.not_ready_reason())
-        self.check(options)
+        self.check(options)  # a request admitted before draining began still finishes (``app.admit`` refuses new ones)
         common = self._job_key(options)
         keys = [f"{d}:{common}" for d in digests]
         results: list[ImageEncoding | None] = [self.cache.get(k) for k in keys]
