@@ -411,7 +411,7 @@ def serve(model: str, dtype: str | None, device: str | None, backend: str, image
 
     from .api import load, resolve_device, resolve_dtype
     from .backends import resolve_backend
-    from .preprocessing import DEFAULT_MAX_PIXELS
+    from .model.preprocessing import DEFAULT_MAX_PIXELS
     from .serve import ServeSettings, run
 
     resolved = resolve_device(device)  # bad options fail here, before the server starts listening
