@@ -96,6 +96,25 @@ def parse_json(model: type[BaseModel], body: bytes) -> Any:
         raise InvalidRequest(validation_message(e)) from None
 
 
+def parse_embeddings(body: bytes, max_images: int) -> tuple[EmbeddingsRequest, list[bytes], list[str]]:
+    """An embeddings request, its images' bytes and their digests."""
+    req: EmbeddingsRequest = parse_json(EmbeddingsRequest, body)
+    images = decode_strings([req.input] if isinstance(req.input, str) else req.input, max_images)
+    return req, images, [digest(image) for image in images]
+
+
+def parse_encode(body: bytes, max_images: int) -> tuple[EncodeRequest, list[bytes], list[str]]:
+    """A JSON encode request, its images' bytes and their digests."""
+    req: EncodeRequest = parse_json(EncodeRequest, body)
+    images = decode_strings(req.images, max_images)
+    return req, images, [digest(image) for image in images]
+
+
+def decode_strings(strings: list[str], max_images: int) -> list[bytes]:
+    check_count(len(strings), max_images)
+    return [decode_image_string(text, i) for i, text in enumerate(strings)]
+
+
 def validation_message(e: ValidationError) -> str:
     """pydantic's errors as one line: ``field: what was wrong; ...`` (values left out)."""
     parts = []
@@ -192,11 +211,22 @@ def encode_safetensors(model: str, encodings: list[ImageEncoding], tensors: list
     return save(flat, metadata={"model": model, "images": json.dumps(images)})
 
 
-def embeddings_json(model: str, vectors: list[torch.Tensor], encoding_format: str, tokens: int) -> bytes:
-    """OpenAI's embeddings response: float32 vectors as JSON numbers (exact: each float32 is written as the
-    shortest decimal of its float64 value) or as base64 of their little-endian bytes."""
+def encode_body(model: str, encodings: list[ImageEncoding], req: EncodeRequest, safetensors: bool,
+                tokens: int) -> bytes:
+    """The body of ``/v1/encode``'s answer, with the request's pooling and output dtype."""
+    tensors = [output_tensors(e, pool=req.pool, normalize=req.normalize, dtype=req.dtype) for e in encodings]
+    return encode_safetensors(model, encodings, tensors) if safetensors else encode_json(model, encodings, tensors,
+                                                                                          tokens)
+
+
+def embeddings_json(model: str, encodings: list[ImageEncoding], encoding_format: str, tokens: int) -> bytes:
+    """OpenAI's embeddings response: per image the mean of its soft tokens (``pool_rows``, float32), as JSON
+    numbers (exact: each float32 is written as the shortest decimal of its float64 value) or as base64 of their
+    little-endian bytes."""
+    vectors = [pool_rows(e.embeddings[None])[0] for e in encodings]  # each (D,)
+
     def embedding(v: torch.Tensor) -> Any:
-        array = v.float().numpy()
+        array = v.numpy()
         if encoding_format == "base64":
             return base64.b64encode(array.astype("<f4").tobytes()).decode("ascii")
         return array.tolist()
