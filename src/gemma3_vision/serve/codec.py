@@ -130,8 +130,11 @@ def decode_image_string(text: str, index: int) -> bytes:
     if text.startswith("data:"):
         header, comma, payload = text.partition(",")
         if not comma or not header.endswith(";base64") or not header[5:].startswith("image/"):
+            found = ("no comma before the data" if not comma else
+                     "a media type that is not image/..." if not header[5:].startswith("image/") else
+                     "data that is not marked ;base64")  # the header is not echoed: it could hold image bytes
             raise InvalidRequest(f"image {index}: expected a data URI of the form data:image/<type>;base64,<data>, "
-                                 f"found one starting {header[:40]!r}")
+                                 f"found {found}")
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
