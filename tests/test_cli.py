@@ -433,3 +433,20 @@ def test_a_folder_that_cannot_be_listed_fails_the_job(images, tmp_path, monkeypa
     assert f"failed: {images}/sub: cannot list folder (Permission denied)" in result.stderr.splitlines()
     assert "encoded 1, failed 1, skipped 0 in " in result.stderr
     assert records(tmp_path / "out")[-1]["status"] == "error"
+
+
+@pytest.mark.parametrize("contents", [(), ("notes.txt", "readme.md")], ids=["empty", "no-image-suffix"])
+def test_a_folder_without_images_warns_that_nothing_was_found(tmp_path, contents):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in contents:
+        (folder / name).write_text("not an image")
+    result = encode(str(folder), "-o", str(tmp_path / "out"))
+    assert result.exit_code == EXIT_OK, result.output
+    assert "warning: no images found (folders are searched for files ending in " in result.stderr, result.stderr
+    assert "encoded 0, failed 0, skipped 0 in " in result.stderr and "images/s" not in result.stderr, result.stderr
+
+
+def test_a_folder_with_images_does_not_warn_that_nothing_was_found(images, tmp_path):
+    result = encode(str(images), "-o", str(tmp_path / "out"))
+    assert "no images found" not in result.stderr, result.stderr

@@ -200,9 +200,10 @@ def test_a_lost_wake_up_does_not_hang_the_job(monkeypatch, tree, tmp_path):
 def test_the_summary_gives_a_slow_rate_as_seconds_per_image():
     fast = JobSummary(encoded=89, seconds=5.0)
     assert fast.line() == "encoded 89, failed 0, skipped 0 in 5.0 s (17.80 images/s)"
-    slow = JobSummary(encoded=3, seconds=620.6)  # 0.0048 images/s printed as 0.00 before
+    slow = JobSummary(encoded=3, seconds=620.6)  # 0.0048 images/s, which would print as 0.00
     assert slow.line() == "encoded 3, failed 0, skipped 0 in 620.6 s (206.9 s/image)"
-    assert JobSummary(seconds=1.0).line() == "encoded 0, failed 0, skipped 0 in 1.0 s (0.00 images/s)"
+    nothing = JobSummary(skipped=2, seconds=1.0)  # no rate: over no image it would read "0.00 images/s"
+    assert nothing.line() == "encoded 0, failed 0, skipped 2 in 1.0 s"
 
 
 def test_every_input_gets_one_record_and_the_job_goes_on(monkeypatch, tree, tmp_path):

@@ -307,8 +307,20 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
     finally:
         if progress is not None:
             progress.close()
+    if not summary.inputs:
+        _say(_nothing_found())
     click.echo(summary.line(), err=True)
     sys.exit(EXIT_SOME_FAILED if summary.any_failed else EXIT_OK)
+
+
+def _nothing_found() -> str:
+    """The warning for a job that found no input at all: an empty folder, or one holding no image suffix, would
+    otherwise pass as a silent success."""
+    from .jobs.discovery import IMAGE_SUFFIXES
+
+    suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+    return (f"warning: no images found (folders are searched for files ending in {suffixes}; a file named on its "
+            "own is read whatever its suffix)")
 
 
 def _pause_gc_during_start_up() -> Callable[[], None]:

@@ -71,6 +71,11 @@ class JobSummary:
     def any_failed(self) -> bool:
         return bool(self.failed or self.failed_before)
 
+    @property
+    def inputs(self) -> int:
+        """How many inputs the job saw, whatever became of them."""
+        return self.encoded + self.failed + self.failed_before + self.skipped + self.done_before
+
     def count(self, kind: str) -> None:
         """Count one input by its ``_Prepared.kind``."""
         name = {"encode": "encoded", "error": "failed", "done": "done_before",
@@ -84,11 +89,14 @@ class JobSummary:
         skipped = f"skipped {self.skipped + self.done_before}"
         if self.done_before:
             skipped += f" ({self.done_before} already encoded)"
+        done = f"encoded {self.encoded}, {failed}, {skipped} in {self.seconds:.1f} s"
+        if not self.encoded:
+            return done  # a rate over no image says nothing
         rate = self.images_per_second
         # Under one image a second (a full tower in fp32 on a small CPU), seconds per image read better (a rate
-        # under 0.005 printed as 0.00).
+        # under 0.005 would print as 0.00).
         speed = f"{1 / rate:.1f} s/image" if 0 < rate < 1 else f"{rate:.2f} images/s"
-        return f"encoded {self.encoded}, {failed}, {skipped} in {self.seconds:.1f} s ({speed})"
+        return f"{done} ({speed})"
 
 
 # How long the writer waits for the next batch before looking at the queue again (see run_job's next_result).
