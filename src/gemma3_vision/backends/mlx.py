@@ -28,6 +28,10 @@ from ..model import interpolate_position_embedding
 from ..projector import pool_grid_side
 from ..weights import VisionModel
 
+# Tokens run at once: a batch goes through the tower in chunks of about this many (one 896-px image, sixteen at
+# 224 px), which bounds the activations, as on the torch path's CPU chunks.
+CHUNK_TOKENS = 4096
+
 TO_MX = {torch.float32: mx.float32, torch.bfloat16: mx.bfloat16, torch.float16: mx.float16}
 TO_TORCH = {v: k for k, v in TO_MX.items()}
 
@@ -150,16 +154,25 @@ class MLXBackend:
         mx.eval(x, kept)
         return x, kept
 
+    def run_checked(self, pixels: mx.array, keep: Sequence[int]) -> tuple[mx.array, dict[int, mx.array]]:
+        """``run`` in the run dtype; a float16 pass whose output holds inf/NaN again with float32 products."""
+        dtype = TO_MX[self.dtype]
+        out, kept = self.run(pixels, dtype, keep)
+        if dtype == mx.float16 and not mx.isfinite(out).all().item():
+            out, kept = self.run(pixels, mx.float32, keep)
+        return out, kept
+
     def tower(self, pixels: torch.Tensor, layers: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         tower = self.model.vision_tower
         tower.check_pixels(pixels)
         keep = tower.check_hidden_layers(layers) or ()
         x = from_torch(pixels.float())  # (B, H, W, C)
-        dtype = TO_MX[self.dtype]
-        out, kept = self.run(x, dtype, keep)
-        if dtype == mx.float16 and not mx.isfinite(out).all().item():
-            out, kept = self.run(x, mx.float32, keep)  # an fp16 product overflowed: every product in fp32
-        return to_torch(out), {i: to_torch(kept[i]) for i in keep}
+        # Chunks of about CHUNK_TOKENS tokens (one 896-px image): attention at head_dim 72 may build the
+        # (H, N, N) scores, 1 GB in float32 for one 896-px image
+        per_chunk = max(1, CHUNK_TOKENS // tower.tokens_per_image(pixels))
+        parts = [self.run_checked(x[i:i + per_chunk], keep) for i in range(0, max(x.shape[0], 1), per_chunk)]
+        out = mx.concatenate([p[0] for p in parts])  # (B, N, D)
+        return to_torch(out), {i: to_torch(mx.concatenate([p[1][i] for p in parts])) for i in keep}
 
     # -- the projector
 
