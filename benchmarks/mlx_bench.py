@@ -37,7 +37,10 @@ import mlx.core as mx
 import torch
 
 from gemma3_vision.backends.mlx import MLXBackend
-from gemma3_vision.bench import (
+from gemma3_vision.checkpoints.weights import VisionModel
+from gemma3_vision.model.config import PRESETS
+from gemma3_vision.model.tower import interpolate_position_embedding
+from gemma3_vision.tools.bench import (
     _DTYPES,
     _cosine,
     _sync,
@@ -49,9 +52,6 @@ from gemma3_vision.bench import (
     machine_info,
     random_tower_state,
 )
-from gemma3_vision.config import PRESETS
-from gemma3_vision.model import interpolate_position_embedding
-from gemma3_vision.weights import VisionModel
 
 RESULTS = Path(__file__).parent / "results"
 

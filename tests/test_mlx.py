@@ -22,10 +22,10 @@ from format_fixtures import write_hf_folder, write_mlx_folder, write_mmproj
 from gemma3_vision import backends
 from gemma3_vision import load as g3_load
 from gemma3_vision.api import RandomWeightsWarning
+from gemma3_vision.checkpoints.weights import VisionModel
 from gemma3_vision.cli import main
-from gemma3_vision.config import PRESETS, ProjectorConfig
 from gemma3_vision.errors import OptionError
-from gemma3_vision.weights import VisionModel
+from gemma3_vision.model.config import PRESETS, ProjectorConfig
 
 pytest.importorskip("mlx.core", reason='mlx is not installed (pip install "gemma3-vision[mlx]"; the test extra '
                                        "installs it on Linux x86-64, where CI runs these tests)")

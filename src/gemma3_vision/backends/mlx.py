@@ -24,9 +24,9 @@ import mlx.core as mx
 import mlx.nn as mnn
 import torch
 
-from ..model import interpolate_position_embedding
-from ..projector import pool_grid_side
-from ..weights import VisionModel
+from ..checkpoints.weights import VisionModel
+from ..model.projector import pool_grid_side
+from ..model.tower import interpolate_position_embedding
 
 # Tokens run at once: a batch goes through the tower in chunks of about this many (one 896-px image, sixteen at
 # 224 px), which bounds the activations, as on the torch path's CPU chunks.
