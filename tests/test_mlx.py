@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pickle
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -155,6 +156,7 @@ def test_weights_are_held_once_and_16_bit_stays_16_bit():
             a = enc.backend.weights[name]
             assert p.dtype == dtype and str(a.dtype).endswith(str(dtype).split(".")[1]), name
             # the torch parameter reads the MLX array's memory: one copy for both
+            assert np.frombuffer(memoryview(a), dtype=np.uint8).ctypes.data == p.data_ptr(), name
             assert p.untyped_storage().nbytes() == a.nbytes, name
 
 
@@ -214,6 +216,15 @@ def test_pickle_rebuilds_the_backend(tiny_mlx):
     copy = pickle.loads(pickle.dumps(tiny_mlx))
     assert copy.backend.name == "mlx" and copy.backend.model is copy.model
     assert torch.equal(copy.encode_pixels(x), tiny_mlx.encode_pixels(x))
+
+
+def test_worker_threads_give_the_same_tokens(tiny_mlx):
+    # a server's worker threads: each runs MLX on a stream of its own (backends/mlx.py, thread_stream)
+    x = pixels(2, TINY_VISION.image_size, seed=8)
+    expected = tiny_mlx.encode_pixels(x)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: tiny_mlx.encode_pixels(x), range(4)))
+    assert all(torch.equal(r, expected) for r in results)
 
 
 def test_choosing_the_backend(monkeypatch):

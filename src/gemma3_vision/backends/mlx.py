@@ -17,7 +17,9 @@ the CPU, which on Apple silicon is the same memory as the GPU's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -60,6 +62,22 @@ def share(param: torch.nn.Parameter) -> mx.array:
     mx.eval(a)
     param.data = to_torch(a)  # the old storage is freed here, unless it is also a view of something else
     return a
+
+
+_thread = threading.local()
+
+
+@contextlib.contextmanager
+def thread_stream() -> Iterator[None]:
+    """MLX work on a stream of the calling thread's own: from MLX 0.31.2 streams are per thread, and only the
+    main thread has a default GPU stream, so a call from a worker thread (a server's, say) needs one made there."""
+    if threading.current_thread() is threading.main_thread():
+        yield
+        return
+    if not hasattr(_thread, "stream"):
+        _thread.stream = mx.new_stream(mx.default_device())
+    with mx.stream(_thread.stream):
+        yield
 
 
 def default_dtype(cpu_choice: torch.dtype) -> torch.dtype:
@@ -163,6 +181,11 @@ class MLXBackend:
         return out, kept
 
     def tower(self, pixels: torch.Tensor, layers: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        with thread_stream():
+            return self.tower_here(pixels, layers)
+
+    def tower_here(self, pixels: torch.Tensor, layers: Sequence[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """``tower`` on the current stream."""
         tower = self.model.vision_tower
         tower.check_pixels(pixels)
         keep = tower.check_hidden_layers(layers) or ()
@@ -177,6 +200,10 @@ class MLXBackend:
     # -- the projector
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
+        with thread_stream():
+            return self.project_here(x)
+
+    def project_here(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, N, D)`` → ``(B, T, text_hidden)`` in x's dtype, one image at a time (tokens independent of the
         batch, as on the torch path)."""
         projector = self.model.multi_modal_projector
