@@ -1,9 +1,9 @@
 """The MLX backend: the tower and projector written with ``mlx.core``, on Apple silicon's GPU (or MLX's CPU build).
 
-Same model as ``model.py`` and ``projector.py``, in forward order: a stride-14 conv on NHWC pixels (MLX's own conv
-layout) plus learned positions, then per layer ``x + attn(LN1(x))`` and ``x + mlp(LN2(x))`` with tanh GELU and
-``mx.fast.scaled_dot_product_attention``, then ``post_layernorm``; the projector's 4×4 mean pool, Gemma RMSNorm
-``(1 + w)`` in float32, and ``x @ W``.
+Same model as ``model/tower.py`` and ``model/projector.py``, in forward order: a stride-14 conv on NHWC pixels
+(MLX's own conv layout) plus learned positions, then per layer ``x + attn(LN1(x))`` and ``x + mlp(LN2(x))`` with
+tanh GELU and ``mx.fast.scaled_dot_product_attention``, then ``post_layernorm``; the projector's 4×4 mean pool,
+Gemma RMSNorm ``(1 + w)`` in float32, and ``x @ W``.
 
 Precision, as the torch path: the residual stream and the LayerNorms run in ``VisionTower.residual_dtype`` (float32
 by default), the products in the run dtype; weights stored in another dtype (bf16 weights in a float32 run) are cast
