@@ -9,7 +9,8 @@ on the spot (the best of torch's fc1-shaped product on each torch device and MLX
 
 ``--layers`` cuts the depth (the 27 layers cost alike, so per-layer figures carry over) and ``--image-size`` the
 input; both are in the result. The result JSON (machine, versions, the exact command) goes to
-``benchmarks/results/<machine>/`` unless ``--json`` names a file. On a Mac (Apple silicon)::
+``benchmarks/results/<machine>/`` (a name made from the OS, architecture and CPU model) unless ``--json`` names
+a file. On a Mac (Apple silicon)::
 
     pip install -e ".[mlx,test]"
     python benchmarks/mlx_bench.py --dtype bfloat16 --dtype float32
@@ -26,7 +27,6 @@ import json
 import platform
 import re
 import statistics
-import sys
 import time
 import warnings
 from dataclasses import replace
@@ -51,6 +51,7 @@ from gemma3_vision.tools.bench import (
     gflop_per_image,
     machine_info,
     random_tower_state,
+    result_meta,
 )
 
 RESULTS = Path(__file__).parent / "results"
@@ -169,10 +170,9 @@ def main() -> None:
                   f"cosine vs torch-cpu {r['cosine_vs_torch_cpu']:.6f}", flush=True)
         print("  " + ", ".join(f"{k} = {v:.3g}" for k, v in config["ratios"].items()), flush=True)
         configs.append(config)
-    mlx_version = getattr(mx, "__version__", "?")
-    machine = {**machine_info(torch.device("cpu")), "platform": platform.platform(), "mlx": mlx_version,
-               "mlx_device": str(mx.default_device()), "mps": torch.backends.mps.is_available()}
-    report = {"command": " ".join(["python", *sys.argv]), "machine": machine, "configs": configs}
+    meta = result_meta(torch.device("cpu"))  # machine, versions (mlx among them), command, date
+    meta["machine"] |= {"mlx_device": str(mx.default_device()), "mps": torch.backends.mps.is_available()}
+    report = {"meta": meta, "machine": machine_info(torch.device("cpu")), "configs": configs}
     path = a.json or RESULTS / machine_slug() / (
         f"mlx_{'_'.join(c['dtype'] for c in configs)}_{a.layers}layers_{configs[0]['image_size']}px.json")
     path.parent.mkdir(parents=True, exist_ok=True)
