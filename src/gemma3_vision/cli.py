@@ -345,6 +345,85 @@ def _progress_bar() -> Any:
 
 
 @main.command()
+@click.option("-m", "--model", required=True, help=MODEL_HELP)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Compute dtype. Default: bfloat16 where the hardware runs it fast, else float32.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cuda if available.")
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
+              help="Engine that runs the tower: auto picks the fastest exact one installed for the device.")
+@click.option("--image-size", type=click.IntRange(min=1), default=None,
+              help="Input size in pixels (position embeddings interpolated). Default: the model's.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; then set --api-key).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(min=0, max=65535))
+@click.option("--max-batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Views per forward pass, gathered from concurrent requests.")
+@click.option("--max-wait-ms", default=5.0, show_default=True, type=click.FloatRange(min=0),
+              help="How long the worker waits for more images once it has one.")
+@click.option("--max-queue", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Images admitted and not yet computed; beyond it, 429 with Retry-After.")
+@click.option("--max-body-mb", default=32.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Largest request body; beyond it, 413.")
+@click.option("--max-images", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Most images in one request; beyond it, 413.")
+@click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds from a request's arrival to its answer: 504 after it (408 if its body is still "
+                   "arriving).")
+@click.option("--cache-mb", default=256.0, show_default=True, type=click.FloatRange(min=0),
+              help="Result cache, keyed on image bytes, model and options; 0 turns it off.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=None,
+              help="Refuse images above this many pixels, checked from the header (decompression-bomb guard). "
+                   "Default: 89,478,485.")
+@click.option("--decode-threads", type=click.IntRange(min=1), default=None,
+              help="Threads decoding and preprocessing images. Default: the CPU count, at most 4.")
+@click.option("--api-key", envvar="GEMMA3_VISION_API_KEY", default=None, show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on every route but /health.")
+@click.option("--served-model-name", default=None,
+              help="The model's name in /v1/models and in responses. Default: the --model argument.")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True)
+@reports_errors
+def serve(model: str, dtype: str | None, device: str | None, backend: str, image_size: int | None, host: str,
+          port: int, max_batch_size: int, max_wait_ms: float, max_queue: int, max_body_mb: float, max_images: int,
+          timeout: float, cache_mb: float, max_pixels: int | None, decode_threads: int | None, api_key: str | None,
+          served_model_name: str | None, log_level: str) -> None:
+    """Serve image embeddings over HTTP (pip install 'gemma3-vision[serve]'); docs/serving.md has the routes.
+
+    POST /v1/embeddings (OpenAI), POST /v1/encode (token matrices as .npy or safetensors), GET /v1/models,
+    /health, /ready, /metrics. SIGTERM or Ctrl-C drains: requests in flight finish, then exit 0. Exit 1 if the
+    model worker dies.
+
+    Example: gemma3-vision serve --model random:tiny --port 8000
+    """
+    try:
+        import fastapi  # noqa: F401
+        import multipart  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise click.ClickException(f"serve needs the serve extra ({e.name} is missing): "
+                                   "pip install 'gemma3-vision[serve]'") from None
+    from PIL import Image
+
+    from .api import load
+    from .preprocessing import DEFAULT_MAX_PIXELS
+    from .serve import ServeSettings, run
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # the header check refuses these
+    settings = ServeSettings(
+        model_name=served_model_name or model, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+        max_queue=max_queue, max_body_mb=max_body_mb, max_images=max_images, timeout=timeout, cache_mb=cache_mb,
+        api_key=api_key or None, max_pixels=max_pixels if max_pixels is not None else DEFAULT_MAX_PIXELS,
+        **({"decode_threads": decode_threads} if decode_threads is not None else {}),
+    )
+
+    def loader() -> Any:  # runs in the model worker once the server listens: /ready is 503 until it returns
+        return load(model, dtype=dtype, device=device, image_size=image_size, backend=backend)
+
+    sys.exit(run(loader, settings, host=host, port=port, log_level=log_level))
+
+
+@main.command()
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @reports_errors
