@@ -406,7 +406,7 @@ def serve(model: str, dtype: str | None, device: str | None, backend: str, image
     from PIL import Image
 
     from .api import load
-    from .preprocessing import DEFAULT_MAX_PIXELS
+    from .model.preprocessing import DEFAULT_MAX_PIXELS
     from .serve import ServeSettings, run
 
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # the header check refuses these

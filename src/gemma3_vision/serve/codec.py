@@ -20,7 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..api import ImageEncoding, pool_rows
-from ..pan_and_scan import PanAndScanConfig
+from ..model.pan_and_scan import PanAndScanConfig
 from .problems import InvalidRequest, PayloadTooLarge
 
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

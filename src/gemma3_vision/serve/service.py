@@ -20,8 +20,8 @@ import numpy as np
 
 from ..api import Gemma3Vision, ImageEncoding
 from ..errors import ImageError, OptionError
-from ..job import EncodeOptions, check_options, job_key
-from ..pan_and_scan import Box
+from ..jobs.job import EncodeOptions, check_options, job_key
+from ..model.pan_and_scan import Box
 from .batcher import Batcher, ComputeKey, WorkerDied
 from .batcher import Overloaded as QueueFull
 from .cache import ResultCache

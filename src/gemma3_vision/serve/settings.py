@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..preprocessing import DEFAULT_MAX_PIXELS
+from ..model.preprocessing import DEFAULT_MAX_PIXELS
 
 API_KEY_ENV = "GEMMA3_VISION_API_KEY"
 
