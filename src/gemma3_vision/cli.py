@@ -382,11 +382,18 @@ def _progress_bar() -> Any:
               help="The model's name in /v1/models and in responses. Default: the --model argument.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              callback=_ray_address,
+              help="Serve from Ray Serve replicas (pip install 'gemma3-vision[ray]'): ADDRESS is auto, "
+                   "ray://HOST:10001 or HOST:6379; alone, RAY_ADDRESS or a new local Ray instance. The model must "
+                   "load on every node.")
+@click.option("--replicas", type=click.IntRange(min=1), default=None,
+              help="With --ray: model copies, each with its own batching worker (default: one per GPU, else 1).")
 @reports_errors
 def serve(model: str, dtype: str | None, device: str | None, backend: str, image_size: int | None, host: str,
           port: int, max_batch_size: int, max_wait_ms: float, max_queue: int, max_body_mb: float, max_images: int,
           timeout: float, cache_mb: float, max_pixels: int | None, decode_threads: int | None, api_key: str | None,
-          served_model_name: str | None, log_level: str) -> None:
+          served_model_name: str | None, log_level: str, ray_address: str | None, replicas: int | None) -> None:
     """Serve image embeddings over HTTP (pip install 'gemma3-vision[serve]'); docs/serving.md has the routes.
 
     POST /v1/embeddings (OpenAI), POST /v1/encode (token matrices as .npy or safetensors), GET /v1/models,
@@ -395,6 +402,8 @@ def serve(model: str, dtype: str | None, device: str | None, backend: str, image
 
     Example: gemma3-vision serve --model random:tiny --port 8000
     """
+    if replicas is not None and ray_address is None:
+        raise click.UsageError("--replicas applies to --ray: add --ray")
     try:
         import fastapi  # noqa: F401
         import multipart  # noqa: F401
@@ -417,8 +426,15 @@ def serve(model: str, dtype: str | None, device: str | None, backend: str, image
         **({"decode_threads": decode_threads} if decode_threads is not None else {}),
     )
 
+    load_options: dict[str, Any] = {"dtype": dtype, "device": device, "image_size": image_size, "backend": backend}
+    if ray_address is not None:
+        from .serve.ray_serve import run_with_ray
+
+        sys.exit(run_with_ray(model, load_options, settings, replicas=replicas, address=ray_address or None,
+                              host=host, port=port, device=device))
+
     def loader() -> Any:  # runs in the model worker once the server listens: /ready is 503 until it returns
-        return load(model, dtype=dtype, device=device, image_size=image_size, backend=backend)
+        return load(model, **load_options)
 
     sys.exit(run(loader, settings, host=host, port=port, log_level=log_level))
 
