@@ -13,6 +13,7 @@ shared cluster's other applications keep running; a local Ray instance started h
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -137,16 +138,18 @@ def run_with_ray(model: str, load_options: dict[str, Any], settings: ServeSettin
                  address: str | None, host: str, port: int, device: str | None) -> int:
     """``gemma3-vision serve --ray``: deploy, say where it listens, serve until SIGTERM or Ctrl-C (raised here as
     ``KeyboardInterrupt`` by the command line), then stop; the exit code."""
-    service = serve_with_ray(functools.partial(build_app, model, load_options, settings), replicas=replicas,
-                             address=address, host=host, port=port, device=device,
-                             max_ongoing_requests=settings.max_queue + settings.max_batch_size)
-    print(f"serving {model} on {service.url} from {service.replicas} Ray Serve replicas "
-          f"({service.resources.cpus:g} CPU, {service.resources.gpus:g} GPU each)", file=sys.stderr, flush=True)
+    service = None
     try:
+        service = serve_with_ray(functools.partial(build_app, model, load_options, settings), replicas=replicas,
+                                 address=address, host=host, port=port, device=device,
+                                 max_ongoing_requests=settings.max_queue + settings.max_batch_size)
+        print(f"serving {model} on {service.url} from {service.replicas} Ray Serve replicas "
+              f"({service.resources.cpus:g} CPU, {service.resources.gpus:g} GPU each)", file=sys.stderr, flush=True)
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        service.stop()
+    except KeyboardInterrupt:  # a stop asked for, also while the replicas start (serve_with_ray cleans up then)
+        if service is not None:
+            service.stop()
     return 0
 
 
@@ -191,9 +194,10 @@ def serve_with_ray(build_app: Callable[[], Any], *, replicas: int | None = None,
         try:
             serve.run(deployment.bind(build_app), name=APP_NAME, route_prefix="/")
         except RuntimeError as e:  # a replica failed to start (its model did not load): Ray's text, last line first
-            serve.delete(APP_NAME)
             raise ConfigError(f"the Ray Serve replicas did not start: {_last_line(str(e))}") from None
-    except BaseException:
+    except BaseException:  # the replicas could not start, or a stop was asked for meanwhile
+        with contextlib.suppress(Exception):
+            serve.delete(APP_NAME)
         if started_ray:
             ray.shutdown()
         raise
