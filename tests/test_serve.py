@@ -316,6 +316,27 @@ def test_client_gone_is_dropped_before_compute(encoder):
             assert "gemma3_vision_dropped_images_total 1.0" in client.get("/metrics").text
 
 
+def test_identical_images_in_flight_are_computed_once(encoder):
+    gate = Gate(encoder)
+    with serving(gate.encoder, ServeSettings(model_name="random:tiny", max_wait_ms=0)) as running:
+        image = b64(png(12, 12, seed=21))
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=running.url, timeout=30) as client:
+                first = asyncio.create_task(client.post("/v1/embeddings", json={"input": image}))
+                await asyncio.sleep(0.2)  # the first is in the gated forward pass, or queued for it
+                second = asyncio.create_task(client.post("/v1/embeddings", json={"input": [image, image]}))
+                await asyncio.sleep(0.2)
+                gate.open.set()
+                return await first, await second
+
+        first, second = asyncio.run(scenario())
+        assert first.status_code == second.status_code == 200
+        vectors = [first.json()["data"][0]["embedding"], *(d["embedding"] for d in second.json()["data"])]
+        assert vectors[0] == vectors[1] == vectors[2]
+        assert gate.computed == 1, f"the same image was computed {gate.computed} times"
+
+
 def test_worker_death_gives_503_and_exit_code_1(encoder, unused_port):
     from serve_fixtures import run
 

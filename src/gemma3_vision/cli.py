@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import os
 import re
 import signal
 import sys
@@ -404,6 +405,9 @@ def serve(model: str, dtype: str | None, device: str | None, backend: str, image
     """
     if replicas is not None and ray_address is None:
         raise click.UsageError("--replicas applies to --ray: add --ray")
+    # Before torch loads its OpenMP runtime: its threads then sleep between forward passes instead of spinning on
+    # the cores that decode images and answer requests (docs/serving.md).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import fastapi  # noqa: F401
         import multipart  # noqa: F401
@@ -414,9 +418,15 @@ def serve(model: str, dtype: str | None, device: str | None, backend: str, image
                                    "pip install 'gemma3-vision[serve]'") from None
     from PIL import Image
 
-    from .api import load
+    from .api import load, resolve_device, resolve_dtype
+    from .backends import resolve_backend
     from .model.preprocessing import DEFAULT_MAX_PIXELS
     from .serve import ServeSettings, run
+
+    if ray_address is None:  # a Ray cluster's devices are the replicas' to check, not this machine's
+        resolved = resolve_device(device)  # bad options fail here, before the server starts listening
+        resolve_dtype(dtype, resolved)
+        resolve_backend(backend, resolved)
 
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # the header check refuses these
     settings = ServeSettings(

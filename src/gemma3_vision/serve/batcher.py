@@ -181,7 +181,8 @@ class Batcher:
                     return
                 self._compute(batch)
         except BaseException as e:  # the model raised, or could not be loaded: nothing can run any more
-            log.error("model worker stopped: %s: %s", type(e).__name__, e)
+            if self.encoder is not None:  # a load error is the caller's to report (server.run raises it)
+                log.error("model worker stopped: %s: %s", type(e).__name__, e)
             self._die(e)
 
     def _next_batch(self) -> list[_Work] | None:

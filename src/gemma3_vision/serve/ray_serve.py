@@ -188,7 +188,9 @@ def serve_with_ray(build_app: Callable[[], Any], *, replicas: int | None = None,
         serve.start(http_options={"host": host, "port": port})
         deployment: Any = serve.deployment(
             serve.ingress()(Replica), name="encoder", num_replicas=replicas,
-            ray_actor_options={"num_cpus": resources.cpus, "num_gpus": resources.gpus},
+            ray_actor_options={"num_cpus": resources.cpus, "num_gpus": resources.gpus,
+                               # as the local server sets it: torch's threads sleep between forward passes
+                               "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}},
             max_ongoing_requests=max_ongoing_requests,
         )
         try:
