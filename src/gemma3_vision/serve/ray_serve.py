@@ -142,7 +142,8 @@ def run_with_ray(model: str, load_options: dict[str, Any], settings: ServeSettin
     try:
         service = serve_with_ray(functools.partial(build_app, model, load_options, settings), replicas=replicas,
                                  address=address, host=host, port=port, device=device,
-                                 max_ongoing_requests=settings.max_queue + settings.max_batch_size)
+                                 max_ongoing_requests=settings.max_queue + settings.max_batch_size,
+                                 graceful_shutdown_s=settings.timeout + 1)
         print(f"serving {model} on {service.url} from {service.replicas} Ray Serve replicas "
               f"({service.resources.cpus:g} CPU, {service.resources.gpus:g} GPU each)", file=sys.stderr, flush=True)
         while True:
@@ -155,7 +156,8 @@ def run_with_ray(model: str, load_options: dict[str, Any], settings: ServeSettin
 
 def serve_with_ray(build_app: Callable[[], Any], *, replicas: int | None = None, address: str | None = None,
                    host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
-                   cpus_per_replica: float | None = None, max_ongoing_requests: int = 1024) -> RayService:
+                   cpus_per_replica: float | None = None, max_ongoing_requests: int = 1024,
+                   graceful_shutdown_s: float = 20.0) -> RayService:
     """Deploy ``replicas`` copies of ``build_app()`` behind Ray Serve's proxy on ``host:port``; returns once every
     replica has loaded its model and answers. ``replicas`` None: ``default_replicas``.
 
@@ -167,6 +169,8 @@ def serve_with_ray(build_app: Callable[[], Any], *, replicas: int | None = None,
             local Ray instance. Ignored when ``ray.init`` was already called.
         max_ongoing_requests: requests Ray Serve lets into a replica at once; the app's own queue bound
             (``--max-queue``) and its 429s must be the limit, so this is set above it.
+        graceful_shutdown_s: how long a stopping replica lets its requests in flight finish (the local server's
+            bound is ``--timeout`` + 1 s; ``run_with_ray`` passes the same).
 
     Raises:
         ConfigError: Ray Serve is not installed, or the cluster cannot be reached or joined.
@@ -191,7 +195,7 @@ def serve_with_ray(build_app: Callable[[], Any], *, replicas: int | None = None,
             ray_actor_options={"num_cpus": resources.cpus, "num_gpus": resources.gpus,
                                # as the local server sets it: torch's threads sleep between forward passes
                                "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}},
-            max_ongoing_requests=max_ongoing_requests,
+            max_ongoing_requests=max_ongoing_requests, graceful_shutdown_timeout_s=graceful_shutdown_s,
         )
         try:
             serve.run(deployment.bind(build_app), name=APP_NAME, route_prefix="/")
