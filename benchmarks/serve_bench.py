@@ -1,7 +1,8 @@
 """Does ``gemma3-vision serve`` keep its model as busy as in-process ``encode``? One run, same model, same images:
 
 (a) the service: ``gemma3-vision serve`` started as a subprocess on 127.0.0.1, driven by N concurrent async
-    clients (httpx), each sending one image per ``POST /v1/encode`` and waiting for the answer before the next
+    clients (aiohttp, the lighter client on a machine the server shares), each sending one image per
+    ``POST /v1/encode`` (JSON, base64; request bodies made before the round) and waiting for the answer before the next
     (closed loop). A round stops by itself after ``--requests`` requests or ``--seconds`` seconds, whichever
     comes first. Each image is sent once in the whole run, so the server's cache never answers;
 (b) in process: ``Gemma3Vision.encode`` of the same images' bytes (decode, preprocessing and the model, as the
@@ -18,21 +19,28 @@ once, truncated, as a Hugging Face folder in a temporary folder, and both sides 
 
 Examples (the figures in docs/serving.md):
     flock -x /work/cpu.lock python benchmarks/serve_bench.py --model random --layers 1 --dtype bfloat16 \\
-        --clients 8 32 --max-batch-size 8 --requests 48 --json benchmarks/results/zen4-2vcpu/serve_gemma3_1layer.json
-    flock -x /work/cpu.lock python benchmarks/serve_bench.py --model random:tiny --clients 8 32 \\
-        --json benchmarks/results/zen4-2vcpu/serve_tiny.json
-    python benchmarks/serve_bench.py --model random:tiny --clients 8 --rounds 1 --profile /tmp/prof  # py-spy
+        --clients 8 32 --max-batch-size 8 --requests 32 --seconds 120 --image-size 640x480 \\
+        --json benchmarks/results/zen4-2vcpu/serve_gemma3_1layer_bf16.json
+    flock -x /work/cpu.lock python benchmarks/serve_bench.py --model random:tiny --clients 8 32 --requests 400 \\
+        --seconds 6 --image-size 128x96 --profile /tmp/prof --json benchmarks/results/zen4-2vcpu/serve_tiny.json
 """
 
+# ruff: noqa: E402  (an environment variable is set before torch is imported)
 from __future__ import annotations
+
+import os
+
+# torch's OpenMP threads in this process as `gemma3-vision serve` sets them (before torch loads): sleeping between
+# forward passes, so in-process encode and the service run the model alike.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import importlib.metadata
 import io
 import json
-import os
 import re
 import shlex
 import signal
@@ -48,6 +56,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import numpy as np
 import torch
@@ -59,7 +68,7 @@ from gemma3_vision.checkpoints.weights import expected_shapes
 from gemma3_vision.tools.bench import machine_info
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pipeline_bench import photo_like  # noqa: E402  (a sibling script: the same photo-like test images)
+from pipeline_bench import photo_like  # (a sibling script: the same photo-like test images)
 
 _READY_TIMEOUT_S = 300.0  # a truncated full-width tower loads in seconds; Python and torch imports take a few
 _STOP_TIMEOUT_S = 60.0
@@ -155,33 +164,32 @@ class Sample:
     timing: dict[str, float] = field(default_factory=dict)
 
 
-def request_body(image: bytes) -> dict[str, Any]:
-    """One image as ``POST /v1/encode``'s JSON body, the projected soft tokens as a float32 .npy back."""
-    import base64
-
-    return {"images": [base64.b64encode(image).decode()], "dtype": "float32"}
+def request_body(image: bytes) -> bytes:
+    """One image as ``POST /v1/encode``'s JSON body; the projected soft tokens come back as a float32 .npy."""
+    return json.dumps({"images": [base64.b64encode(image).decode()], "dtype": "float32"}).encode()
 
 
-async def drive(url: str, images: list[bytes], clients: int, seconds: float) -> tuple[list[Sample], float]:
-    """``clients`` closed-loop clients sharing ``images`` (each sent once), until the images or ``seconds`` run
+async def drive(url: str, bodies: list[bytes], clients: int, seconds: float) -> tuple[list[Sample], float]:
+    """``clients`` closed-loop clients sharing ``bodies`` (each sent once), until the bodies or ``seconds`` run
     out; returns the samples and the wall seconds from the first request sent to the last answer."""
-    pending = iter(images)
+    pending = iter(bodies)
     samples: list[Sample] = []
     start = time.perf_counter()
     deadline = start + seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    headers = {"Content-Type": "application/json"}
 
-    async def client(http: httpx.AsyncClient) -> None:
-        for image in pending:  # the shared iterator: each image goes to exactly one client
+    async def client(http: aiohttp.ClientSession) -> None:
+        for body in pending:  # the shared iterator: each body goes to exactly one client
             if time.perf_counter() > deadline:
                 return
             sent = time.perf_counter()
-            response = await http.post(f"{url}/v1/encode", json=request_body(image))
-            await response.aread()
-            timing = {m: float(v) for m, v in _TIMING.findall(response.headers.get("server-timing", ""))}
-            samples.append(Sample(response.status_code, time.perf_counter() - sent, timing))
+            async with http.post(f"{url}/v1/encode", data=body, headers=headers) as response:
+                await response.read()
+                timing = {m: float(v) for m, v in _TIMING.findall(response.headers.get("Server-Timing", ""))}
+                samples.append(Sample(response.status, time.perf_counter() - sent, timing))
 
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(seconds + 600)) as http:
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=seconds + 600)) as http:
         await asyncio.gather(*(client(http) for _ in range(clients)))
     return samples, time.perf_counter() - start
 
@@ -211,8 +219,9 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
 def service_round(url: str, pid: int, images: list[bytes], clients: int, seconds: float) -> dict[str, Any]:
     """One round of load: images/s, latencies, mean batch, and the CPU time the server and the clients spent."""
     sizes_before = batch_sizes(url)
+    bodies = [request_body(image) for image in images]
     cpu_before, server_before = time.process_time(), tree_cpu_seconds(pid)
-    samples, wall = asyncio.run(drive(url, images, clients, seconds))
+    samples, wall = asyncio.run(drive(url, bodies, clients, seconds))
     client_cpu, server_cpu = time.process_time() - cpu_before, tree_cpu_seconds(pid) - server_before
     sizes_after = batch_sizes(url)
     ok = [s for s in samples if s.status == 200]
@@ -243,7 +252,7 @@ def in_process_round(encoder: Gemma3Vision, images: list[bytes], batch: int) -> 
 
 def versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
-    for name in ("gemma3-vision", "fastapi", "starlette", "uvicorn", "httpx", "prometheus_client", "pillow",
+    for name in ("gemma3-vision", "fastapi", "starlette", "uvicorn", "aiohttp", "prometheus_client", "pillow",
                  "numpy"):
         try:
             out[name] = importlib.metadata.version(name)
@@ -329,7 +338,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "tower": {"image_size": vision.image_size, "hidden_size": vision.hidden_size,
                       "layers": vision.num_hidden_layers},
             "dtype": args.dtype, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
-            "image": f"{args.image_size} JPEG q90", "torch_threads": torch.get_num_threads(), "rows": rows,
+            "image": f"{args.image_size} JPEG q90", "torch_threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "rows": rows,
             "profile": profile,
         }
     print(report(result))
@@ -351,6 +361,10 @@ _CATEGORIES = [
     ("event loop", ("asyncio/",)),
     ("service", ("gemma3_vision/serve/",)),
 ]
+# Innermost frames of threads blocked in C (a pool's idle worker, the event loop in select, the model worker's
+# wait): py-spy's idle check does not always see them, so they are counted apart, as "waiting".
+_WAITING = ("_worker (concurrent/futures/thread.py", "Runner.run (asyncio/runners.py", "wait (threading.py",
+            "select (selectors.py")
 
 
 def record_profile(url: str, pid: int, images: list[bytes], clients: int, seconds: float,
@@ -375,8 +389,9 @@ def record_profile(url: str, pid: int, images: list[bytes], clients: int, second
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
         n = int(count)
-        category = next((name for frame in reversed(frames) for name, marks in _CATEGORIES
-                         if any(m in frame for m in marks)), "other")
+        category = "waiting" if frames[-1].startswith(_WAITING) else next(
+            (name for frame in reversed(frames) for name, marks in _CATEGORIES if any(m in frame for m in marks)),
+            "other")
         by_category[category] = by_category.get(category, 0) + n
         by_frame[frames[-1]] = by_frame.get(frames[-1], 0) + n
     total = sum(by_category.values()) or 1
