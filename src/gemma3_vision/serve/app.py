@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..api import Gemma3Vision, ImageEncoding, pool_rows
+from ..api import Gemma3Vision, ImageEncoding
 from .batcher import Batcher, Timing
 from .codec import (
     SAFETENSORS_TYPE,
@@ -38,14 +38,12 @@ from .codec import (
     EncodeRequest,
     ImageOptions,
     check_count,
-    decode_image_string,
     digest,
     embeddings_json,
-    encode_json,
-    encode_safetensors,
+    encode_body,
     image_options,
-    output_tensors,
-    parse_json,
+    parse_embeddings,
+    parse_encode,
     validation_message,
     wants_safetensors,
 )
@@ -144,19 +142,16 @@ def create_app(encoder: Gemma3Vision | Callable[[], Gemma3Vision], settings: Ser
         """OpenAI-compatible: one vector per image, the mean of its projected soft tokens (float32)."""
         deadline = admit(request)
         body = await read_body(request, settings.max_body_bytes, deadline)
-        req: EmbeddingsRequest = await service.run(parse_json, EmbeddingsRequest, body)
-        strings = [req.input] if isinstance(req.input, str) else req.input
-        check_count(len(strings), settings.max_images)
+        # One trip to the thread pool each way: parse, check, decode base64 and hash; then pool and write JSON.
+        req, images, digests = await service.run(parse_embeddings, body, settings.max_images)
         encoder = service.encoder
         width = encoder.projector_config.text_hidden_size if encoder.has_projector else None
         if req.dimensions is not None and req.dimensions != width:
             raise InvalidRequest(f"dimensions: this model gives {width}-dimensional embeddings, found a request "
                                  f"for {req.dimensions} (leave it out)")
-        images, digests = await service.run(decode_strings, strings)
         encodings, hits, timing = await encode_watching(request, images, digests, ImageOptions(), deadline)
-        vectors = await service.run(lambda: [pool_rows(e.embeddings[None])[0] for e in encodings])
         tokens = len(encodings) * encoder.tokens_per_image()
-        out = await service.run(embeddings_json, settings.model_name, vectors, req.encoding_format, tokens)
+        out = await service.run(embeddings_json, settings.model_name, encodings, req.encoding_format, tokens)
         return Response(out, media_type="application/json",
                         headers=cache_headers(hits, len(encodings)) | server_timing(timing))
 
@@ -171,9 +166,7 @@ def create_app(encoder: Gemma3Vision | Callable[[], Gemma3Vision], settings: Ser
                                        f"{content_type or 'no content type'}")
         body = await read_body(request, settings.max_body_bytes, deadline)
         if content_type == "application/json":
-            req: EncodeRequest = await service.run(parse_json, EncodeRequest, body)
-            check_count(len(req.images), settings.max_images)
-            images, digests = await service.run(decode_strings, req.images)
+            req, images, digests = await service.run(parse_encode, body, settings.max_images)
         else:
             req, images = await read_multipart(request, body)
             check_count(len(images), settings.max_images)
@@ -190,15 +183,10 @@ def create_app(encoder: Gemma3Vision | Callable[[], Gemma3Vision], settings: Ser
         except ValueError as e:  # OptionError from PanAndScanConfig
             raise InvalidRequest(str(e)) from None
         encodings, hits, timing = await encode_watching(request, images, digests, options, deadline)
-        tensors = await service.run(lambda: [output_tensors(e, pool=req.pool, normalize=req.normalize,
-                                                             dtype=req.dtype) for e in encodings])
-        headers = cache_headers(hits, len(encodings)) | server_timing(timing)
-        if safetensors:
-            out = await service.run(encode_safetensors, settings.model_name, encodings, tensors)
-            return Response(out, media_type=SAFETENSORS_TYPE, headers=headers)
         tokens = sum(len(e.views) for e in encodings) * service.encoder.tokens_per_image(project=options.project)
-        out = await service.run(encode_json, settings.model_name, encodings, tensors, tokens)
-        return Response(out, media_type="application/json", headers=headers)
+        out = await service.run(encode_body, settings.model_name, encodings, req, safetensors, tokens)
+        return Response(out, media_type=SAFETENSORS_TYPE if safetensors else "application/json",
+                        headers=cache_headers(hits, len(encodings)) | server_timing(timing))
 
     async def read_multipart(request: Request, body: bytes) -> tuple[EncodeRequest, list[bytes]]:
         """A multipart body's file parts (the images, in order) and its other fields (the options)."""
@@ -296,11 +284,6 @@ def server_timing(timing: Timing | None) -> dict[str, str]:
     if timing is None:
         return {}
     return {"Server-Timing": f"queue;dur={1e3 * timing.queue_s:.2f}, compute;dur={1e3 * timing.compute_s:.2f}"}
-
-
-def decode_strings(strings: list[str]) -> tuple[list[bytes], list[str]]:
-    images = [decode_image_string(text, i) for i, text in enumerate(strings)]
-    return images, [digest(image) for image in images]
 
 
 async def read_body(request: Request, limit: int, deadline: float) -> bytes:

@@ -96,6 +96,25 @@ def parse_json(model: type[BaseModel], body: bytes) -> Any:
         raise InvalidRequest(validation_message(e)) from None
 
 
+def parse_embeddings(body: bytes, max_images: int) -> tuple[EmbeddingsRequest, list[bytes], list[str]]:
+    """An embeddings request, its images' bytes and their digests."""
+    req: EmbeddingsRequest = parse_json(EmbeddingsRequest, body)
+    images = decode_strings([req.input] if isinstance(req.input, str) else req.input, max_images)
+    return req, images, [digest(image) for image in images]
+
+
+def parse_encode(body: bytes, max_images: int) -> tuple[EncodeRequest, list[bytes], list[str]]:
+    """A JSON encode request, its images' bytes and their digests."""
+    req: EncodeRequest = parse_json(EncodeRequest, body)
+    images = decode_strings(req.images, max_images)
+    return req, images, [digest(image) for image in images]
+
+
+def decode_strings(strings: list[str], max_images: int) -> list[bytes]:
+    check_count(len(strings), max_images)
+    return [decode_image_string(text, i) for i, text in enumerate(strings)]
+
+
 def validation_message(e: ValidationError) -> str:
     """pydantic's errors as one line: ``field: what was wrong; ...`` (values left out)."""
     parts = []
@@ -111,8 +130,11 @@ def decode_image_string(text: str, index: int) -> bytes:
     if text.startswith("data:"):
         header, comma, payload = text.partition(",")
         if not comma or not header.endswith(";base64") or not header[5:].startswith("image/"):
+            found = ("no comma before the data" if not comma else
+                     "a media type that is not image/..." if not header[5:].startswith("image/") else
+                     "data that is not marked ;base64")  # the header is not echoed: it could hold image bytes
             raise InvalidRequest(f"image {index}: expected a data URI of the form data:image/<type>;base64,<data>, "
-                                 f"found one starting {header[:40]!r}")
+                                 f"found {found}")
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
@@ -192,11 +214,22 @@ def encode_safetensors(model: str, encodings: list[ImageEncoding], tensors: list
     return save(flat, metadata={"model": model, "images": json.dumps(images)})
 
 
-def embeddings_json(model: str, vectors: list[torch.Tensor], encoding_format: str, tokens: int) -> bytes:
-    """OpenAI's embeddings response: float32 vectors as JSON numbers (exact: each float32 is written as the
-    shortest decimal of its float64 value) or as base64 of their little-endian bytes."""
+def encode_body(model: str, encodings: list[ImageEncoding], req: EncodeRequest, safetensors: bool,
+                tokens: int) -> bytes:
+    """The body of ``/v1/encode``'s answer, with the request's pooling and output dtype."""
+    tensors = [output_tensors(e, pool=req.pool, normalize=req.normalize, dtype=req.dtype) for e in encodings]
+    return encode_safetensors(model, encodings, tensors) if safetensors else encode_json(model, encodings, tensors,
+                                                                                          tokens)
+
+
+def embeddings_json(model: str, encodings: list[ImageEncoding], encoding_format: str, tokens: int) -> bytes:
+    """OpenAI's embeddings response: per image the mean of its soft tokens (``pool_rows``, float32), as JSON
+    numbers (exact: each float32 is written as the shortest decimal of its float64 value) or as base64 of their
+    little-endian bytes."""
+    vectors = [pool_rows(e.embeddings[None])[0] for e in encodings]  # each (D,)
+
     def embedding(v: torch.Tensor) -> Any:
-        array = v.float().numpy()
+        array = v.numpy()
         if encoding_format == "base64":
             return base64.b64encode(array.astype("<f4").tobytes()).decode("ascii")
         return array.tolist()

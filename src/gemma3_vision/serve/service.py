@@ -108,7 +108,8 @@ class EncodeService:
             DeadlineExceeded: ``deadline`` (``loop.time()``) passed first. ClientGone: ``gone`` was set first.
             Unavailable: draining, or the worker died.
         """
-        self.check(options)  # a request admitted before draining began still finishes (``app.admit`` refuses new ones)
+        # No draining check: a request admitted before draining began still finishes (``admit`` refuses new ones).
+        self.check(options)
         common = self._job_key(options)
         keys = [f"{d}:{common}" for d in digests]
         results: list[ImageEncoding | None] = [self.cache.get(k) for k in keys]
@@ -141,6 +142,8 @@ class EncodeService:
                 entry.waiters -= 1
                 if entry.waiters == 0 and not entry.future.done():
                     self._abandon(key, entry)
+                elif entry.future.done() and not entry.future.cancelled():
+                    entry.future.exception()  # seen: a second bad image of a refused request is not logged
         encodings = [r if r is not None else done[k] for r, k in zip(results, keys, strict=True)]
         timings = [entry.timing for entry in entries.values() if entry.timing is not None]
         timing = Timing(max(t.queue_s for t in timings), max(t.compute_s for t in timings)) if timings else None
