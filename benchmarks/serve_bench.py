@@ -65,7 +65,7 @@ from gemma3_vision.api import Gemma3Vision, load
 from gemma3_vision.checkpoints.convert import convert
 from gemma3_vision.checkpoints.resolve import resolve
 from gemma3_vision.checkpoints.weights import expected_shapes
-from gemma3_vision.tools.bench import machine_info
+from gemma3_vision.tools.bench import result_meta
 
 sys.path.insert(0, str(Path(__file__).parent))
 from pipeline_bench import photo_like  # (a sibling script: the same photo-like test images)
@@ -332,9 +332,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             profile = (record_profile(url, pid, take(per_round), args.clients[0], args.seconds, args.profile)
                        if args.profile else None)
         result = {
-            "benchmark": "serve_bench", "command": shlex.join([sys.executable, *sys.argv]),
-            "server_command": shlex.join(command), "machine": machine_info(torch.device("cpu")),
-            "versions": versions(), "model": name,
+            "meta": result_meta(torch.device("cpu")), "benchmark": "serve_bench",
+            "server_command": shlex.join(command), "serving_versions": versions(), "model": name,
             "tower": {"image_size": vision.image_size, "hidden_size": vision.hidden_size,
                       "layers": vision.num_hidden_layers},
             "dtype": args.dtype, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
@@ -404,7 +403,7 @@ def record_profile(url: str, pid: int, images: list[bytes], clients: int, second
 def report(result: dict[str, Any]) -> str:
     lines = [f"{result['model']} ({result['tower']['layers']} layers, {result['tower']['image_size']} px, width "
              f"{result['tower']['hidden_size']}), {result['dtype']}, batch {result['max_batch_size']}, "
-             f"{result['machine']['cpu']}",
+             f"{result['meta']['machine']['cpu']}",
              f"{'clients':>7} {'service img/s':>13} {'in-proc img/s':>13} {'ratio':>6} "
              f"{'total p50/p95/p99 ms':>22} {'queue p50/p95/p99':>20} {'compute p50/p95/p99':>21}"]
 
