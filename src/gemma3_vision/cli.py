@@ -383,11 +383,18 @@ def _progress_bar() -> Any:
               help="The model's name in /v1/models and in responses. Default: the --model argument.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              callback=_ray_address,
+              help="Serve from Ray Serve replicas (pip install 'gemma3-vision[ray]'): ADDRESS is auto, "
+                   "ray://HOST:10001 or HOST:6379; alone, RAY_ADDRESS or a new local Ray instance. The model must "
+                   "load on every node.")
+@click.option("--replicas", type=click.IntRange(min=1), default=None,
+              help="With --ray: model copies, each with its own batching worker (default: one per GPU, else 1).")
 @reports_errors
 def serve(model: str, dtype: str | None, device: str | None, backend: str, image_size: int | None, host: str,
           port: int, max_batch_size: int, max_wait_ms: float, max_queue: int, max_body_mb: float, max_images: int,
           timeout: float, cache_mb: float, max_pixels: int | None, decode_threads: int | None, api_key: str | None,
-          served_model_name: str | None, log_level: str) -> None:
+          served_model_name: str | None, log_level: str, ray_address: str | None, replicas: int | None) -> None:
     """Serve image embeddings over HTTP (pip install 'gemma3-vision[serve]'); docs/serving.md has the routes.
 
     POST /v1/embeddings (OpenAI), POST /v1/encode (token matrices as .npy or safetensors), GET /v1/models,
@@ -396,6 +403,8 @@ def serve(model: str, dtype: str | None, device: str | None, backend: str, image
 
     Example: gemma3-vision serve --model random:tiny --port 8000
     """
+    if replicas is not None and ray_address is None:
+        raise click.UsageError("--replicas applies to --ray: add --ray")
     # Before torch loads its OpenMP runtime: its threads then sleep between forward passes instead of spinning on
     # the cores that decode images and answer requests (docs/serving.md).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -414,9 +423,10 @@ def serve(model: str, dtype: str | None, device: str | None, backend: str, image
     from .model.preprocessing import DEFAULT_MAX_PIXELS
     from .serve import ServeSettings, run
 
-    resolved = resolve_device(device)  # bad options fail here, before the server starts listening
-    resolve_dtype(dtype, resolved)
-    resolve_backend(backend, resolved)
+    if ray_address is None:  # a Ray cluster's devices are the replicas' to check, not this machine's
+        resolved = resolve_device(device)  # bad options fail here, before the server starts listening
+        resolve_dtype(dtype, resolved)
+        resolve_backend(backend, resolved)
 
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # the header check refuses these
     settings = ServeSettings(
@@ -426,8 +436,15 @@ def serve(model: str, dtype: str | None, device: str | None, backend: str, image
         **({"decode_threads": decode_threads} if decode_threads is not None else {}),
     )
 
+    load_options: dict[str, Any] = {"dtype": dtype, "device": device, "image_size": image_size, "backend": backend}
+    if ray_address is not None:
+        from .serve.ray_serve import run_with_ray
+
+        sys.exit(run_with_ray(model, load_options, settings, replicas=replicas, address=ray_address or None,
+                              host=host, port=port, device=device))
+
     def loader() -> Any:  # runs in the model worker once the server listens: /ready is 503 until it returns
-        return load(model, dtype=dtype, device=device, image_size=image_size, backend=backend)
+        return load(model, **load_options)
 
     sys.exit(run(loader, settings, host=host, port=port, log_level=log_level))
 
