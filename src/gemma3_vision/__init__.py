@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Any
 from .config import PRESETS, ProjectorConfig, VisionConfig
 from .errors import (
     ConfigError,
+    DamagedOutputError,
     FormatError,
     Gemma3VisionError,
     ImageError,
+    InputNotFoundError,
     ModelNotFoundError,
     OptionError,
     OutputError,
@@ -27,10 +29,12 @@ _LAZY = {
     "Gemma3Vision": "api", "RandomWeightsWarning": "api", "load": "api",
     "VisionTower": "model", "MultiModalProjector": "projector",
     "PreprocessConfig": "preprocessing", "preprocess": "preprocessing",
+    "Embeddings": "embeddings", "open_embeddings": "embeddings",
 }
 
 if TYPE_CHECKING:
     from .api import Gemma3Vision, RandomWeightsWarning, load
+    from .embeddings import Embeddings, open_embeddings
     from .model import VisionTower
     from .preprocessing import PreprocessConfig, preprocess
     from .projector import MultiModalProjector
@@ -45,7 +49,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "PRESETS", "ConfigError", "FormatError", "Gemma3Vision", "Gemma3VisionError", "ImageError",
-    "ModelNotFoundError", "MultiModalProjector", "OptionError", "OutputError", "PreprocessConfig", "ProjectorConfig",
-    "RandomWeightsWarning", "VisionConfig", "VisionTower", "WeightsError", "__version__", "load", "preprocess",
+    "PRESETS", "ConfigError", "DamagedOutputError", "Embeddings", "FormatError", "Gemma3Vision", "Gemma3VisionError",
+    "ImageError", "InputNotFoundError", "ModelNotFoundError", "MultiModalProjector", "OptionError", "OutputError",
+    "PreprocessConfig", "ProjectorConfig", "RandomWeightsWarning", "VisionConfig", "VisionTower", "WeightsError",
+    "__version__", "load", "open_embeddings", "preprocess",
 ]

@@ -34,3 +34,14 @@ class ImageError(Gemma3VisionError):
 
 class OutputError(Gemma3VisionError):
     """An output folder cannot be used: not creatable or writable, or held by another job."""
+
+
+class DamagedOutputError(OutputError):
+    """An output folder, read back, does not hold what its index says: a file missing, torn or of another shape."""
+
+
+class InputNotFoundError(Gemma3VisionError, KeyError):
+    """An output folder holds no embedding for the input asked for."""
+
+    def __str__(self) -> str:  # KeyError's would quote the message
+        return str(self.args[0]) if self.args else ""

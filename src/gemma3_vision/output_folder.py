@@ -3,12 +3,12 @@ state read back from the index.
 
 What makes the job safe to kill and re-run:
 
-- every ``.npy`` is written under ``OUT/.gemma3-vision-tmp/`` and renamed into place, and its ``ok`` record is
-  appended only after the rename: an ``ok`` record always names a complete file. The record states the main
+- every ``.npy`` and every safetensors shard is written under ``OUT/.gemma3-vision-tmp/`` and renamed into place,
+  and its ``ok`` records are appended only after the rename: an ``ok`` record always names a complete file. The record states the main
   file's size and modification time as they were after the rename, and the input counts as done only while the
-  file still has them: a re-encode killed between its rename and its record leaves the old record naming a file
+  file (for an input in a shard, the shard) still has them: a re-encode killed between its rename and its record leaves the old record naming a file
   that is no longer the one it wrote, and that file is encoded again rather than taken as done
-  (``output_intact``; ``pipeline.finish_input`` says why the main file speaks for the extras);
+  (``output_intact``; ``shards.NpyFiles`` says why the main file speaks for the extras);
 - records are appended one ``write`` per line to an ``O_APPEND`` descriptor; a torn last line (a kill mid-write)
   is dropped on the next run before anything is appended;
 - on the next run each input is looked up in the index by its absolute path (``discovery.input_key``: records'
@@ -51,6 +51,15 @@ from .checkpoint import Checkpoint
 from .discovery import input_key
 from .errors import OutputError
 from .preprocessing import without_name
+
+# Shard names are checked here by the same rule as in ``shards`` (which imports this module).
+_SHARD_NAME = re.compile(r"shards/[0-9a-f]{8,40}-\d{6,}\.safetensors", re.ASCII)
+
+
+def is_shard_name(name: object) -> TypeGuard[str]:
+    """Whether an index record's ``shard`` is a name this library gives: ``shards/<hex>-<n>.safetensors``."""
+    return isinstance(name, str) and _SHARD_NAME.fullmatch(name) is not None
+
 
 INDEX_NAME = "index.jsonl"
 TMP_DIR_NAME = ".gemma3-vision-tmp"  # starts with ".": is_output_name's fast path relies on it
@@ -193,7 +202,9 @@ class ResumeState:
     had, so an input keeps its output name, and the extra files to drop, through failures. An ``overwrite``
     record (``--overwrite``) turns every input so far ``OVERWRITTEN``: naming kept, keys matching nothing, so none
     counts as done or failed before. An ``ok`` record whose output is not a name this library gives
-    (``is_output_name``) is ignored, a bad line: its input keeps what it had."""
+    (``is_output_name``) is ignored, a bad line: its input keeps what it had. An ``ok`` record of an input
+    written into a shard (``shard``, checked by ``is_shard_name``) keeps the shard's name and id in the naming
+    part, no suffixes (``location_of``; ``output_of`` is then ``""``)."""
 
     OK, ERROR, SKIPPED, OVERWRITTEN = b"o", b"e", b"s", b"w"
     OVERWRITE_RECORD = {"status": "overwrite"}
@@ -238,6 +249,12 @@ class ResumeState:
                 suffixes = [k for k, v in outputs.items()
                             if isinstance(k, str) and EXTRA_SUFFIX.fullmatch(k) and v == extra_output(output, k)]
                 value += b"".join(b"\0" + k.encode("ascii") for k in suffixes)
+        elif status == "ok" and is_shard_name(shard := record.get("shard")):
+            # Written into a shard: the shard is its file, with nothing of its own to remove when encoded again.
+            size, mtime = record.get("output_bytes"), record.get("output_mtime_ns")
+            value = (self.OK + short_hash(record.get("bytes"), record.get("mtime_ns"), record.get("job"))
+                     + short_hash(record.get("content"), record.get("job"))
+                     + short_hash(size, mtime) + shard.encode("ascii"))
         elif status == "error":
             at = self.NO_OFFSET if offset is None else offset
             keys = (short_hash(record.get("bytes"), record.get("mtime_ns"), record.get("job"))
@@ -294,9 +311,17 @@ class ResumeState:
         return prior[cls._CONTENT]
 
     @classmethod
-    def output_of(cls, prior: bytes) -> str:
-        """The main output name of the input's last ``ok`` record; ``""`` if it never had one."""
+    def location_of(cls, prior: bytes) -> str:
+        """The file holding the main output of the input's last ``ok`` record: its ``.npy`` or its shard; ``""``
+        if it never had one."""
         return cls._naming_of(prior)[8:].split(b"\0", 1)[0].decode("utf-8", "surrogatepass")
+
+    @classmethod
+    def output_of(cls, prior: bytes) -> str:
+        """The main ``.npy`` name of the input's last ``ok`` record; ``""`` if it never had one, or its last
+        ``ok`` record put it in a shard."""
+        location = cls.location_of(prior)
+        return "" if is_shard_name(location) else location
 
     @classmethod
     def written_of(cls, prior: bytes) -> bytes:
@@ -332,6 +357,10 @@ class ResumeState:
         named before ``free`` was so strict)."""
         key = record_key(record)
         prior = self.prior(key) if key is not None else None
+        if prior is not None and is_shard_name(record.get("shard")) and (old := self.output_of(prior)):
+            # Now in a shard: its .npy files are no input's any more. Its name stays taken (by the old record).
+            return [old] + [name for suffix in self.extras_of(prior)
+                            if self._only_of(name := extra_output(old, suffix), old)]
         output = record.get("output")
         if not isinstance(output, str) or prior is None or self.output_of(prior) != output:
             return []
