@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+from safetensors import SafetensorError
 
 from .discovery import input_key
 from .errors import DamagedOutputError, Gemma3VisionError, InputNotFoundError, OptionError
@@ -151,7 +152,7 @@ class Embeddings:
             array = self._from_shard(record, suffix) if "shard" in record else self._from_npy(record, suffix)
         except Gemma3VisionError:
             raise
-        except (OSError, ValueError, RuntimeError) as e:  # numpy's and safetensors' errors for torn or bad files
+        except (OSError, ValueError, EOFError, SafetensorError) as e:  # numpy's and safetensors' for bad files
             where = record.get("shard") or record.get("output")
             raise DamagedOutputError(f"{self.dir / str(where)}: cannot read {suffix or 'the output'} of {name} "
                                      f"({' '.join(str(e).split()) or type(e).__name__})") from None
