@@ -255,7 +255,7 @@ def encode_with_ray(
                         task = next(rows)
                         if text:
                             append(json.loads(text))
-                        elif encoded is not None:
+                        elif isinstance(encoded, Encoded):  # a column of only Nones may come back as NaNs
                             assert shards is not None
                             for record in shards.write(encoded):
                                 append(record)
