@@ -16,7 +16,7 @@ from test_pipeline import fake_encode, job, png, records, two_views, with_extras
 
 import gemma3_vision as g3
 from gemma3_vision.errors import DamagedOutputError, InputNotFoundError, OptionError
-from gemma3_vision.output_folder import INDEX_NAME, TMP_DIR_NAME
+from gemma3_vision.jobs.output_folder import INDEX_NAME, TMP_DIR_NAME
 
 
 @pytest.fixture()
@@ -148,7 +148,7 @@ def test_float16_refuses_an_image_whose_output_exceeds_its_range_and_records_why
 
 
 def test_the_job_key_holds_the_output_dtype_and_default_keys_are_unchanged():
-    from gemma3_vision.job import EncodeOptions, job_key
+    from gemma3_vision.jobs.job import EncodeOptions, job_key
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -226,7 +226,7 @@ def _pixels(path: Path) -> np.ndarray:
     from PIL import Image
     from test_pipeline import SMALL
 
-    from gemma3_vision.preprocessing import pil_to_input
+    from gemma3_vision.model.preprocessing import pil_to_input
 
     return pil_to_input(Image.open(path).convert("RGB"), SMALL)[None]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .config import PRESETS, ProjectorConfig, VisionConfig
 from .errors import (
     ConfigError,
     DamagedOutputError,
@@ -22,22 +21,23 @@ from .errors import (
     OutputError,
     WeightsError,
 )
+from .model.config import PRESETS, ProjectorConfig, VisionConfig
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "Gemma3Vision": "api", "RandomWeightsWarning": "api", "load": "api",
-    "VisionTower": "model", "MultiModalProjector": "projector",
-    "PreprocessConfig": "preprocessing", "preprocess": "preprocessing",
-    "Embeddings": "embeddings", "open_embeddings": "embeddings",
+    "VisionTower": "model.tower", "MultiModalProjector": "model.projector",
+    "PreprocessConfig": "model.preprocessing", "preprocess": "model.preprocessing",
+    "Embeddings": "jobs.embeddings", "open_embeddings": "jobs.embeddings",
 }
 
 if TYPE_CHECKING:
     from .api import Gemma3Vision, RandomWeightsWarning, load
-    from .embeddings import Embeddings, open_embeddings
-    from .model import VisionTower
-    from .preprocessing import PreprocessConfig, preprocess
-    from .projector import MultiModalProjector
+    from .jobs.embeddings import Embeddings, open_embeddings
+    from .model.preprocessing import PreprocessConfig, preprocess
+    from .model.projector import MultiModalProjector
+    from .model.tower import VisionTower
 
 
 def __getattr__(name: str) -> Any:

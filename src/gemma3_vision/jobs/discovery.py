@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from .preprocessing import (
+from ..model.preprocessing import (
     file_kind,
 )
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import OptionError
+from ..errors import OptionError
 from .output_folder import extra_output, inside
 
 OUT_DTYPES = ("float32", "float16", "bfloat16")

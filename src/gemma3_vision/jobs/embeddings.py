@@ -26,8 +26,8 @@ from typing import Any, BinaryIO
 import numpy as np
 from safetensors import SafetensorError
 
+from ..errors import DamagedOutputError, Gemma3VisionError, InputNotFoundError, OptionError
 from .discovery import input_key
-from .errors import DamagedOutputError, Gemma3VisionError, InputNotFoundError, OptionError
 from .output_folder import (
     INDEX_NAME,
     extra_output,

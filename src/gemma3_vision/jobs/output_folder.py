@@ -47,10 +47,10 @@ from typing import Any, BinaryIO, TypeGuard
 
 import numpy as np
 
-from .checkpoint import Checkpoint
+from ..checkpoints.checkpoint import Checkpoint
+from ..errors import OutputError
+from ..model.preprocessing import without_name
 from .discovery import input_key
-from .errors import OutputError
-from .preprocessing import without_name
 
 # Shard names are checked here by the same rule as in ``shards`` (which imports this module).
 _SHARD_NAME = re.compile(r"shards/[0-9a-f]{8,40}-\d{6,}\.safetensors", re.ASCII)
