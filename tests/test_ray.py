@@ -146,6 +146,9 @@ def test_ray_job_writes_shards_from_the_driver_as_the_local_job_does(ray_cluster
     result = encode(str(images), "-o", str(remote), *options, "--ray")
     assert result.exit_code == EXIT_SOME_FAILED, result.output
     assert "encoded 4, failed 1, skipped 0 in " in result.stderr, result.stderr
+    start = [line for line in result.stderr.splitlines() if line.startswith("model random:tiny, ")]
+    assert len(start) == 1 and " on cpu, backend torch; Ray: 1 actor; writing float16 safetensors shards of 2 " \
+        "images" in start[0], result.stderr
     assert len(list((remote / "shards").glob("*.safetensors"))) == 2 and not list(remote.rglob("*.npy"))
     ours, theirs = g3.open_embeddings(remote), g3.open_embeddings(local)
     assert [name for name, _ in ours] == [name for name, _ in theirs]

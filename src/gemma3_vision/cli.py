@@ -321,12 +321,12 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
             started()
             from .jobs.ray_encode import encode_with_ray
 
-            _say(f"model {model}, on a Ray cluster; writing {_layout(out_dtype, shards)}")
             summary = encode_with_ray(
                 [], out_dir, model, options, address=ray_address or None, dtype=dtype, device=device,
                 image_size=image_size, max_pixels=max_pixels, overwrite=overwrite, shard_size=shards, items=items,
                 actors=ray_actors, on_record=on_record, on_failed_before=on_failed_before,
                 on_progress=progress.update,
+                on_start=lambda line: _say(f"{line}; writing {_layout(out_dtype, shards)}"),
             )
         else:
             encoder = load(model, dtype=dtype, device=device, image_size=image_size, backend=backend)

@@ -55,6 +55,7 @@ from ..api import (
     parse_device,
     resolve_dtype,
 )
+from ..backends import resolve_backend
 from ..checkpoints.checkpoint import Checkpoint
 from ..checkpoints.resolve import resolve
 from ..checkpoints.weights import empty_model
@@ -145,6 +146,7 @@ def encode_with_ray(
     on_record: Callable[[dict[str, Any]], None] | None = None,
     on_failed_before: Callable[[str, str | None], None] | None = None,
     on_progress: Callable[[JobSummary], None] | None = None,
+    on_start: Callable[[str], None] | None = None,
 ) -> JobSummary:
     """Encode files, folders and glob patterns on a Ray cluster into ``out_dir``, as ``gemma3-vision encode``.
 
@@ -168,6 +170,7 @@ def encode_with_ray(
         on_record: sees every record the driver appends.
         on_failed_before: sees every unchanged input that failed before, as in ``pipeline.run_job``.
         on_progress: sees the summary after each input.
+        on_start: told, once the cluster is joined, what runs: model, dtype, device, backend and actors.
 
     Returns:
         The job's ``JobSummary``.
@@ -202,6 +205,10 @@ def encode_with_ray(
         warnings.warn(f"{checkpoint.description} has seeded RANDOM weights: its embeddings mean nothing",
                       RandomWeightsWarning, stacklevel=2)
     options = check_options(shapes, options)
+    if on_start:
+        on_start(f"model {checkpoint.description}, {str(run_dtype).removeprefix('torch.')} on {actor_device}, "
+                 f"backend {resolve_backend(None, torch.device(actor_device))}; Ray: {resources.actors} "
+                 f"actor{'s' * (resources.actors > 1)}")
     key = job_key(shapes, options)
     error_key = error_key_for(key, max_pixels, options.exif_transpose)
     to_input: MakeInput = make_input_for(shapes.preprocess_config, options) or _PlainInput(shapes)
