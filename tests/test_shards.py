@@ -101,6 +101,27 @@ def test_switching_layouts_redoes_nothing_and_overwrite_removes_the_npy_files_it
     assert "output" in g3.open_embeddings(out).record(str(seven / "0.png"))
 
 
+def test_a_shard_is_removed_once_every_image_in_it_is_encoded_again_elsewhere(seven, tmp_path):
+    out = tmp_path / "out"
+    job([str(seven)], out, shard_size=3)
+    first = shard_files(out)
+    png(seven / "0.png", 50)  # one image of the first shard changes: that shard still holds two current images
+    (seven / "3.png").write_bytes(b"broken now")  # one of the second fails: two current images left there
+    job([str(seven)], out, shard_size=3)
+    assert set(first) < set(shard_files(out))
+    (seven / "6.png").write_bytes(b"broken too")  # the only image of the third shard fails: the shard goes
+    job([str(seven)], out, shard_size=3)
+    assert first[2] not in shard_files(out) and set(first[:2]) < set(shard_files(out))
+    for _ in range(2):  # each --overwrite re-encodes everything: the folder does not grow
+        job([str(seven)], out, shard_size=3, overwrite=True)
+        assert len(shard_files(out)) == 2, shard_files(out)
+    assert not set(first) & set(shard_files(out))
+    emb = g3.open_embeddings(out)
+    assert len(emb) == 5 and all(t.shape == (2, 3) for _, t in emb)
+    # A fresh run over the index agrees: nothing it needs is missing.
+    assert job([str(seven)], out, shard_size=3).done_before == 5
+
+
 def test_failed_inputs_get_error_records_and_no_place_in_a_shard(seven, tmp_path):
     (seven / "3.png").write_bytes(b"not a png")
     out = tmp_path / "out"

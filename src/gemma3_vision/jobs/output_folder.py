@@ -32,6 +32,7 @@ What makes the job safe to kill and re-run:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -216,6 +217,10 @@ class ResumeState:
 
     def __init__(self) -> None:
         self._last: dict[bytes, bytes] = {}
+        # For each shard, how many inputs' last ``ok`` records name it (kept through --overwrite, whose records
+        # still name their files). At zero (every image in it encoded again elsewhere, or failed since) the shard
+        # is no input's any more and is removed (``stale_outputs``).
+        self.shard_users: collections.Counter[bytes] = collections.Counter()
         self.taken: set[bytes] = set()  # h(casefolded output name)
         # h(casefolded N) for each name N that a taken name could be an extra file of (``a.png.npy`` once
         # ``a.png.pooled.npy`` is taken): only inputs named like extra files add to it.
@@ -266,7 +271,24 @@ class ResumeState:
         else:  # an unknown status, or an ok record naming a file elsewhere: never acted on
             self.bad_lines += 1
             return
+        if value.endswith(b".safetensors") or (key in self._last and self._last[key].endswith(b".safetensors")):
+            self._count_shard_users(self._last.get(key, b""), value)
         self._last[key] = value
+
+    def _count_shard_users(self, old: bytes, new: bytes) -> None:
+        before, after = self._shard_of(old), self._shard_of(new)
+        if before != after:
+            if before:
+                self.shard_users[before] -= 1
+            if after:
+                self.shard_users[after] += 1
+
+    @classmethod
+    def _shard_of(cls, value: bytes) -> bytes:
+        """The shard a value's naming part names (a shard's naming has no suffixes: it ends the value), or b""."""
+        if not value.endswith(b".safetensors"):
+            return b""
+        return cls._naming_of(value)[8:]
 
     def overwrite(self) -> None:
         """What an ``overwrite`` record means: nothing indexed so far counts as done or failed before."""
@@ -275,8 +297,11 @@ class ResumeState:
             self._last[key] = blank + self._naming_of(value)
 
     def _naming(self, key: bytes) -> bytes:
+        """The naming part an ``error`` or ``skipped`` record keeps: its input's ``.npy`` names, not its shard (a
+        shard is kept only for inputs whose last word is an ``ok`` record naming it)."""
         last = self._last.get(key)
-        return self._naming_of(last) if last else b""
+        naming = self._naming_of(last) if last else b""
+        return b"" if naming.endswith(b".safetensors") else naming
 
     def prior(self, key: str) -> bytes | None:
         """The last word of the input whose ``record_key`` (``InputItem.key``) is ``key``; None if it has none."""
@@ -353,10 +378,17 @@ class ResumeState:
     def stale_outputs(self, record: dict[str, Any]) -> list[str]:
         """The extra files that ``record``'s input had by its previous ``ok`` record (the last one, whatever
         failures followed it) and has no longer: those ``record`` (a new ``ok`` record, same output name) does not
-        list. Never a name that is, or could be an extra file of, another input's output (possible only in folders
+        list; all its ``.npy`` files when ``record`` puts it in a shard; its shard when it was the last input the
+        shard held (counted in ``shard_users``, which this call updates: one call per new record, of any status). Never a name that is, or could be an extra file of, another input's output (possible only in folders
         named before ``free`` was so strict)."""
         key = record_key(record)
         prior = self.prior(key) if key is not None else None
+        if prior is not None and (shard := self._shard_of(prior)) and record.get("shard") != shard.decode():
+            # Its shard holds one image fewer that any input names; the last one out removes it.
+            self.shard_users[shard] -= 1
+            return [shard.decode("ascii")] if self.shard_users[shard] == 0 else []
+        if record.get("status") != "ok":
+            return []
         if prior is not None and is_shard_name(record.get("shard")) and (old := self.output_of(prior)):
             # Now in a shard: its .npy files are no input's any more. Its name stays taken (by the old record).
             return [old] + [name for suffix in self.extras_of(prior)
@@ -459,15 +491,16 @@ class OutputFolder:
             raise
 
     def append(self, record: dict[str, Any]) -> None:
-        """One record, one ``write`` call; ASCII JSON, so undecodable file names survive as escapes. Then, for an
-        ``ok`` record, removes the extra files of the input's previous record that this one does not list.
+        """One record, one ``write`` call; ASCII JSON, so undecodable file names survive as escapes. Then removes
+        what the input's previous ``ok`` record named and this one makes stale (``ResumeState.stale_outputs``): the
+        extra files it does not list, and a shard no input names any more.
 
         Removing only now is the safe order: until the new record is appended, the old one is the input's last
         word and every file it names exists; a kill before the removals can only leave files that no current
         record names (orphans, never removed later), never a current record naming a missing file.
         """
         os.write(self._index, (json.dumps(record) + "\n").encode("ascii"))
-        if record.get("status") == "ok":
+        if record.get("status") in ("ok", "error", "skipped"):
             for name in self.state.stale_outputs(record):
                 with contextlib.suppress(FileNotFoundError):  # removed by hand already
                     os.unlink(inside(self.dir, name))
