@@ -116,6 +116,21 @@ def test_a_start_line_then_plain_progress_lines_with_a_total_when_stderr_is_no_t
     assert "\r" not in result.stderr and "\x1b" not in result.stderr
 
 
+def test_progress_lines_without_a_total_and_durations_read_as_a_person_would():
+    import io
+
+    from gemma3_vision.jobs.pipeline import JobSummary
+    from gemma3_vision.jobs.progress import Progress, duration
+
+    assert [duration(s) for s in (12.4, 187, 3725)] == ["12 s", "3 min 07 s", "1 h 02 min"]
+    progress = Progress(io.StringIO(), terminal=False, interval=0)
+    summary = JobSummary(encoded=3, done_before=7)
+    assert progress.line(summary, 2.0) == "progress: 10 inputs, 1.50 images/s"  # stdin: no total
+    progress.set_total(40)
+    assert progress.line(summary, 2.0) == "progress: 10/40 inputs (25%), 1.50 images/s, about 6 s left"
+    assert progress.line(JobSummary(encoded=1), 4.0) == "progress: 1/40 inputs (2%), 4.0 s/image, about 2 min 36 s left"
+
+
 @pytest.mark.parametrize("files", [[], ["a.HEIC", "b.heic", "notes.txt"]])
 def test_nothing_to_encode_exits_4_names_what_was_left_out_and_writes_nothing(tmp_path, files):
     folder = tmp_path / "in"
