@@ -13,8 +13,8 @@ can be read against what the stages cost.
 one ``.npy`` per image against safetensors shards, in float32 and float16, each through the job's own code
 (``OutputFolder``, ``shards.to_out_dtype``, ``NpyFiles`` / ``ShardFiles``, one index record per image), layouts
 in alternation, a fresh folder each pass. Images/s and MB/s of array bytes, against a memory copy of the same
-bytes measured in the same run (memory bandwidth: a ceiling for writing into the page cache; nothing is synced to
-disk, as the job does not sync).
+bytes measured in the same run (memory bandwidth: a ceiling for writing into the page cache). As in the job, each
+shard is synced to disk before its rename (one ``fsync`` per shard) and ``.npy`` files are not.
 
 Examples:
     python benchmarks/pipeline_bench.py --json benchmarks/results_pipeline_cpu.json

@@ -20,7 +20,9 @@ What makes the job safe to kill and re-run:
   reason is read back from the index (``OutputFolder.earlier_failure``); except those whose bytes were never read
   (``never_read``: a file that could not be opened), which are tried on every run;
 - an input encoded again (a new job key, or new bytes) drops the extra files of its previous ``ok`` record that the
-  new one does not list, and only once the new record is appended (``OutputFolder.append``);
+  new one does not list, and only once the new record is appended (``OutputFolder.append``); an input moved into
+  a shard drops all its ``.npy`` files, and a shard that no input's last ``ok`` record names any more is removed
+  the same way (``ResumeState.shard_users``);
 - output names are assigned so that no input's file, main or extra, can be another input's (``ResumeState.free``),
   and an input keeps its name, and its last ``ok`` record's extra files to drop, through failures since;
 - ``--overwrite`` appends an ``overwrite`` record instead of starting a new index: every record before it still

@@ -3,7 +3,8 @@
 
 Three stages overlap so the model never waits: a thread pool opens, hashes, decodes and preprocesses ahead of the
 model (Pillow and hashlib release the GIL), the calling thread runs the model one batch at a time, and a writer
-thread saves arrays (``shards.py``) and appends index records. A bad input becomes an ``error`` record; the job carries on.
+thread saves arrays (``shards.py``) and appends index records. A bad input becomes an ``error`` record; the job
+carries on.
 
 What makes it safe to kill and re-run is in ``output_folder.py``.
 

@@ -6,6 +6,8 @@ Both take an encoded input as an ``Encoded`` (its arrays, already in the output 
 input's files renamed into place; ``ShardFiles`` only once the shard holding them is: a shard is written under
 the temporary folder and renamed into ``OUT/shards/``, so it is complete or absent, and no record names an image
 whose shard a kill could still lose. The images of a shard not yet written are simply encoded again on resume.
+A shard is also synced to disk before its rename and its records (one ``fsync`` per shard, cheap per image), so
+its records never outlive its bytes, even across a power cut; ``.npy`` files, one per array, are not synced.
 
 A shard holds one tensor per array, keyed by the image's place in the shard and the array's suffix (``"3"``,
 ``"3.layer13"``, ``"3.crop1"``), and, in its metadata, the inputs' paths in that order, so that a shard read without
@@ -160,9 +162,12 @@ class ShardFiles:
         tmp = self.tmp / f"{self.run}-{self.count:06d}.safetensors"
         save_file(tensors, tmp, metadata=metadata)
         os.chmod(tmp, self.mode)
+        _fsync(tmp)  # on disk before any record names it: durable across a power cut too, for one sync per shard
         target = inside(self.dir, name)
         target.parent.mkdir(exist_ok=True)
         os.replace(tmp, target)
+        with contextlib.suppress(OSError):  # the rename itself; a folder cannot be opened for it on Windows
+            _fsync(target.parent)
         st = os.stat(target)
         records = []
         for i, e in enumerate(pending):
@@ -171,6 +176,14 @@ class ShardFiles:
                             "shape": list(e.arrays[""].shape), "output_bytes": st.st_size,
                             "output_mtime_ns": st.st_mtime_ns, **({"keys": keys} if keys else {}), **e.tail})
         return records
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _key(i: int, suffix: str) -> str:
