@@ -17,8 +17,8 @@ bytes measured in the same run (memory bandwidth: a ceiling for writing into the
 shard is synced to disk before its rename (one ``fsync`` per shard) and ``.npy`` files are not.
 
 Examples:
-    python benchmarks/pipeline_bench.py --json benchmarks/results_pipeline_cpu.json
-    python benchmarks/pipeline_bench.py --write-only --images 256 --shard-size 64 --json writes.json
+    python benchmarks/pipeline_bench.py --json benchmarks/results/MACHINE/pipeline_fp32.json
+    python benchmarks/pipeline_bench.py --write-only --images 128 --shard-size 64 --json benchmarks/results/MACHINE/pipeline_writes.json
     python benchmarks/pipeline_bench.py --model tiny --images 32 --repeats 2          # quick look
     python benchmarks/pipeline_bench.py --model gemma3:2 --batch 1                      # full width, 2 layers
 """
@@ -52,7 +52,7 @@ from gemma3_vision.jobs.output_folder import OutputFolder, content_digest, save_
 from gemma3_vision.jobs.pipeline import run_job
 from gemma3_vision.jobs.shards import Encoded, NpyFiles, ShardFiles, to_out_dtype
 from gemma3_vision.model.preprocessing import decode_image, pil_to_input
-from gemma3_vision.tools.bench import machine_info
+from gemma3_vision.tools.bench import machine_info, result_meta
 
 # Image sets: (name, width, height, formats cycled through the files).
 IMAGE_SETS = {"640x480": (640, 480, ("JPEG", "PNG")), "2000x1500": (2000, 1500, ("JPEG",))}
@@ -318,11 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         print(format_writes(result))
         if a.json:
             a.json.parent.mkdir(parents=True, exist_ok=True)
-            a.json.write_text(json.dumps({"machine": machine_info(torch.device("cpu")), "numpy": np.__version__,
-                                          "safetensors": _version("safetensors"),
-                                          "command": " ".join(["python", "benchmarks/pipeline_bench.py",
-                                                               *(argv if argv is not None else sys.argv[1:])]),
-                                          **result}, indent=1) + "\n")
+            meta = result_meta(torch.device("cpu"))
+            meta["versions"].update(numpy=np.__version__, safetensors=_version("safetensors"))
+            a.json.write_text(json.dumps({"meta": meta, **result}, indent=1) + "\n")
         return 0
     if a.torch_threads:
         torch.set_num_threads(a.torch_threads)
@@ -342,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(format_table(rows[-1:]).splitlines()[-1], file=sys.stderr)
     print(format_table(rows))
     if a.json:
-        a.json.write_text(json.dumps({"machine": machine_info(torch.device("cpu")), "results": rows}, indent=1) + "\n")
+        cpu = torch.device("cpu")
+        report = {"meta": result_meta(cpu), "machine": machine_info(cpu), "results": rows}
+        a.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0
 
 

@@ -19,6 +19,7 @@ from .errors import (
     ModelNotFoundError,
     OptionError,
     OutputError,
+    PromptError,
     WeightsError,
 )
 from .model.config import PRESETS, ProjectorConfig, VisionConfig
@@ -30,11 +31,14 @@ _LAZY = {
     "VisionTower": "model.tower", "MultiModalProjector": "model.projector",
     "PreprocessConfig": "model.preprocessing", "preprocess": "model.preprocessing",
     "Embeddings": "jobs.embeddings", "open_embeddings": "jobs.embeddings",
+    "SplicedPrompt": "language_model", "expand_prompt": "language_model", "greedy_generate": "language_model",
+    "image_prompt": "language_model", "splice_images": "language_model",
 }
 
 if TYPE_CHECKING:
     from .api import Gemma3Vision, RandomWeightsWarning, load
     from .jobs.embeddings import Embeddings, open_embeddings
+    from .language_model import SplicedPrompt, expand_prompt, greedy_generate, image_prompt, splice_images
     from .model.preprocessing import PreprocessConfig, preprocess
     from .model.projector import MultiModalProjector
     from .model.tower import VisionTower
@@ -51,6 +55,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "PRESETS", "ConfigError", "DamagedOutputError", "Embeddings", "FormatError", "Gemma3Vision", "Gemma3VisionError",
     "ImageError", "InputNotFoundError", "ModelNotFoundError", "MultiModalProjector", "OptionError", "OutputError",
-    "PreprocessConfig", "ProjectorConfig", "RandomWeightsWarning", "VisionConfig", "VisionTower", "WeightsError",
-    "__version__", "load", "open_embeddings", "preprocess",
+    "PreprocessConfig", "ProjectorConfig", "PromptError", "RandomWeightsWarning", "SplicedPrompt", "VisionConfig",
+    "VisionTower", "WeightsError", "__version__", "expand_prompt", "greedy_generate", "image_prompt", "load",
+    "open_embeddings", "preprocess", "splice_images",
 ]

@@ -45,3 +45,8 @@ class InputNotFoundError(Gemma3VisionError, KeyError):
 
     def __str__(self) -> str:  # KeyError's would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class PromptError(Gemma3VisionError, ValueError):
+    """A prompt does not fit the images handed to the language model with it: its image slots differ in number or
+    length from the images' soft tokens."""

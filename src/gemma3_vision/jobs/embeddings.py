@@ -8,6 +8,7 @@ memory-maps the shard and reads one tensor). Both layouts, and folders holding b
     emb = gemma3_vision.open_embeddings("out")
     for name, tokens in emb:            # (input, main output), in index order
         ...
+    list(emb.inputs())                  # the inputs alone
     tokens = emb["photos/cat.jpg"]      # by the input as given to encode, or by its path
     emb.arrays("photos/cat.jpg")        # {"": tokens, "layer13": ..., "pooled": ..., "crop1": ...}
 
@@ -104,6 +105,11 @@ class Embeddings:
         for at in sorted(self._by_path.values()):
             record = self._read_record(at)
             yield record["input"], self._load(record, "")
+
+    def inputs(self) -> Iterator[str]:
+        """The inputs with an embedding, in index order, as given to encode; nothing else is read."""
+        for at in sorted(self._by_path.values()):
+            yield self._read_record(at)["input"]
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self._find(name) is not None
