@@ -492,7 +492,9 @@ def load(model: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
         image_size: input side in pixels, overriding the checkpoint's (e.g. 448 or 1344 for Gemma 3, whose
             position table is 64×64: it is interpolated bicubically, as transformers does).
         backend: the engine that runs the tower and projector (``backends/``): ``auto`` (default) picks the
-            fastest exact one present for the device; ``torch`` is the reference path.
+            fastest exact one present for the device (``mlx`` on Apple silicon with mlx installed, else
+            ``torch``); ``torch`` is the reference path; ``mlx`` runs on MLX's device and needs ``device="cpu"``
+            or none (docs/mlx.md).
 
     Returns:
         A ``Gemma3Vision`` whose ``encode(images)`` returns embeddings.
@@ -501,9 +503,15 @@ def load(model: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
         ConfigError: a bad dtype, device or image size; a device this machine does not have.
         ModelNotFoundError, WeightsError: the model cannot be found, or its files cannot be read as one.
     """
+    if device is None and backend == "mlx":
+        device = "cpu"  # MLX computes on its own device (the Apple GPU); results come back as CPU tensors
     device = resolve_device(device)
     backend = resolve_backend(backend, device)
     run_dtype = resolve_dtype(dtype, device)
+    if dtype is None and backend == "mlx":
+        from .backends.mlx import default_dtype
+
+        run_dtype = default_dtype(run_dtype)
     checkpoint = resolve(model, dtype=run_dtype)  # random weights are made in it: nothing to cast
     if image_size is not None:
         check_input_size(image_size, checkpoint.vision.patch_size)  # before the weights are read
@@ -516,5 +524,9 @@ def load(model: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
     tower.compute_dtype, tower.output_dtype = compute_dtype_for(run_dtype, device), run_dtype
     if vision_model.multi_modal_projector is not None:
         vision_model.multi_modal_projector.compute_dtype = tower.compute_dtype
-    assert backend == "torch"  # the only one resolve_backend returns so far
-    return Gemma3Vision(vision_model, checkpoint, run_dtype, device, image_size=image_size)
+    engine: Backend | None = None  # None: the torch backend
+    if backend == "mlx":
+        from .backends.mlx import MLXBackend
+
+        engine = MLXBackend(vision_model, run_dtype)
+    return Gemma3Vision(vision_model, checkpoint, run_dtype, device, image_size=image_size, backend=engine)

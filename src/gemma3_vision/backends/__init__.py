@@ -5,6 +5,7 @@ service) is backend-free: a backend takes float32 NHWC pixels ``(B, S, S, 3)`` a
 every caller sees the same types whichever engine computed them.
 
 - ``torch``: the reference path, on CPUs and CUDA (``backends/torch.py``).
+- ``mlx``: MLX, on Apple silicon's GPU, or MLX's CPU build elsewhere (``backends/mlx.py``; the ``mlx`` extra).
 
 ``resolve_backend`` turns the ``backend=`` argument of ``load()`` (``--backend`` on the command line) into one
 of these names; ``auto`` picks the fastest exact backend present for the device.
@@ -12,6 +13,10 @@ of these names; ``auto`` picks the fastest exact backend present for the device.
 
 from __future__ import annotations
 
+import functools
+import importlib
+import platform
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -20,7 +25,7 @@ from ..errors import OptionError
 if TYPE_CHECKING:  # the command line reads CHOICES without paying for torch's import
     import torch
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "mlx")
 CHOICES = ("auto", *BACKENDS)
 
 
@@ -46,7 +51,44 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         OptionError: a name not in ``CHOICES``.
     """
     if backend is None or backend == "auto":
-        return "torch"
+        return "mlx" if mlx_preferred(device) else "torch"
     if backend not in BACKENDS:
         raise OptionError(f"backend must be one of {', '.join(CHOICES)}, got {backend!r}")
+    if backend == "mlx":
+        check_mlx(device)
     return backend
+
+
+# -- MLX: the default on Apple silicon
+
+MLX_INSTALL = 'pip install "gemma3-vision[mlx]"'
+
+
+@functools.lru_cache(maxsize=1)
+def mlx_import_error() -> str | None:
+    """Why ``mlx.core`` cannot be imported here, or None when it can (``mlx`` alone on Linux lacks the CPU
+    build's library: ``mlx[cpu]`` brings it)."""
+    try:
+        importlib.import_module("mlx.core")
+    except ImportError as e:
+        return str(e)
+    return None
+
+
+def on_apple_silicon() -> bool:
+    return sys.platform == "darwin" and platform.machine() == "arm64"
+
+
+def mlx_preferred(device: torch.device) -> bool:
+    """``auto`` picks MLX on Apple silicon with mlx installed: its GPU, which torch reaches only through MPS."""
+    return device.type == "cpu" and on_apple_silicon() and mlx_import_error() is None
+
+
+def check_mlx(device: torch.device) -> None:
+    """Raises OptionError where ``backend="mlx"`` cannot run: mlx missing, or a CUDA device asked for."""
+    if device.type != "cpu":
+        raise OptionError(f"backend mlx runs on MLX's own device (the Apple GPU, else the CPU) and returns CPU "
+                          f"tensors: device must be cpu or left out, got {device}")
+    why = mlx_import_error()
+    if why is not None:
+        raise OptionError(f"backend mlx needs MLX, which cannot be imported here ({why}): {MLX_INSTALL}")

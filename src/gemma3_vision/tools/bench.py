@@ -199,6 +199,8 @@ def result_meta(device: torch.device) -> dict[str, Any]:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def gemm_tflops(dtype: torch.dtype, device: torch.device, m: int = 2048, k: int = 1152, n: int = 4304,
