@@ -392,3 +392,52 @@ def test_base64_embedding_bytes_are_float32_little_endian(client, encoder):
     response = client.post("/v1/embeddings", json={"input": b64(image), "encoding_format": "base64"})
     vector = np.frombuffer(base64.b64decode(response.json()["data"][0]["embedding"]), "<f4")
     assert np.array_equal(vector, pool_rows(encoder.encode([image]))[0].numpy())
+
+
+def test_batched_results_own_their_storage(encoder):
+    """An image's tensors from a batch of two hold only that image's rows: the cache, which counts an entry's own
+    bytes, would otherwise keep each whole batch alive."""
+    from gemma3_vision.serve import Batcher, ComputeKey
+    from gemma3_vision.serve.metrics import Metrics
+
+    metrics = Metrics()
+    batcher = Batcher(encoder, max_batch_size=2, max_wait_ms=5000, metrics=metrics)
+    batcher.start()
+    try:
+        size = encoder.image_size
+        views = np.random.default_rng(0).random((2, 1, size, size, 3), dtype=np.float32)  # 2 images of 1 view
+        batcher.reserve(2)
+        futures = [batcher.submit(v, ComputeKey(project=True, layers=(1,))) for v in views]
+        results = [f.result(timeout=60) for f in futures]
+    finally:
+        batcher.close(60)
+    assert metrics.registry.get_sample_value("gemma3_vision_batch_size_sum") == 2, "not one batch of two"
+    for (view,) in results:
+        for name, t in (("embeddings", view.embeddings), *((f"layer{i}", h) for i, h in view.layers.items())):
+            held = t.untyped_storage().nbytes()
+            assert held == t.nbytes, f"{name} holds {held} bytes of storage for {t.nbytes} bytes of its own"
+
+
+def test_more_new_images_than_the_queue_holds_is_413_not_429(encoder):
+    """Retrying cannot help a request that needs more queue slots than there are: 413, not 429 + Retry-After."""
+    settings = ServeSettings(model_name="random:tiny", max_queue=2, max_images=4)
+    with serving(encoder, settings) as running, httpx.Client(base_url=running.url, timeout=30) as client:
+        wait_ready(client)
+        images = [b64(png(9, 9, seed=40 + i)) for i in range(3)]
+        response = client.post("/v1/embeddings", json={"input": images})
+        assert response.status_code == 413, response.text
+        assert error_of(response)["type"] == "payload_too_large"
+        assert client.post("/v1/embeddings", json={"input": images[:2]}).status_code == 200
+
+
+def test_remembered_option_keys_stay_bounded(client, server, monkeypatch):
+    """Each request may choose new options (a Pan & Scan ratio is any number): what is kept per option set stays
+    bounded."""
+    from gemma3_vision.serve import service as service_module
+
+    monkeypatch.setattr(service_module, "JOB_KEYS_KEPT", 2)
+    for i in range(4):
+        response = client.post("/v1/encode", json={"images": [b64(png(9, 9))], "pan_and_scan": True,
+                                                   "pan_and_scan_min_ratio": 1.5 + i})
+        assert response.status_code == 200, response.text
+    assert len(server.service._job_keys) <= 2
