@@ -7,7 +7,9 @@ import asyncio
 import base64
 import copy
 import json
+import socket
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -441,3 +443,32 @@ def test_remembered_option_keys_stay_bounded(client, server, monkeypatch):
                                                    "pan_and_scan_min_ratio": 1.5 + i})
         assert response.status_code == 200, response.text
     assert len(server.service._job_keys) <= 2
+
+
+def test_bodies_held_at_once_are_bounded(encoder):
+    """Many uploads at once cannot grow memory without bound: while one client's body all but fills the budget (it
+    sends slowly), another request is refused with 429; once the first client leaves, its bytes are given back."""
+    settings = ServeSettings(model_name="random:tiny", max_body_mb=1, max_bodies_mb=1, timeout=30)
+    with serving(encoder, settings) as running, httpx.Client(base_url=running.url, timeout=30) as client:
+        wait_ready(client)
+        port = int(running.url.rsplit(":", 1)[1])
+        image = {"input": b64(png(9, 9, seed=50))}
+        slow = socket.create_connection(("127.0.0.1", port))
+        try:
+            slow.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % (1024 * 1024) + b" " * (1024 * 1024 - 64))
+            for _ in range(500):  # until the server holds the slow body
+                if running.service.body_bytes >= 1024 * 1024 - 64:
+                    break
+                time.sleep(0.01)
+            refused = client.post("/v1/embeddings", json=image)
+            assert refused.status_code == 429, refused.text
+            assert error_of(refused)["type"] == "overloaded" and refused.headers["retry-after"] == "1"
+        finally:
+            slow.close()
+        for _ in range(500):  # the slow client left: its bytes are given back
+            if running.service.body_bytes == 0:
+                break
+            time.sleep(0.01)
+        assert running.service.body_bytes == 0
+        assert client.post("/v1/embeddings", json=image).status_code == 200

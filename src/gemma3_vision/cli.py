@@ -365,6 +365,9 @@ def _progress_bar() -> Any:
               help="Images admitted and not yet computed; beyond it, 429 with Retry-After.")
 @click.option("--max-body-mb", default=32.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Largest request body; beyond it, 413.")
+@click.option("--max-bodies-mb", default=256.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Request bodies held at once, all requests together (at least one --max-body-mb); beyond "
+                   "it, 429.")
 @click.option("--max-images", default=32, show_default=True, type=click.IntRange(min=1),
               help="Most images in one request; beyond it, 413.")
 @click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
@@ -385,8 +388,9 @@ def _progress_bar() -> Any:
               show_default=True)
 @reports_errors
 def serve(model: str, dtype: str | None, device: str | None, backend: str, image_size: int | None, host: str,
-          port: int, max_batch_size: int, max_wait_ms: float, max_queue: int, max_body_mb: float, max_images: int,
-          timeout: float, cache_mb: float, max_pixels: int | None, decode_threads: int | None, api_key: str | None,
+          port: int, max_batch_size: int, max_wait_ms: float, max_queue: int, max_body_mb: float,
+          max_bodies_mb: float, max_images: int, timeout: float, cache_mb: float, max_pixels: int | None,
+          decode_threads: int | None, api_key: str | None,
           served_model_name: str | None, log_level: str) -> None:
     """Serve image embeddings over HTTP (pip install 'gemma3-vision[serve]'); docs/serving.md has the routes.
 
@@ -421,7 +425,8 @@ def serve(model: str, dtype: str | None, device: str | None, backend: str, image
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # the header check refuses these
     settings = ServeSettings(
         model_name=served_model_name or model, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-        max_queue=max_queue, max_body_mb=max_body_mb, max_images=max_images, timeout=timeout, cache_mb=cache_mb,
+        max_queue=max_queue, max_body_mb=max_body_mb, max_bodies_mb=max_bodies_mb, max_images=max_images,
+        timeout=timeout, cache_mb=cache_mb,
         api_key=api_key or None, max_pixels=max_pixels if max_pixels is not None else DEFAULT_MAX_PIXELS,
         **({"decode_threads": decode_threads} if decode_threads is not None else {}),
     )

@@ -62,6 +62,7 @@ class EncodeService:
         self.cache = ResultCache(settings.cache_bytes)
         self.pool = concurrent.futures.ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self.draining = False
+        self.body_bytes = 0  # request bodies held, all requests together (``app.BodyBudget``)
         self._in_flight: dict[str, _InFlight] = {}
         self._job_keys: dict[ImageOptions, str] = {}
 
