@@ -236,6 +236,8 @@ def test_api_key(encoder):
                 assert response.headers["www-authenticate"] == "Bearer"
         ok = {"Authorization": "Bearer s3cret"}
         assert client.get("/ready", headers=ok).status_code == 200
+        assert client.get("/ready", headers={"Authorization": "bearer s3cret"}).status_code == 200  # any case
+        assert client.get("/ready", headers={"Authorization": "Basic s3cret"}).status_code == 401
         assert client.post("/v1/embeddings", json=body, headers=ok).status_code == 200
 
 

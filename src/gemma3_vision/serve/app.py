@@ -361,7 +361,7 @@ class BearerAuth:
 
     def __init__(self, app: ASGIApp, key: str, metrics: Metrics):
         self.app = app
-        self.expected = f"Bearer {key}".encode()
+        self.expected = key.encode()
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -369,7 +369,9 @@ class BearerAuth:
             await self.app(scope, receive, send)
             return
         given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
-        if hmac.compare_digest(given, self.expected):
+        scheme, _, token = given.partition(b" ")
+        # The scheme is case-insensitive (RFC 9110, 11.1); the key is compared in constant time.
+        if hmac.compare_digest(token.strip(), self.expected) and scheme.lower() == b"bearer":
             await self.app(scope, receive, send)
             return
         self.metrics.rejections.labels("unauthorized").inc()
