@@ -289,6 +289,7 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
 
             summary = encode_with_ray(
                 arguments(), out_dir, model, options, address=ray_address or None, dtype=dtype, device=device,
+                backend=backend,
                 image_size=image_size, max_pixels=max_pixels, overwrite=overwrite, follow_symlinks=follow_symlinks,
                 actors=ray_actors, on_record=on_record, on_failed_before=on_failed_before,
             )
@@ -303,6 +304,7 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
                 max_pixels=max_pixels, workers=workers, overwrite=overwrite, on_record=on_record,
                 on_failed_before=on_failed_before,
             )
+            summary.backend = encoder.backend.name
     finally:
         if progress is not None:
             progress.close()
@@ -349,17 +351,22 @@ def _progress_bar() -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @reports_errors
 def info(model: str, as_json: bool) -> None:
-    """Show what MODEL is: format, files, configs, stored dtypes, parameter counts, conventions undone.
+    """Show what MODEL is: format, files, configs, stored dtypes, parameter counts, conventions undone, and the
+    backend that encode would run it on here.
 
     MODEL is anything --model accepts (folder, GGUF file, Ollama name, Hugging Face id, random:tiny).
     Reads headers only, no tensor data.
     """
     import json
 
+    from .api import default_device
+    from .backends import resolve_backend
     from .info import checkpoint_info, format_info
     from .resolve import resolve
 
     data = checkpoint_info(resolve(model))
+    device = default_device()
+    data["backend"] = {"device": str(device), "auto": resolve_backend("auto", device)}  # what encode would run
     click.echo(json.dumps(data, indent=2) if as_json else format_info(data))
 
 
