@@ -63,8 +63,9 @@ def entry_size(entry: Path) -> int:
 
 def touch(entry: Path) -> None:
     """Mark ``entry`` as used now: the LRU order is key.json's mtime."""
+    now = time.time_ns()  # not the file system's clock, which can tick in milliseconds
     try:
-        os.utime(entry / KEY)
+        os.utime(entry / KEY, ns=(now, now))
     except OSError:  # removed meanwhile by another process's eviction: it is only an order
         pass
 
@@ -120,5 +121,6 @@ def cached_ir(key: dict[str, Any], write: Callable[[Path], None], root: Path | N
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    touch(entry)
     evict(root, max_bytes() if limit is None else limit, keep=entry)
     return entry, False

@@ -91,9 +91,12 @@ def encoder_layer(x: Node, layer: EncoderLayer, tokens: int, eps: float) -> Node
     h = layer_norm(x, layer.layer_norm1.weight, layer.layer_norm1.bias, eps)
     q_w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])  # (3D, D): one product
     q_b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])  # (3D,)
-    qkv = ops.reshape(linear(h, q_w, q_b), shape(1, tokens, 3, H, Dh), special_zero=False)
-    qkv = ops.transpose(qkv, shape(2, 0, 3, 1, 4))  # (3, 1, H, N, Dh)
-    q, k, v = (ops.squeeze(part, shape(0)) for part in ops.split(qkv, ops.constant(np.int64(0)), 3).outputs())
+    # Split, then one (1, N, H, Dh) → (1, H, N, Dh) transpose each, as transformers' graph has it. A single 5-D
+    # reshape and transpose of the (1, N, 3D) product gave wrong results in OpenVINO 2026.4's CPU plugin where N
+    # equals H (4 tokens of random:tiny's 4 heads), which tests/test_openvino.py covers.
+    qkv = ops.split(linear(h, q_w, q_b), ops.constant(np.int64(-1)), 3).outputs()  # 3 × (1, N, D)
+    q, k, v = (ops.transpose(ops.reshape(part, shape(1, tokens, H, Dh), special_zero=False), shape(0, 2, 1, 3))
+               for part in qkv)  # (1, H, N, Dh) each
     scale = ops.constant(np.float32(Dh**-0.5))
     out = ops.scaled_dot_product_attention(q, k, v, scale=scale, causal=False)  # (1, H, N, Dh)
     out = ops.reshape(ops.transpose(out, shape(0, 2, 1, 3)), shape(1, tokens, D), special_zero=False)
