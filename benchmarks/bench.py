@@ -6,7 +6,7 @@ Examples:
     python benchmarks/bench.py --preset tiny --no-compile      # smoke test
 """
 
-from gemma3_vision.bench import main
+from gemma3_vision.tools.bench import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -20,8 +20,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from gemma3_vision import cpu_kernels
-from gemma3_vision.bench import _time_runners
+from gemma3_vision.model import cpu_kernels
+from gemma3_vision.tools.bench import _time_runners
 
 HEADS, HEAD_DIM = 16, 72
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
-from gemma3_vision.bench import SDPA_KERNELS, build_ours, random_tower_state
-from gemma3_vision.config import PRESETS
+from gemma3_vision.model.config import PRESETS
+from gemma3_vision.tools.bench import SDPA_KERNELS, build_ours, random_tower_state
 
 
 def cuda_seconds(fn, iters: int = 10) -> float:

@@ -42,9 +42,9 @@ from pathlib import Path
 import torch
 
 import gemma3_vision as g3
-from gemma3_vision.checkpoint import PROJECTOR, TOWER
-from gemma3_vision.format_safetensors import read_header
-from gemma3_vision.random_model import random_checkpoint
+from gemma3_vision.checkpoints.checkpoint import PROJECTOR, TOWER
+from gemma3_vision.checkpoints.format_safetensors import read_header
+from gemma3_vision.checkpoints.random_model import random_checkpoint
 
 _CHUNK = 64 << 20  # writing the checkpoint
 _READ_BUFFER = 4 << 20  # the cold read: the fastest buffer size measured, see the module docstring
@@ -174,8 +174,8 @@ def child(folder: Path, dtype: str) -> None:
     JSON line."""
     # Module imports are start-up (benchmarks/startup_bench.py), not load: done before the clock starts.
     import gemma3_vision.api  # noqa: F401
-    import gemma3_vision.format_gguf  # noqa: F401 - resolve() imports the format readers on demand
-    import gemma3_vision.format_safetensors  # noqa: F401
+    import gemma3_vision.checkpoints.format_gguf  # noqa: F401 - resolve() imports the format readers on demand
+    import gemma3_vision.checkpoints.format_safetensors  # noqa: F401
 
     if dtype == "read":
         path = folder / "model.safetensors"

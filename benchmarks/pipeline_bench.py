@@ -35,14 +35,14 @@ import torch
 from PIL import Image
 
 from gemma3_vision.api import Gemma3Vision, compute_dtype_for, load
-from gemma3_vision.bench import machine_info
-from gemma3_vision.discovery import discover
-from gemma3_vision.job import EncodeOptions, check_options, encode_batch_for, job_key, make_input_for
-from gemma3_vision.output_folder import content_digest, save_npy
-from gemma3_vision.pipeline import run_job
-from gemma3_vision.preprocessing import decode_image, pil_to_input
-from gemma3_vision.random_model import random_checkpoint
-from gemma3_vision.weights import expected_shapes, load_model
+from gemma3_vision.checkpoints.random_model import random_checkpoint
+from gemma3_vision.checkpoints.weights import expected_shapes, load_model
+from gemma3_vision.jobs.discovery import discover
+from gemma3_vision.jobs.job import EncodeOptions, check_options, encode_batch_for, job_key, make_input_for
+from gemma3_vision.jobs.output_folder import content_digest, save_npy
+from gemma3_vision.jobs.pipeline import run_job
+from gemma3_vision.model.preprocessing import decode_image, pil_to_input
+from gemma3_vision.tools.bench import machine_info
 
 # Image sets: (name, width, height, formats cycled through the files).
 IMAGE_SETS = {"640x480": (640, 480, ("JPEG", "PNG")), "2000x1500": (2000, 1500, ("JPEG",))}

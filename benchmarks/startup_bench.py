@@ -83,7 +83,7 @@ def launch(image: Path, model: str, dtype: str | None, full: bool, src: Path | N
             raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr}")
         marks = json.loads(marks_path.read_text())
     loaded = marks.pop("loaded")
-    if "model.VisionTower.forward" not in marks:
+    if "tower.VisionTower.forward" not in marks:
         raise RuntimeError(f"the CLI never entered VisionTower.forward; marks: {sorted(marks)}")
     return {"marks": marks, "wall_s": wall, "optional_modules_loaded": loaded}
 
@@ -96,7 +96,7 @@ def breakdown(marks: dict[str, list[float]]) -> dict[str, float | None]:
             return None
         return marks[end[0]][end[1]] - marks[start[0]][start[1]]
 
-    resolve, load, forward = "resolve.resolve", "weights.load_model", "model.VisionTower.forward"
+    resolve, load, forward = "resolve.resolve", "weights.load_model", "tower.VisionTower.forward"
     out = {
         "interpreter": marks["ready"][0],
         "imports + CLI": span(("ready", 0), (resolve, 0)),
@@ -115,7 +115,7 @@ def breakdown(marks: dict[str, list[float]]) -> dict[str, float | None]:
 def machine() -> dict[str, Any]:
     import torch  # here only: this process is not timed
 
-    from gemma3_vision.bench import machine_info
+    from gemma3_vision.tools.bench import machine_info
 
     return {**machine_info(torch.device("cpu")), "platform": platform.platform()}
 

@@ -23,11 +23,11 @@ MARKS: dict[str, list[float]] = {"ready": [time.monotonic() - T0] * 2}
 WATCHED = {
     "torch": (),  # only the import itself
     "gemma3_vision.api": ("load",),
-    "gemma3_vision.resolve": ("resolve",),
-    "gemma3_vision.weights": ("load_model",),
-    "gemma3_vision.pipeline": ("run_job",),
-    "gemma3_vision.preprocessing": ("decode_image", "pil_to_input"),
-    "gemma3_vision.model": ("VisionTower.forward",),
+    "gemma3_vision.checkpoints.resolve": ("resolve",),
+    "gemma3_vision.checkpoints.weights": ("load_model",),
+    "gemma3_vision.jobs.pipeline": ("run_job",),
+    "gemma3_vision.model.preprocessing": ("decode_image", "pil_to_input"),
+    "gemma3_vision.model.tower": ("VisionTower.forward",),
 }
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import gemma3_vision as g3
-from gemma3_vision.config import PRESETS, ProjectorConfig, VisionConfig
+from gemma3_vision.model.config import PRESETS, ProjectorConfig, VisionConfig
 
 # Tolerances per dtype, in one place. fp32 reorders sums (fused kernels, patchify-as-matmul), nothing more;
 # bf16 keeps 8 mantissa bits, so it is judged by cosine against the fp32 reference.

@@ -18,7 +18,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from safetensors.torch import save_file
 
-from gemma3_vision.config import ProjectorConfig, VisionConfig
+from gemma3_vision.model.config import ProjectorConfig, VisionConfig
 
 TOWER, PROJ = "vision_tower.", "multi_modal_projector."
 NORM = PROJ + "mm_soft_emb_norm.weight"

@@ -14,9 +14,9 @@ from PIL import Image
 import gemma3_vision as g3
 from conftest import TINY_PROJECTOR, TINY_VISION, make_rgb, random_state
 from format_fixtures import write_hf_folder
-from gemma3_vision.convert import convert
+from gemma3_vision.checkpoints.convert import convert
+from gemma3_vision.checkpoints.resolve import resolve
 from gemma3_vision.errors import ConfigError, OptionError, WeightsError
-from gemma3_vision.resolve import resolve
 
 
 def load(model, **kw) -> g3.Gemma3Vision:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import TOL
-from gemma3_vision.bench import format_report, gflop_per_image, measure_memory, run_benchmark
-from gemma3_vision.config import PRESETS, VisionConfig
+from gemma3_vision.model.config import PRESETS, VisionConfig
+from gemma3_vision.tools.bench import format_report, gflop_per_image, measure_memory, run_benchmark
 
 
 def test_gflop_count_of_the_full_tower():
@@ -54,8 +54,8 @@ def test_memory_probe_in_a_fresh_process():
 
 def test_cli_attention_choices_are_the_bench_variants():
     """The CLI lists --attention's choices by hand (it imports no torch at start-up): they must be the bench's."""
-    from gemma3_vision.bench import ATTENTION_VARIANTS
     from gemma3_vision.cli import main
+    from gemma3_vision.tools.bench import ATTENTION_VARIANTS
 
     option = next(p for p in main.commands["bench"].params if p.name == "attention")
     assert list(option.type.choices) == list(ATTENTION_VARIANTS)
@@ -82,7 +82,7 @@ def test_the_benchmark_restores_the_threads_and_freezing_it_sets(monkeypatch):
 
 
 def test_without_transformers_the_report_says_so_and_times_ours(monkeypatch):
-    import gemma3_vision.bench as bench
+    import gemma3_vision.tools.bench as bench
 
     monkeypatch.setattr(bench, "build_transformers", lambda *args: None)  # as when it is not installed
     said: list[str] = []

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import gemma3_vision as g3
 from conftest import TINY_PROJECTOR, TINY_VISION
-from gemma3_vision.resolve import resolve
+from gemma3_vision.checkpoints.resolve import resolve
 
 LAYOUTS = {
     "released": ("vision_tower.vision_model.", "multi_modal_projector.", "language_model.model."),
@@ -92,7 +92,7 @@ def test_only_vision_shards_are_opened(tmp_path, tiny_state, monkeypatch):
     index["weight_map"]["language_model.model.embed_tokens.weight"] = "text.safetensors"
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     opened: list[str] = []
-    import gemma3_vision.format_safetensors as fs
+    import gemma3_vision.checkpoints.format_safetensors as fs
 
     real = fs.open_shard
     monkeypatch.setattr(fs, "open_shard", lambda shard: (opened.append(shard.path.name), real(shard))[1])
@@ -192,7 +192,7 @@ def test_a_named_shard_loads_its_indexed_checkpoint(tmp_path, tiny_state):
 @pytest.mark.parametrize("shards", [1, 3])
 def test_info_lists_every_file_read(tmp_path, tiny_state, shards):
     """The preprocessor config and the shard index are read too, so `info` lists them."""
-    from gemma3_vision.info import checkpoint_info
+    from gemma3_vision.checkpoints.info import checkpoint_info
 
     folder = write_checkpoint(tmp_path / "ckpt", file_state(tiny_state, "released"), shards=shards)
     listed = {Path(f).name for f in checkpoint_info(resolve(folder))["files"]}

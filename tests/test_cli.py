@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from gemma3_vision.cli import EXIT_CANNOT_RUN, EXIT_OK, EXIT_SOME_FAILED, EXIT_TERMINATED, EXIT_USAGE, main
-from gemma3_vision.output_folder import INDEX_NAME, LOCK_NAME, TMP_DIR_NAME, OutputFolder
+from gemma3_vision.jobs.output_folder import INDEX_NAME, LOCK_NAME, TMP_DIR_NAME, OutputFolder
 
 
 def png(path: Path, seed: int = 0, size: tuple[int, int] = (20, 16)) -> Path:
@@ -235,7 +235,7 @@ def test_the_api_refuses_a_bad_device_and_preset_with_config_errors(monkeypatch)
     import torch
 
     import gemma3_vision as g3
-    from gemma3_vision.bench import run_benchmark
+    from gemma3_vision.tools.bench import run_benchmark
 
     with pytest.raises(g3.ConfigError, match=r"^device must be cpu, cuda or cuda:N \(N a GPU index\), got 'bogus'$"):
         g3.load("random:tiny", device="bogus")
@@ -269,9 +269,10 @@ def test_every_export_is_what_its_module_defines_whatever_was_imported_first():
 
     import gemma3_vision
 
-    submodules = {m.name for m in pkgutil.iter_modules(gemma3_vision.__path__)} - {"__main__"}  # it runs the CLI
-    for name in submodules:
-        importlib.import_module(f"gemma3_vision.{name}")  # every one, in case one is imported before an export
+    modules = {m.name for m in pkgutil.walk_packages(gemma3_vision.__path__, "gemma3_vision.")}
+    for name in modules - {"gemma3_vision.__main__"}:  # __main__ runs the CLI
+        importlib.import_module(name)  # every one, in case one is imported before an export
+    submodules = {name.split(".")[1] for name in modules}  # what an import sets on the package: the first level
     lazy = gemma3_vision._LAZY
     clashes = sorted(set(lazy) & submodules)
     assert not clashes, f"exports named like a submodule: {clashes}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gemma3_vision import ConfigError, ProjectorConfig, VisionConfig
-from gemma3_vision.config import PRESETS, configs_from_hf_dict
+from gemma3_vision.model.config import PRESETS, configs_from_hf_dict
 
 
 def test_defaults_are_gemma3():

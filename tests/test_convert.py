@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 
 from conftest import TINY_PROJECTOR, TINY_VISION
 from format_fixtures import NORM, PROJECTION, write_hf_folder, write_ollama_blob, write_siglip_folder
+from gemma3_vision.checkpoints.convert import convert
+from gemma3_vision.checkpoints.resolve import resolve
 from gemma3_vision.cli import main
-from gemma3_vision.convert import convert
 from gemma3_vision.errors import ConfigError
-from gemma3_vision.resolve import resolve
 
 PLUS_ONE_TOL = 2.0**-24  # fp32 (1 + w) keeps w to half an ulp of [1, 2)
 

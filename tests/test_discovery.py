@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gemma3_vision.discovery import discover
-from gemma3_vision.output_folder import INDEX_NAME
-from gemma3_vision.pipeline import run_job
-from gemma3_vision.preprocessing import PreprocessConfig
+from gemma3_vision.jobs.discovery import discover
+from gemma3_vision.jobs.output_folder import INDEX_NAME
+from gemma3_vision.jobs.pipeline import run_job
+from gemma3_vision.model.preprocessing import PreprocessConfig
 
 SMALL = PreprocessConfig(image_size=28)
 
@@ -110,7 +110,7 @@ def test_an_io_error_is_tried_again(top, tmp_path, monkeypatch, when):
         else:
             def eio(f):
                 raise OSError(errno.EIO, os.strerror(errno.EIO))
-            m.setattr("gemma3_vision.pipeline.content_digest", eio)
+            m.setattr("gemma3_vision.jobs.pipeline.content_digest", eio)
         job(["top/a.png"], out)
         assert "Input/output error" in records(out)[-1]["error"]
         assert job(["top/a.png"], out).failed == 1

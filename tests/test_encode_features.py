@@ -16,8 +16,8 @@ from PIL import Image
 from conftest import TOL, make_rgb, states_alive_at_the_last_norm
 from gemma3_vision import ImageError, RandomWeightsWarning
 from gemma3_vision.cli import main
-from gemma3_vision.model import VisionTower
-from gemma3_vision.pan_and_scan import crop_boxes
+from gemma3_vision.model.pan_and_scan import crop_boxes
+from gemma3_vision.model.tower import VisionTower
 
 
 @pytest.fixture

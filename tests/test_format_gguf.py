@@ -16,10 +16,10 @@ from gguf import GGMLQuantizationType as Q
 import gemma3_vision as g3
 from conftest import TINY_PROJECTOR, TINY_VISION
 from format_fixtures import NORM, PROJECTION, storage_type, stored, write_mmproj, write_ollama_blob
+from gemma3_vision.checkpoints.format_gguf import FFN_SWAPPED, PLUS_ONE, load_gguf, read_tensor
+from gemma3_vision.checkpoints.gguf_header import TensorInfo
+from gemma3_vision.checkpoints.weights import load_model
 from gemma3_vision.errors import ConfigError, WeightsError
-from gemma3_vision.format_gguf import FFN_SWAPPED, PLUS_ONE, load_gguf, read_tensor
-from gemma3_vision.gguf_header import TensorInfo
-from gemma3_vision.weights import load_model
 
 # Recovering w from a stored fp32 (1 + w) costs at most half an ulp of values in [1, 2): 2**-24 ≈ 6e-8.
 PLUS_ONE_TOL = 2.0**-24
@@ -155,7 +155,7 @@ def test_wrong_way_ffn_in_an_ollama_blob_is_caught_by_shape(tmp_path, tiny_state
 def test_full_size_gemma3_mmproj_f16_loads_exactly(tmp_path):
     """The real Gemma 3 config (27 layers, width 1152, 896 px, D = 2560) as the llama.cpp converter writes it."""
     from conftest import random_state
-    from gemma3_vision.config import PRESETS
+    from gemma3_vision.model.config import PRESETS
 
     vision, projector = PRESETS["gemma3-4b"]
     state = random_state("gemma3-4b")

@@ -22,10 +22,10 @@ from format_fixtures import (
     write_ollama_store,
     write_siglip_folder,
 )
+from gemma3_vision.checkpoints.resolve import resolve
 from gemma3_vision.cli import main
-from gemma3_vision.config import ProjectorConfig, VisionConfig
 from gemma3_vision.errors import ConfigError, WeightsError
-from gemma3_vision.resolve import resolve
+from gemma3_vision.model.config import ProjectorConfig, VisionConfig
 
 
 def pixels(n: int, size: int, seed: int = 0) -> torch.Tensor:

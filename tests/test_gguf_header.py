@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import without_blocking
+from gemma3_vision.checkpoints.gguf_header import read_gguf_header
 from gemma3_vision.errors import FormatError
-from gemma3_vision.gguf_header import read_gguf_header
 
 U32, U64, F32_T, STR, ARR = 4, 10, 6, 8, 9
 

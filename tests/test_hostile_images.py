@@ -24,7 +24,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from gemma3_vision.errors import ImageError
-from gemma3_vision.preprocessing import (
+from gemma3_vision.model.preprocessing import (
     PreprocessConfig,
     as_pil,
     open_image,
@@ -179,7 +179,7 @@ def test_refusals_allocate_nothing_like_their_claims(tmp_path):
         paths.append([str(path), kwargs])
     script = """
 import json, resource, sys, warnings
-from gemma3_vision.preprocessing import open_image
+from gemma3_vision.model.preprocessing import open_image
 from gemma3_vision.errors import ImageError
 warnings.simplefilter("ignore")
 cases = json.loads(sys.argv[1])

@@ -19,11 +19,16 @@ from safetensors.torch import load_file, save_file
 
 from conftest import without_blocking
 from format_fixtures import populate_hf_cache, write_hf_folder
-from gemma3_vision.config import PRESETS
+from gemma3_vision.checkpoints.format_safetensors import (
+    MAX_HEADER_BYTES,
+    list_shards,
+    load_hf_folder,
+    read_header,
+)
+from gemma3_vision.checkpoints.resolve import resolve
+from gemma3_vision.checkpoints.weights import check_tensors, load_model
 from gemma3_vision.errors import ConfigError, FormatError, ModelNotFoundError, WeightsError
-from gemma3_vision.format_safetensors import MAX_HEADER_BYTES, list_shards, load_hf_folder, read_header
-from gemma3_vision.resolve import resolve
-from gemma3_vision.weights import check_tensors, load_model
+from gemma3_vision.model.config import PRESETS
 
 TINY_VISION, TINY_PROJECTOR = PRESETS["tiny"]
 

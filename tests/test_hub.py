@@ -19,9 +19,9 @@ import torch
 
 from conftest import TINY_PROJECTOR, TINY_VISION
 from format_fixtures import populate_hf_cache, write_hf_folder
-from gemma3_vision import hub
+from gemma3_vision.checkpoints import hub
+from gemma3_vision.checkpoints.resolve import resolve
 from gemma3_vision.errors import FormatError, ModelNotFoundError
-from gemma3_vision.resolve import resolve
 
 REPO = "acme/gemma-3-tiny-it"
 

@@ -11,9 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY_VISION, TOL, cosine, max_abs, states_alive_at_the_last_norm
-from gemma3_vision import api, cpu_kernels, model
+from gemma3_vision import api
 from gemma3_vision.errors import ConfigError
-from gemma3_vision.model import Attention, VisionTower
+from gemma3_vision.model import cpu_kernels
+from gemma3_vision.model import tower as model
+from gemma3_vision.model.tower import Attention, VisionTower
 
 CPU = torch.device("cpu")
 
@@ -164,7 +166,7 @@ def test_blocked_attention_is_a_well_formed_custom_op():
 
 
 def test_attention_path_by_device_dtype_and_gradients(tiny_state):
-    from gemma3_vision.model import BLOCKED_MIN_TOKENS, default_attention
+    from gemma3_vision.model.tower import BLOCKED_MIN_TOKENS, default_attention
 
     # blocked: a CPU where oneDNN runs the dtype (float32; bf16 on AVX-512 or AMX), no gradient wanted, and from
     # BLOCKED_MIN_TOKENS tokens an image (Gemma 3's 896 px: 4096); in float32 only with AVX-512
@@ -510,8 +512,8 @@ def test_gpu_attention_kernels_match_fp32(kernel):
     """Each SDPA kernel on the real head width (72), bf16 on CUDA, against the fp32 CPU tower."""
     from dataclasses import replace
 
-    from gemma3_vision.bench import SDPA_KERNELS
-    from gemma3_vision.config import VisionConfig
+    from gemma3_vision.model.config import VisionConfig
+    from gemma3_vision.tools.bench import SDPA_KERNELS
 
     config = replace(VisionConfig(), num_hidden_layers=2, image_size=224)  # 256 tokens, 16 heads of 72
     torch.manual_seed(0)

@@ -9,9 +9,9 @@ import torch
 
 from conftest import TINY_PROJECTOR, TINY_VISION
 from format_fixtures import write_mmproj, write_ollama_blob, write_ollama_store
-from gemma3_vision import ollama
+from gemma3_vision.checkpoints import ollama
+from gemma3_vision.checkpoints.resolve import resolve
 from gemma3_vision.errors import FormatError, ModelNotFoundError, WeightsError
-from gemma3_vision.resolve import resolve
 
 
 @pytest.fixture

@@ -63,7 +63,7 @@ def truncated(dtype: str, backend: str, layers: int = 2, size: int = 224) -> Gem
 def reference_at(encoder: Gemma3Vision) -> Reference:
     """transformers with ``encoder``'s fp32 weights, its position table resized to the encoder's input size (as
     the torch tower interpolates it), so the projector's pool sees the same grid."""
-    from gemma3_vision.model import interpolate_position_embedding
+    from gemma3_vision.model.tower import interpolate_position_embedding
 
     vision = encoder.vision_config
     grid = encoder.image_size // vision.patch_size
@@ -210,7 +210,7 @@ def test_pickled_encoder_keeps_its_backend():
 
 
 def test_job_key_names_the_backend_and_keeps_torch_keys():
-    from gemma3_vision.job import EncodeOptions, job_key
+    from gemma3_vision.jobs.job import EncodeOptions, job_key
 
     ov, pt = load("random:tiny", dtype="float32", backend="openvino"), load("random:tiny", dtype="float32",
                                                                             backend="torch")

@@ -11,8 +11,8 @@ from PIL import Image
 
 from conftest import TOL, make_rgb, max_abs
 from gemma3_vision import ConfigError
-from gemma3_vision.pan_and_scan import PanAndScanConfig, crop_boxes, pan_and_scan_inputs
-from gemma3_vision.preprocessing import PreprocessConfig
+from gemma3_vision.model.pan_and_scan import PanAndScanConfig, crop_boxes, pan_and_scan_inputs
+from gemma3_vision.model.preprocessing import PreprocessConfig
 
 transformers = pytest.importorskip("transformers")
 

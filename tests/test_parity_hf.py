@@ -54,7 +54,7 @@ def test_tiny_bf16_close_to_fp32_reference(tiny_state):
 def test_full_gemma3_fp32_and_bf16_match_transformers():
     """The real Gemma 3 config (896 px, 27 layers, width 1152, D = 2560), one image: fp32 and bf16."""
     import gemma3_vision as g3
-    from gemma3_vision.config import PRESETS
+    from gemma3_vision.model.config import PRESETS
 
     vision, projector = PRESETS["gemma3-4b"]
     state = random_state("gemma3-4b")

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gemma3_vision.discovery import discover, input_key, read_list
 from gemma3_vision.errors import OutputError
-from gemma3_vision.output_folder import (
+from gemma3_vision.jobs.discovery import discover, input_key, read_list
+from gemma3_vision.jobs.output_folder import (
     INDEX_NAME,
     LOCK_NAME,
     TMP_DIR_NAME,
@@ -28,8 +28,8 @@ from gemma3_vision.output_folder import (
     load_index,
     short_hash,
 )
-from gemma3_vision.pipeline import JobSummary, run_job
-from gemma3_vision.preprocessing import PreprocessConfig, pil_to_input
+from gemma3_vision.jobs.pipeline import JobSummary, run_job
+from gemma3_vision.model.preprocessing import PreprocessConfig, pil_to_input
 
 SMALL = PreprocessConfig(image_size=28)
 
@@ -227,7 +227,7 @@ def test_every_input_gets_one_record_and_the_job_goes_on(monkeypatch, tree, tmp_
 
 
 def test_outputs_equal_the_model_applied_to_each_image_alone(tree, tmp_path):
-    from gemma3_vision.preprocessing import preprocess_one
+    from gemma3_vision.model.preprocessing import preprocess_one
 
     out = tmp_path / "out"
     job([str(tree)], out, batch_size=3)
@@ -811,7 +811,7 @@ def test_discovery_streams(tmp_path):
             (root / f"d{d:02d}" / f"{i:03d}.jpg").touch()
     script = (
         "import sys, tracemalloc\n"
-        "from gemma3_vision.discovery import discover\n"
+        "from gemma3_vision.jobs.discovery import discover\n"
         "tracemalloc.start()\n"
         "n = sum(1 for _ in discover([sys.argv[1]]))\n"
         "print(n, tracemalloc.get_traced_memory()[1])\n"

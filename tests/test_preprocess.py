@@ -17,10 +17,10 @@ from PIL import Image, ImageFile
 import gemma3_vision as g3
 from conftest import TINY_PROJECTOR, TINY_VISION, make_rgb
 from format_fixtures import write_hf_folder, write_siglip_folder
+from gemma3_vision.checkpoints.resolve import resolve
 from gemma3_vision.errors import ConfigError
-from gemma3_vision.pan_and_scan import PanAndScanConfig, pan_and_scan_inputs
-from gemma3_vision.preprocessing import PreprocessConfig, normalize, preprocess, to_rgb
-from gemma3_vision.resolve import resolve
+from gemma3_vision.model.pan_and_scan import PanAndScanConfig, pan_and_scan_inputs
+from gemma3_vision.model.preprocessing import PreprocessConfig, normalize, preprocess, to_rgb
 
 TOL_PIXELS = 1e-6  # same uint8 image, same PIL resize: only float rounding may differ
 
@@ -100,7 +100,7 @@ def test_exif_rotation_applied_to_files_only(tmp_path):
     exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
     path = tmp_path / "rotated.jpg"
     Image.fromarray(arr).save(path, exif=exif, quality=95)
-    from gemma3_vision.preprocessing import as_pil, open_image
+    from gemma3_vision.model.preprocessing import as_pil, open_image
 
     assert open_image(path).size == (40, 80)  # displayed upright: portrait
     assert open_image(path, exif_transpose=False).size == (80, 40)
@@ -183,8 +183,8 @@ def test_unknown_filter_is_a_config_error():
 def test_job_keys_of_bilinear_models_are_unchanged_and_the_filter_is_in_the_key(tmp_path, tiny_state):
     """Gemma 3 keys must not change with the new field, or every output folder made before would be encoded again
     on resume; the digests below are what the code before it computed."""
-    from gemma3_vision.job import EncodeOptions, job_key
-    from gemma3_vision.output_folder import checkpoint_identity
+    from gemma3_vision.jobs.job import EncodeOptions, job_key
+    from gemma3_vision.jobs.output_folder import checkpoint_identity
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -249,7 +249,7 @@ def test_bytes_get_the_checks_files_get(tmp_path, monkeypatch):
     """EXIF rotation, the first frame, the pixel limit, truncation (whatever Pillow's global says) and the
     allow-list apply to bytes as to files; errors name the input by its kind and length."""
     from gemma3_vision.errors import ImageError
-    from gemma3_vision.preprocessing import as_pil
+    from gemma3_vision.model.preprocessing import as_pil
 
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise to view

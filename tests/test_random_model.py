@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import gemma3_vision as g3
-from gemma3_vision.config import PRESETS
-from gemma3_vision.random_model import _ALIGN, _role, random_checkpoint, window_starts
-from gemma3_vision.weights import expected_shapes
+from gemma3_vision.checkpoints.random_model import _ALIGN, _role, random_checkpoint, window_starts
+from gemma3_vision.checkpoints.weights import expected_shapes
+from gemma3_vision.model.config import PRESETS
 
 
 def read_all(name: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

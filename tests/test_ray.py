@@ -21,8 +21,8 @@ from PIL import Image
 
 from gemma3_vision.cli import EXIT_CANNOT_RUN, EXIT_SOME_FAILED, EXIT_USAGE, main
 from gemma3_vision.errors import ConfigError, OptionError
-from gemma3_vision.output_folder import INDEX_NAME, TMP_DIR_NAME
-from gemma3_vision.ray_encode import RayResources, plan_resources
+from gemma3_vision.jobs.output_folder import INDEX_NAME, TMP_DIR_NAME
+from gemma3_vision.jobs.ray_encode import RayResources, plan_resources
 
 
 def png(path: Path, seed: int, size: tuple[int, int]) -> Path:
@@ -213,7 +213,7 @@ def test_cli_refuses_a_folder_taken_for_the_address(images, tmp_path):
 
 
 def test_ray_is_imported_only_for_ray_jobs():
-    code = "import sys, gemma3_vision.cli, gemma3_vision.ray_encode; print('ray' in sys.modules)"
+    code = "import sys, gemma3_vision.cli, gemma3_vision.jobs.ray_encode; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -247,7 +247,7 @@ def test_a_model_the_actors_cannot_load_stops_the_job_with_one_line(images, tmp_
 def test_ray_data_console_shows_only_warnings_during_a_job():
     import ray.data
 
-    from gemma3_vision.ray_encode import _quiet_ray_data
+    from gemma3_vision.jobs.ray_encode import _quiet_ray_data
 
     context = ray.data.DataContext.get_current()
     before = (context.enable_progress_bars, context.print_on_execution_start)
@@ -288,7 +288,7 @@ class _FakeRay:
 def test_joining_bounds_only_a_running_clusters_gcs_and_keeps_our_sigterm_handler(monkeypatch, address):
     import signal
 
-    from gemma3_vision.ray_encode import _join_cluster
+    from gemma3_vision.jobs.ray_encode import _join_cluster
 
     monkeypatch.delenv("RAY_gcs_server_port_wait_time_s", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

@@ -21,11 +21,11 @@ from conftest import (
     max_abs,
 )
 from gemma3_vision import ConfigError, Gemma3Vision, RandomWeightsWarning, load
-from gemma3_vision.checkpoint import Checkpoint, TensorSource
-from gemma3_vision.config import PRESETS, ProjectorConfig, VisionConfig
-from gemma3_vision.model import interpolate_position_embedding
-from gemma3_vision.preprocessing import PreprocessConfig, preprocess
-from gemma3_vision.weights import load_model
+from gemma3_vision.checkpoints.checkpoint import Checkpoint, TensorSource
+from gemma3_vision.checkpoints.weights import load_model
+from gemma3_vision.model.config import PRESETS, ProjectorConfig, VisionConfig
+from gemma3_vision.model.preprocessing import PreprocessConfig, preprocess
+from gemma3_vision.model.tower import interpolate_position_embedding
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
+from gemma3_vision.checkpoints.resolve import looks_like_path, resolve
 from gemma3_vision.errors import FormatError, ModelNotFoundError
-from gemma3_vision.resolve import looks_like_path, resolve
 
 
 @pytest.fixture(autouse=True)

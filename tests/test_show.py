@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import TINY_VISION, make_rgb
 from gemma3_vision import ConfigError, RandomWeightsWarning
 from gemma3_vision.cli import main
-from gemma3_vision.visualize import (
+from gemma3_vision.tools.visualize import (
     FOOTER_HEIGHT,
     LABEL_HEIGHT,
     MARGIN,

@@ -13,7 +13,7 @@ import gemma3_vision as g3
 from conftest import TINY_PROJECTOR, TINY_VISION, make_rgb
 from format_fixtures import write_hf_folder, write_mmproj
 from gemma3_vision import api
-from gemma3_vision.job import EncodeOptions, job_key
+from gemma3_vision.jobs.job import EncodeOptions, job_key
 
 CPU = torch.device("cpu")
 
@@ -89,8 +89,8 @@ def test_job_key_tells_apart_compute_dtypes(tmp_path, tiny_state, monkeypatch):
 @pytest.mark.parametrize("write", [hf_bf16, mmproj_f16], ids=["hf-bf16", "mmproj-f16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ray_actors_reserve_what_their_weights_take(tmp_path, tiny_state, write, dtype):
-    from gemma3_vision.ray_encode import actor_weight_bytes
-    from gemma3_vision.resolve import resolve
+    from gemma3_vision.checkpoints.resolve import resolve
+    from gemma3_vision.jobs.ray_encode import actor_weight_bytes
 
     path = write(tmp_path, tiny_state)
     loaded = load_cpu(path, dtype=dtype)

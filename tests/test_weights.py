@@ -15,10 +15,8 @@ import pytest
 import torch
 
 from format_fixtures import write_hf_folder
-from gemma3_vision.config import PRESETS
-from gemma3_vision.errors import WeightsError
-from gemma3_vision.resolve import resolve
-from gemma3_vision.weights import (
+from gemma3_vision.checkpoints.resolve import resolve
+from gemma3_vision.checkpoints.weights import (
     VisionModel,
     _one_thread,
     all_finite,
@@ -26,6 +24,8 @@ from gemma3_vision.weights import (
     expected_shapes,
     load_model,
 )
+from gemma3_vision.errors import WeightsError
+from gemma3_vision.model.config import PRESETS
 
 TINY_VISION, TINY_PROJECTOR = PRESETS["tiny"]
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
@@ -85,7 +85,7 @@ def test_all_finite_on_a_strided_view():
 def test_the_full_model_builds_on_meta_without_importing_dynamo():
     # torch sends a meta normal_ (nn.Embedding's init) through a decomposition whose first call imports
     # torch._dynamo: about 3 s of every first load. A fresh interpreter, since other tests may import it.
-    code = ("import sys; from gemma3_vision.config import PRESETS; from gemma3_vision.weights import empty_model; "
+    code = ("import sys; from gemma3_vision.model.config import PRESETS; from gemma3_vision.checkpoints.weights import empty_model; "
             "m = empty_model(*PRESETS['gemma3-4b']); assert all(p.is_meta for p in m.parameters()); "
             "print(sum(p.numel() for p in m.parameters()), 'torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .config import PRESETS, ProjectorConfig, VisionConfig
 from .errors import (
     ConfigError,
     FormatError,
@@ -20,20 +19,21 @@ from .errors import (
     OutputError,
     WeightsError,
 )
+from .model.config import PRESETS, ProjectorConfig, VisionConfig
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "Gemma3Vision": "api", "RandomWeightsWarning": "api", "load": "api",
-    "VisionTower": "model", "MultiModalProjector": "projector",
-    "PreprocessConfig": "preprocessing", "preprocess": "preprocessing",
+    "VisionTower": "model.tower", "MultiModalProjector": "model.projector",
+    "PreprocessConfig": "model.preprocessing", "preprocess": "model.preprocessing",
 }
 
 if TYPE_CHECKING:
     from .api import Gemma3Vision, RandomWeightsWarning, load
-    from .model import VisionTower
-    from .preprocessing import PreprocessConfig, preprocess
-    from .projector import MultiModalProjector
+    from .model.preprocessing import PreprocessConfig, preprocess
+    from .model.projector import MultiModalProjector
+    from .model.tower import VisionTower
 
 
 def __getattr__(name: str) -> Any:

@@ -14,11 +14,13 @@ import numpy as np
 import torch
 
 from .backends import Backend, resolve_backend
-from .checkpoint import Checkpoint
+from .checkpoints.checkpoint import Checkpoint
+from .checkpoints.resolve import resolve
+from .checkpoints.weights import VisionModel, load_model
 from .checks import is_integer
 from .errors import ConfigError, OptionError
-from .pan_and_scan import Box, PanAndScanConfig, pan_and_scan_inputs
-from .preprocessing import (
+from .model.pan_and_scan import Box, PanAndScanConfig, pan_and_scan_inputs
+from .model.preprocessing import (
     DEFAULT_MAX_PIXELS,
     EncodedImage,
     ImageInput,
@@ -28,8 +30,6 @@ from .preprocessing import (
     pil_to_input,
     preprocess,
 )
-from .resolve import resolve
-from .weights import VisionModel, load_model
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
@@ -526,7 +526,7 @@ def make_backend(name: str, model: VisionModel, checkpoint: Checkpoint, dtype: t
     """The backend called ``name`` (one ``resolve_backend`` returned) for loaded weights."""
     if name == "openvino":
         from .backends.openvino import OpenVINOBackend
-        from .output_folder import checkpoint_identity
+        from .jobs.output_folder import checkpoint_identity
 
         return OpenVINOBackend(model, dtype=dtype, compute_dtype=compute_dtype_for(dtype, device),
                                identity=checkpoint_identity(checkpoint))

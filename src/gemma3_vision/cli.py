@@ -26,7 +26,7 @@ import click
 
 from . import __version__
 from .backends import CHOICES as BACKEND_CHOICES
-from .config import PRESETS
+from .model.config import PRESETS
 
 MODEL_HELP = ("A Hugging Face folder or hub id (org/name), a GGUF file (llama.cpp mmproj, Ollama blob), an Ollama "
               "name (gemma3:4b), an MLX or SigLIP folder, or random / random:tiny for seeded random weights.")
@@ -65,7 +65,7 @@ def printable(text: str) -> str:
 def named(name: str, reason: str | None) -> str:
     """``NAME: REASON`` with the input named once: most reasons start with the name already, though folded to one
     line (whitespace runs as one space, none at either end), as ``one_line`` folds them."""
-    from .preprocessing import without_name
+    from .model.preprocessing import without_name
 
     if reason is None:
         return name
@@ -137,7 +137,7 @@ def _ray_address(ctx: click.Context, param: click.Parameter, value: str | None) 
 
 def _max_num_crops(ctx: click.Context, param: click.Parameter, value: int) -> int:
     """``PanAndScanConfig``'s upper limit, refused as a usage error that names the option, with the reason."""
-    from .pan_and_scan import MAX_NUM_CROPS, TOO_MANY_CROPS
+    from .model.pan_and_scan import MAX_NUM_CROPS, TOO_MANY_CROPS
 
     if value > MAX_NUM_CROPS:
         raise click.BadParameter(f"at most {MAX_NUM_CROPS}, got {value}: {TOO_MANY_CROPS}")
@@ -232,11 +232,11 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
     from PIL import Image
 
     from .api import load
-    from .discovery import discover, read_list
-    from .job import EncodeOptions, check_options, encode_batch_for, job_key, make_input_for
-    from .pan_and_scan import PanAndScanConfig
-    from .pipeline import run_job
-    from .preprocessing import DEFAULT_MAX_PIXELS
+    from .jobs.discovery import discover, read_list
+    from .jobs.job import EncodeOptions, check_options, encode_batch_for, job_key, make_input_for
+    from .jobs.pipeline import run_job
+    from .model.pan_and_scan import PanAndScanConfig
+    from .model.preprocessing import DEFAULT_MAX_PIXELS
 
     if not inputs and not lists:
         raise click.UsageError("give at least one input (file, folder, pattern or '-') or --from-file LIST")
@@ -285,7 +285,7 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
     try:
         if ray_address is not None:
             started()
-            from .ray_encode import encode_with_ray
+            from .jobs.ray_encode import encode_with_ray
 
             summary = encode_with_ray(
                 arguments(), out_dir, model, options, address=ray_address or None, dtype=dtype, device=device,
@@ -361,8 +361,8 @@ def info(model: str, as_json: bool) -> None:
 
     from .api import default_device
     from .backends import resolve_backend
-    from .info import checkpoint_info, format_info
-    from .resolve import resolve
+    from .checkpoints.info import checkpoint_info, format_info
+    from .checkpoints.resolve import resolve
 
     data = checkpoint_info(resolve(model))
     device = default_device()
@@ -384,8 +384,8 @@ def convert(model: str, out: Path, to: str, dtype: str | None) -> None:
 
     Example: gemma3-vision convert gemma3:4b mmproj-gemma3-4b.gguf --to mmproj
     """
-    from .convert import convert as convert_checkpoint
-    from .resolve import resolve
+    from .checkpoints.convert import convert as convert_checkpoint
+    from .checkpoints.resolve import resolve
 
     path = convert_checkpoint(resolve(model), out, to, dtype)
     click.echo(printable(f"wrote {path}"), err=True)
@@ -436,8 +436,8 @@ def show(image: Path, model: str, out: Path, features_layer: int | None, attenti
     if patch is not None and attention is None:
         raise click.UsageError("--patch needs --attention LAYER,HEAD")
     from .api import load
-    from .visualize import AttentionQuery
-    from .visualize import show as write_picture
+    from .tools.visualize import AttentionQuery
+    from .tools.visualize import show as write_picture
 
     encoder = load(model, dtype=dtype, device=device)
     query = AttentionQuery(attention[0], attention[1], patch) if attention is not None else None
@@ -482,7 +482,7 @@ def bench(preset: str, dtypes: tuple[str, ...], batches: tuple[int, ...], thread
 
     Example: gemma3-vision bench --dtype float32 --dtype bfloat16 --layers 2 --json bench.json
     """
-    from .bench import format_report, run_benchmark
+    from .tools.bench import format_report, run_benchmark
 
     report = run_benchmark(preset=preset, dtypes=dtypes or ("float32",), batches=batches or (1,), threads=threads,
                            device=device, layers=layers, image_size=image_size, repeats=repeats,

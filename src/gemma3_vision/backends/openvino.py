@@ -21,7 +21,7 @@ from typing import Any
 import openvino as ov
 import torch
 
-from ..weights import VisionModel
+from ..checkpoints.weights import VisionModel
 from . import openvino_cache, openvino_graph
 
 # OpenVINO's names for the compute dtypes this backend runs

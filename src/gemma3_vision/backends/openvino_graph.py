@@ -26,7 +26,7 @@ import openvino as ov
 import openvino.opset13 as ops
 import torch
 
-from ..model import EncoderLayer, VisionTower, interpolate_position_embedding
+from ..model.tower import EncoderLayer, VisionTower, interpolate_position_embedding
 
 # Changes whenever the graph this module builds changes: part of the cache key (backends/openvino_cache.py), so an
 # upgrade never reuses an IR built by an older builder.

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..weights import VisionModel
+from ..checkpoints.weights import VisionModel
 
 
 class TorchBackend:

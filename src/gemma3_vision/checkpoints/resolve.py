@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import FormatError, ModelNotFoundError
 from .checkpoint import Checkpoint
-from .errors import FormatError, ModelNotFoundError
 from .random_model import is_random_name, random_checkpoint
 
 

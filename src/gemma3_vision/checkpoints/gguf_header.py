@@ -19,8 +19,8 @@ from typing import Any
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .errors import FormatError
-from .safe_io import open_regular
+from ..errors import FormatError
+from ..safe_io import open_regular
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from .preprocessing import (
+from ..model.preprocessing import (
     file_kind,
 )
 

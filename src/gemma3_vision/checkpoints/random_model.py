@@ -21,10 +21,10 @@ from functools import partial
 
 import torch
 
+from ..errors import ModelNotFoundError, OptionError
+from ..model.config import PRESETS
+from ..model.preprocessing import PreprocessConfig
 from .checkpoint import Checkpoint, TensorSource
-from .config import PRESETS
-from .errors import ModelNotFoundError, OptionError
-from .preprocessing import PreprocessConfig
 from .weights import expected_shapes
 
 DEFAULT_PRESET = "gemma3-4b"

@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 # SiglipVisionConfig's class defaults: what transformers uses for a key a config.json leaves out.
 _SIGLIP_DEFAULTS: dict[str, Any] = {

@@ -28,8 +28,16 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
+from ..errors import Gemma3VisionError, ImageError
+from ..model.preprocessing import (
+    DEFAULT_MAX_PIXELS,
+    PreprocessConfig,
+    decode_image,
+    one_line,
+    open_regular_file,
+    pil_to_input,
+)
 from .discovery import InputItem, is_pattern
-from .errors import Gemma3VisionError, ImageError
 from .output_folder import (
     ARRAY_NAME,
     OutputFolder,
@@ -41,14 +49,6 @@ from .output_folder import (
     inside,
     output_intact,
     short_hash,
-)
-from .preprocessing import (
-    DEFAULT_MAX_PIXELS,
-    PreprocessConfig,
-    decode_image,
-    one_line,
-    open_regular_file,
-    pil_to_input,
 )
 
 # ---------------------------------------------------------------------------------------------------------- job

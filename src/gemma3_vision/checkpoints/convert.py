@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
 
+from ..errors import OptionError, WeightsError
+from ..model.preprocessing import RESAMPLE_CODES
 from .checkpoint import PROJECTOR, TOWER, Checkpoint, TensorSource
-from .errors import OptionError, WeightsError
 from .format_gguf import MMPROJ_TO_CANONICAL
-from .preprocessing import RESAMPLE_CODES
 from .weights import check_tensors
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}

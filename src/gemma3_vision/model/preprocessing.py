@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
-from .checks import is_number
-from .errors import ConfigError, ImageError
-from .safe_io import file_kind as file_kind  # re-exported: discovery takes it from here
-from .safe_io import open_regular
+from ..checks import is_number
+from ..errors import ConfigError, ImageError
+from ..safe_io import file_kind as file_kind  # re-exported: discovery takes it from here
+from ..safe_io import open_regular
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 # An image file's contents, held in memory: decoded like a file. Kept apart from ImageInput, which callers unpack

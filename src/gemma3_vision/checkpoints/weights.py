@@ -12,11 +12,11 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..errors import WeightsError
+from ..model.config import ProjectorConfig, VisionConfig
+from ..model.projector import MultiModalProjector
+from ..model.tower import VisionTower
 from .checkpoint import Checkpoint
-from .config import ProjectorConfig, VisionConfig
-from .errors import WeightsError
-from .model import VisionTower
-from .projector import MultiModalProjector
 
 
 class VisionModel(nn.Module):

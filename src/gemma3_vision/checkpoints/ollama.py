@@ -14,10 +14,10 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import FormatError, ModelNotFoundError
+from ..safe_io import json_type, read_json_object
 from .checkpoint import Checkpoint
-from .errors import FormatError, ModelNotFoundError
 from .format_gguf import load_gguf
-from .safe_io import json_type, read_json_object
 
 DEFAULT_HOST, DEFAULT_NAMESPACE, DEFAULT_TAG = "registry.ollama.ai", "library", "latest"
 MODEL_LAYER = "application/vnd.ollama.image.model"

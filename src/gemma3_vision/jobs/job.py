@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .api import Gemma3Vision
-from .errors import OptionError
+from ..api import Gemma3Vision
+from ..errors import OptionError
+from ..model.pan_and_scan import PanAndScanConfig
+from ..model.preprocessing import PreprocessConfig
 from .output_folder import checkpoint_identity, fingerprint
-from .pan_and_scan import PanAndScanConfig
 from .pipeline import EncodeBatch, MakeInput
-from .preprocessing import PreprocessConfig
 
 
 @dataclass(frozen=True)

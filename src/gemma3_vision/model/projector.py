@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from .config import ProjectorConfig, VisionConfig
-from .errors import ConfigError
 
 
 class GemmaRMSNorm(nn.Module):

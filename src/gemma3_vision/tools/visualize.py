@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .api import Gemma3Vision
-from .errors import OptionError
-from .model import EncoderLayer
-from .preprocessing import ImageInput
+from ..api import Gemma3Vision
+from ..errors import OptionError
+from ..model.preprocessing import ImageInput
+from ..model.tower import EncoderLayer
 
 MIN_PANEL = 448  # small inputs (the tiny test model's 112 px) are shown at an integer multiple of at least this
 MARGIN = 8

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..errors import ConfigError, OptionError
 from . import cpu_kernels
 from .config import VisionConfig
-from .errors import ConfigError, OptionError
 
 # How attention is computed: torch's scaled_dot_product_attention (flash / cuDNN / ... kernels), or
 # cpu_kernels.blocked_attention (2-D oneDNN matmuls, one head and block of queries at a time: faster on a CPU).

@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.nn.attention import SDPBackend
 
-from . import cpu_kernels
-from .config import PRESETS, VisionConfig
-from .errors import OptionError
+from ..errors import OptionError
+from ..model import cpu_kernels
+from ..model.config import PRESETS, VisionConfig
 
 if TYPE_CHECKING:
-    from .model import VisionTower
+    from ..model.tower import VisionTower
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SDPA_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -109,7 +109,7 @@ def cpu_name() -> str:
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
-    from .api import cpu_has_fast_bf16, cpu_has_fast_fp16
+    from ..api import cpu_has_fast_bf16, cpu_has_fast_fp16
 
     info: dict[str, Any] = {
         "cpu": cpu_name(), "logical_cpus": os.cpu_count(), "torch": torch.__version__,
@@ -192,8 +192,8 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def random_tower_state(preset: str, layers: int) -> dict[str, torch.Tensor]:
     """Seeded random tower weights of ``random:<preset>`` (fp32), keeping the first ``layers`` layers."""
-    from .checkpoint import TOWER
-    from .random_model import random_checkpoint
+    from ..checkpoints.checkpoint import TOWER
+    from ..checkpoints.random_model import random_checkpoint
 
     state = {}
     for name, source in random_checkpoint(f"random:{preset}").tensors.items():
@@ -209,8 +209,8 @@ def random_tower_state(preset: str, layers: int) -> dict[str, torch.Tensor]:
 def build_ours(vision: VisionConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
                device: torch.device) -> VisionTower:
     """Our tower as ``load()`` sets it up for ``device``, compute dtype included."""
-    from .api import compute_dtype_for
-    from .model import VisionTower
+    from ..api import compute_dtype_for
+    from ..model.tower import VisionTower
 
     with torch.device("meta"):
         tower = VisionTower(vision)
@@ -381,7 +381,7 @@ def _memory_probe(model: str, dtype: str, batch: int, image_size: int | None, th
     baseline_mb = _proc_status_kb("VmRSS") / 1024
     import warnings
 
-    from . import api
+    from .. import api
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -413,9 +413,9 @@ def _memory_probe(model: str, dtype: str, batch: int, image_size: int | None, th
 def measure_memory(model: str, dtype: str, batch: int, image_size: int | None = None,
                    threads: int = 1) -> dict[str, Any]:
     """``_memory_probe`` in a fresh interpreter, so nothing else this process holds is counted."""
-    code = ("import json, sys; from gemma3_vision.bench import _memory_probe; "
+    code = ("import json, sys; from gemma3_vision.tools.bench import _memory_probe; "
             f"print(json.dumps(_memory_probe({model!r}, {dtype!r}, {batch}, {image_size!r}, {threads})))")
-    # The baseline is taken after `import torch` (the -c code imports it through gemma3_vision.bench).
+    # The baseline is taken after `import torch` (the -c code imports it through gemma3_vision.tools.bench).
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -467,7 +467,7 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
     Returns:
         A ``BenchReport``; ``format_report`` prints it, ``to_json`` records it.
     """
-    from .api import resolve_device
+    from ..api import resolve_device
 
     if preset not in PRESETS:
         raise OptionError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
@@ -491,7 +491,7 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
     state = random_tower_state(preset, vision.num_hidden_layers)
     if image_size is not None and image_size != PRESETS[preset][0].image_size:
         # Same position table for both: ours interpolates in forward, transformers needs it resized up front.
-        from .model import interpolate_position_embedding
+        from ..model.tower import interpolate_position_embedding
 
         grid = vision.image_size // vision.patch_size
         state["embeddings.position_embedding.weight"] = interpolate_position_embedding(

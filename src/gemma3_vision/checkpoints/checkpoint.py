@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ProjectorConfig, VisionConfig
-from .errors import WeightsError
-from .preprocessing import PreprocessConfig
+from ..errors import WeightsError
+from ..model.config import ProjectorConfig, VisionConfig
+from ..model.preprocessing import PreprocessConfig
 
 TOWER = "vision_tower."
 PROJECTOR = "multi_modal_projector."

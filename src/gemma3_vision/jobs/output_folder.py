@@ -47,10 +47,10 @@ from typing import Any, BinaryIO, TypeGuard
 
 import numpy as np
 
-from .checkpoint import Checkpoint
+from ..checkpoints.checkpoint import Checkpoint
+from ..errors import OutputError
+from ..model.preprocessing import without_name
 from .discovery import input_key
-from .errors import OutputError
-from .preprocessing import without_name
 
 INDEX_NAME = "index.jsonl"
 TMP_DIR_NAME = ".gemma3-vision-tmp"  # starts with ".": is_output_name's fast path relies on it

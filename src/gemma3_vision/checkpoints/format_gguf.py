@@ -23,12 +23,12 @@ import torch
 from gguf import quants
 from gguf.constants import GGMLQuantizationType
 
+from ..errors import ConfigError, WeightsError
+from ..model.config import ProjectorConfig, VisionConfig
+from ..model.preprocessing import PreprocessConfig, channel_values
+from ..safe_io import open_regular
 from .checkpoint import Checkpoint, TensorSource
-from .config import ProjectorConfig, VisionConfig
-from .errors import ConfigError, WeightsError
 from .gguf_header import GGUFHeader, TensorInfo, read_gguf_header
-from .preprocessing import PreprocessConfig, channel_values
-from .safe_io import open_regular
 
 Fix = Callable[[torch.Tensor], torch.Tensor]
 Entry = str | tuple[str, Fix] | None

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .api import (
+from ..api import (
     Gemma3Vision,
     RandomWeightsWarning,
     compute_dtype_for,
@@ -50,10 +50,13 @@ from .api import (
     parse_device,
     resolve_dtype,
 )
-from .backends import resolve_backend
-from .checkpoint import Checkpoint
+from ..backends import resolve_backend
+from ..checkpoints.checkpoint import Checkpoint
+from ..checkpoints.resolve import resolve
+from ..checkpoints.weights import empty_model
+from ..errors import ConfigError, Gemma3VisionError, OptionError
+from ..model.preprocessing import DEFAULT_MAX_PIXELS
 from .discovery import InputItem, discover
-from .errors import ConfigError, Gemma3VisionError, OptionError
 from .job import EncodeOptions, check_options, encode_batch_for, job_key, make_input_for
 from .output_folder import TMP_DIR_NAME, OutputFolder, save_npy
 from .pipeline import (
@@ -69,9 +72,6 @@ from .pipeline import (
     report_failed_before,
     split_outputs,
 )
-from .preprocessing import DEFAULT_MAX_PIXELS
-from .resolve import resolve
-from .weights import empty_model
 
 _RUNTIME_BYTES = 512 << 20  # Python, torch and one batch's activations on top of the weights, roughly
 _CONNECT_TIMEOUT_S = 5.0  # a reachable head answers a TCP connection in milliseconds, even across regions

@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import FormatError, ModelNotFoundError
+from ..errors import FormatError, ModelNotFoundError
+from ..safe_io import read_json_object
 from .format_safetensors import CONFIG_NAME, GEMMA3_IGNORED, INDEX_NAME, SIGLIP_IGNORED, SINGLE_NAME
-from .safe_io import read_json_object
 
 OPTIONAL_CONFIGS = ("preprocessor_config.json",)
 MAX_INDEX_BYTES = 100_000_000

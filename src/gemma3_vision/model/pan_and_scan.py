@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .checks import is_integer, is_number
-from .errors import OptionError
+from ..checks import is_integer, is_number
+from ..errors import OptionError
 from .preprocessing import PreprocessConfig, check_pixel_count, normalize, resize, to_rgb
 
 Box = tuple[int, int, int, int]  # (left, top, right, bottom) in original pixels, right/bottom exclusive

@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..errors import ConfigError, FormatError, ModelNotFoundError, WeightsError
+from ..model.config import VisionConfig, configs_from_hf_dict
+from ..model.preprocessing import RESAMPLE_CODES, PreprocessConfig, channel_values, resample_name
+from ..safe_io import open_regular, parse_json, read_json, read_json_object
 from .checkpoint import PROJECTOR, TOWER, Checkpoint, TensorSource
-from .config import VisionConfig, configs_from_hf_dict
-from .errors import ConfigError, FormatError, ModelNotFoundError, WeightsError
-from .preprocessing import RESAMPLE_CODES, PreprocessConfig, channel_values, resample_name
-from .safe_io import open_regular, parse_json, read_json, read_json_object
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
