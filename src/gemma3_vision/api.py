@@ -528,7 +528,7 @@ def make_backend(name: str, model: VisionModel, checkpoint: Checkpoint, dtype: t
         from .backends.openvino import OpenVINOBackend
         from .jobs.output_folder import checkpoint_identity
 
-        return OpenVINOBackend(model, dtype=dtype, compute_dtype=compute_dtype_for(dtype, device),
+        return OpenVINOBackend(model.vision_tower, model.multi_modal_projector, dtype=dtype, compute_dtype=compute_dtype_for(dtype, device),
                                identity=checkpoint_identity(checkpoint))
     from .backends.torch import TorchBackend
 

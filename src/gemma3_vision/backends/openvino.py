@@ -21,7 +21,8 @@ from typing import Any
 import openvino as ov
 import torch
 
-from ..checkpoints.weights import VisionModel
+from ..model.projector import MultiModalProjector
+from ..model.tower import VisionTower
 from . import openvino_cache, openvino_graph
 
 # OpenVINO's names for the compute dtypes this backend runs
@@ -37,14 +38,16 @@ def compile_config(compute_dtype: torch.dtype, threads: int | None = None) -> di
 
 
 class OpenVINOBackend:
-    """Runs the tower of ``model`` with OpenVINO's CPU plugin; ``identity`` (the weights' cache identity, as
+    """Runs ``tower`` with OpenVINO's CPU plugin and ``projector`` in torch; ``identity`` (the weights' cache identity, as
     ``output_folder.checkpoint_identity`` gives it) turns the disk cache on, None builds in memory each time."""
 
     name = "openvino"
 
-    def __init__(self, model: VisionModel, *, dtype: torch.dtype, compute_dtype: torch.dtype,
-                 identity: dict[str, Any] | None = None, cache_dir: Path | None = None, threads: int | None = None):
-        self.model = model
+    def __init__(self, tower: VisionTower, projector: MultiModalProjector | None, *, dtype: torch.dtype,
+                 compute_dtype: torch.dtype, identity: dict[str, Any] | None = None, cache_dir: Path | None = None,
+                 threads: int | None = None):
+        self.vision_tower = tower
+        self.projector = projector
         self.dtype = dtype  # what outputs are returned in
         self.compute_dtype = compute_dtype  # what the plugin computes in
         self.identity = identity
@@ -72,7 +75,7 @@ class OpenVINOBackend:
         key = (height, width, layers)
         if key not in self.compiled:
             config = compile_config(self.compute_dtype, self.threads)
-            tower = self.model.vision_tower
+            tower = self.vision_tower
             if self.identity is None:
                 compiled = self.core.compile_model(openvino_graph.tower_model(tower, height, width, layers), "CPU",
                                                    config)
@@ -89,15 +92,18 @@ class OpenVINOBackend:
         return self.compiled[key]
 
     def tower(self, pixels: torch.Tensor, layers: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        tower = self.model.vision_tower
+        tower = self.vision_tower
         tower.check_pixels(pixels)
         wanted = tower.check_hidden_layers(layers) or ()
         B, H, W, _ = pixels.shape
+        if B == 0:
+            empty = torch.empty(0, tower.tokens_per_image(pixels), tower.config.hidden_size, dtype=self.dtype)
+            return empty, {i: empty for i in wanted}
         request = self.request(H, W, wanted)
         pixels = pixels.detach().cpu().float().contiguous()
         outputs: list[list[torch.Tensor]] = [[] for _ in range(1 + len(wanted))]
-        for image in pixels.split(1):  # (1, H, W, 3) each
-            request.infer({0: image.numpy()})
+        for b in range(B):
+            request.infer({0: pixels[b:b + 1].numpy()})  # (1, H, W, 3)
             for i in range(len(outputs)):
                 # copied out: the request reuses its output buffers on the next call
                 outputs[i].append(torch.from_numpy(request.get_output_tensor(i).data.copy()))
@@ -105,5 +111,5 @@ class OpenVINOBackend:
         return last, dict(zip(wanted, hidden, strict=True))
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        assert self.model.multi_modal_projector is not None  # callers check has_projector first
-        return self.model.multi_modal_projector(x)  # (B, T, text_hidden), per image on a CPU
+        assert self.projector is not None  # callers check has_projector first
+        return self.projector(x)  # (B, T, text_hidden), per image on a CPU
