@@ -93,9 +93,10 @@ def tiny_state() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="session")
 def tiny_model():
+    """random:tiny in fp32 on the torch backend, whose modules tests instrument (``auto`` may pick OpenVINO)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", g3.RandomWeightsWarning)
-        return g3.load("random:tiny", dtype="float32", device="cpu")
+        return g3.load("random:tiny", dtype="float32", device="cpu", backend="torch")
 
 
 def make_rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
