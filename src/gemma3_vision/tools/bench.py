@@ -123,6 +123,10 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         info["transformers"] = transformers.__version__
     except ImportError:
         info["transformers"] = None
+    if importlib.util.find_spec("openvino") is not None:
+        import openvino
+
+        info["openvino"] = openvino.get_version()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -562,9 +566,6 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
         from ..backends import resolve_backend
 
         resolve_backend("openvino", dev)  # the extra installed, a CPU: else a clear error now
-        import openvino as ov
-
-        report.machine["openvino"] = ov.get_version()
         if reference and importlib.util.find_spec("transformers") is not None:
             progress("converting transformers' tower with ov.convert_model (minutes for the full tower)")
             memory_probe = _PeakMemory(dev)
