@@ -236,3 +236,17 @@ def test_cli_encode_with_openvino(tmp_path):
     for i in range(2):
         d = max_abs(torch.from_numpy(np.load(tmp_path / "out" / f"{i}.png.npy")), reference[i])
         assert d <= TOL["fp32_max_abs"], f"image {i}: max abs diff {d:.3g} > {TOL['fp32_max_abs']}"
+
+
+def test_bench_times_our_openvino_backend_beside_ours():
+    from gemma3_vision.tools.bench import run_benchmark
+
+    report = run_benchmark(preset="tiny", dtypes=["float32"], repeats=1, compile=False, reference=False,
+                           openvino=True, device="cpu")
+    [config] = report.configs
+    runners = {r.name: r for r in config.runners}
+    assert set(runners) == {"ours", "ours[openvino]"} and "ours[openvino] vs ours" in config.ratios
+    ov = runners["ours[openvino]"]
+    assert ov.max_abs_diff is not None and ov.max_abs_diff <= TOL["fp32_max_abs"], (
+        f"ours[openvino] vs ours: max abs diff {ov.max_abs_diff:.3g} > {TOL['fp32_max_abs']}")
+    assert report.machine["openvino"] and ov.peak_fraction > 0
