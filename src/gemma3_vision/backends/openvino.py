@@ -2,12 +2,12 @@
 
 The model is built from the loaded torch weights (``openvino_graph``), whatever format they came from, once per
 image size and set of hidden layers asked for, and cached on disk with its compiled blob (``openvino_cache``): a
-second process reads the blob and starts in about a second. Precision: an fp32 run computes in f32
+second process reads the blob (1.7 s for the full tower, docs/openvino.md). Precision: an fp32 run computes in f32
 (``INFERENCE_PRECISION_HINT``); a bf16 run in bf16 where the CPU has AVX512-BF16 or AMX, else in f32, as the torch
 backend decides (``api.compute_dtype_for``).
 
-Images run one at a time, so an image's output never depends on its batch (the torch backend's CPU policy, and a
-batch of 896-px images gains nothing from running together). The projector (4x4 pool, RMSNorm, one product: 0.01%
+Images run one at a time, so an image's output never depends on its batch: the torch backend's CPU policy, which
+runs a batch in chunks of one 896-px image too. The projector (4x4 pool, RMSNorm, one product: 0.03%
 of the tower's work) is the torch module, so projected tokens are exactly the torch projector's of this tower output.
 """
 
