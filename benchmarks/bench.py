@@ -1,7 +1,7 @@
 """Ours vs transformers on this machine; see ``python benchmarks/bench.py --help``.
 
 Examples:
-    python benchmarks/bench.py --dtype float32 --dtype bfloat16 --batch 1 --batch 4 --json benchmarks/results.json
+    python benchmarks/bench.py --dtype float32 --dtype bfloat16 --batch 1 --batch 4 --json tower.json
     python benchmarks/bench.py --layers 2 --repeats 3          # truncated depth: minutes instead of tens of minutes
     python benchmarks/bench.py --preset tiny --no-compile      # smoke test
 """

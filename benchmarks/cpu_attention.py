@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from gemma3_vision.model import cpu_kernels
-from gemma3_vision.tools.bench import _time_runners
+from gemma3_vision.tools.bench import _time_runners, result_meta
 
 HEADS, HEAD_DIM = 16, 72
 
@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     if torch.bfloat16 in dtypes and not cpu_kernels.onednn_runs(torch.bfloat16):
         print("oneDNN does not run bf16 on this CPU: timing float32 only", file=sys.stderr)
         dtypes.remove(torch.bfloat16)
-    report = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+    report = {"meta": result_meta(torch.device("cpu")),
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "layers": [], "softmax_step": []}
     for dtype in dtypes:
         step = softmax_step(dtype, args.repeats * 5)

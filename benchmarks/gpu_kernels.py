@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
 from gemma3_vision.model.config import PRESETS
-from gemma3_vision.tools.bench import SDPA_KERNELS, build_ours, random_tower_state
+from gemma3_vision.tools.bench import SDPA_KERNELS, build_ours, random_tower_state, result_meta
 
 
 def cuda_seconds(fn, iters: int = 10) -> float:
@@ -125,7 +125,8 @@ def main() -> int:
         return 1
     dtype = getattr(torch, a.dtype)
     rows = a.batch * PRESETS["gemma3-4b"][0].num_patches
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": a.batch, "dtype": a.dtype,
+    report = {"meta": result_meta(torch.device("cuda")), "device": torch.cuda.get_device_name(),
+              "torch": torch.__version__, "batch": a.batch, "dtype": a.dtype,
               "gemm_tflops": gemm_rates(rows, dtype), "attention_tflops": attention_rates(a.batch, dtype),
               "gelu_epilogue": gelu_epilogue(rows, dtype)}
     for group in ("gemm_tflops", "attention_tflops", "gelu_epilogue"):

@@ -45,6 +45,7 @@ import gemma3_vision as g3
 from gemma3_vision.checkpoints.checkpoint import PROJECTOR, TOWER
 from gemma3_vision.checkpoints.format_safetensors import read_header
 from gemma3_vision.checkpoints.random_model import random_checkpoint
+from gemma3_vision.tools.bench import result_meta
 
 _CHUNK = 64 << 20  # writing the checkpoint
 _READ_BUFFER = 4 << 20  # the cold read: the fastest buffer size measured, see the module docstring
@@ -249,6 +250,7 @@ def main() -> int:
                       f"({run['load_cpu_s']:.2f} s CPU), cold read "
                       f"{run['cold_read_vision_s']:.2f} s: {run['load_over_read']:.2f}x", file=sys.stderr)
         result: dict[str, object] = {
+            "meta": result_meta(torch.device("cpu")),
             "file_gb": path.stat().st_size / 1e9, "vision_gb": vision_bytes / 1e9, "text_gb": text_bytes / 1e9,
             "stored_dtype": "bfloat16", "repeat": a.repeat, "cpus": os.cpu_count(), "torch": torch.__version__,
             "cold_read": f"readinto a reused {_READ_BUFFER >> 20} MiB buffer, fresh process after the load's imports",

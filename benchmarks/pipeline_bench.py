@@ -10,7 +10,7 @@ It also times each stage alone on one thread (hash, decode, preprocess, encode, 
 can be read against what the stages cost.
 
 Examples:
-    python benchmarks/pipeline_bench.py --json benchmarks/results_pipeline_cpu.json
+    python benchmarks/pipeline_bench.py --json benchmarks/results/MACHINE/pipeline_fp32.json
     python benchmarks/pipeline_bench.py --model tiny --images 32 --repeats 2          # quick look
     python benchmarks/pipeline_bench.py --model gemma3:2 --batch 1                      # full width, 2 layers
 """
@@ -42,7 +42,7 @@ from gemma3_vision.jobs.job import EncodeOptions, check_options, encode_batch_fo
 from gemma3_vision.jobs.output_folder import content_digest, save_npy
 from gemma3_vision.jobs.pipeline import run_job
 from gemma3_vision.model.preprocessing import decode_image, pil_to_input
-from gemma3_vision.tools.bench import machine_info
+from gemma3_vision.tools.bench import machine_info, result_meta
 
 # Image sets: (name, width, height, formats cycled through the files).
 IMAGE_SETS = {"640x480": (640, 480, ("JPEG", "PNG")), "2000x1500": (2000, 1500, ("JPEG",))}
@@ -249,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(format_table(rows[-1:]).splitlines()[-1], file=sys.stderr)
     print(format_table(rows))
     if a.json:
-        a.json.write_text(json.dumps({"machine": machine_info(torch.device("cpu")), "backend": a.backend,
-                                      "command": " ".join([sys.executable.rpartition("/")[2], *sys.argv]),
-                                      "results": rows}, indent=1) + "\n")
+        cpu = torch.device("cpu")
+        report = {"meta": result_meta(cpu), "machine": machine_info(cpu), "backend": a.backend, "results": rows}
+        a.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0
 
 

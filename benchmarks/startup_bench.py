@@ -14,7 +14,7 @@ to the first forward (output folder, discovery, waiting for the first decoded im
 preprocess, done on a worker thread, are shown beside it. Issue 4's target: first forward within 3 s of launch.
 
 Examples:
-    python benchmarks/startup_bench.py --json benchmarks/results_startup_cpu.json
+    python benchmarks/startup_bench.py --json benchmarks/results/MACHINE/startup.json
     python benchmarks/startup_bench.py --model random:tiny --repeats 1 --warmup 0   # smoke test
     python benchmarks/startup_bench.py --dtype float32 --dtype bfloat16
     python benchmarks/startup_bench.py --src /tmp/before/src    # beside another checkout (git archive of a commit)
@@ -121,6 +121,14 @@ def machine() -> dict[str, Any]:
     return {**machine_info(torch.device("cpu")), "platform": platform.platform()}
 
 
+def meta() -> dict[str, Any]:
+    import torch
+
+    from gemma3_vision.tools.bench import result_meta
+
+    return result_meta(torch.device("cpu"))
+
+
 def median_of(runs: list[dict[str, float | None]]) -> dict[str, float | None]:
     keys = runs[0].keys()
     return {k: (statistics.median(v) if (v := [r[k] for r in runs if r[k] is not None and not math.isnan(r[k])])
@@ -165,6 +173,7 @@ def main() -> int:
 
     floor = statistics.median(floors)
     report: dict[str, Any] = {
+        "meta": meta(),
         "what": "seconds from launch to the first VisionTower.forward of `gemma3-vision encode one.jpg`",
         "machine": machine(), "model": a.model, "repeats": a.repeats,
         "python_c_import_torch_s": {"median": floor, "runs": floors}, "configs": [],

@@ -61,7 +61,7 @@ def test_outputs_are_ordinary_tensors(tiny_model):
 
 
 def test_gradients_flow_through_the_modules(tiny_model):
-    # encode_pixels computes without gradients; the README's route for them is the modules themselves.
+    # encode_pixels computes without gradients; docs/python-api.md's route for them is the modules themselves.
     pixels = tiny_model.preprocess(IMAGES[:1]).requires_grad_()
     model = tiny_model.model
     assert model.multi_modal_projector is not None

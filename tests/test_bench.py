@@ -9,7 +9,13 @@ import torch
 
 from conftest import TOL
 from gemma3_vision.model.config import PRESETS, VisionConfig
-from gemma3_vision.tools.bench import format_report, gflop_per_image, measure_memory, run_benchmark
+from gemma3_vision.tools.bench import (
+    command_line,
+    format_report,
+    gflop_per_image,
+    measure_memory,
+    run_benchmark,
+)
 
 
 def test_gflop_count_of_the_full_tower():
@@ -41,7 +47,21 @@ def test_report_on_tiny():
         assert c.ratios["ours vs transformers"] == pytest.approx(theirs.median_s / ours.median_s)
     text = format_report(report)
     assert "TRUNCATED" in text and "ours vs transformers" in text and "bfloat16 (our matmuls in" in text
-    assert json.loads(report.to_json())["configs"][1]["dtype"] == "bfloat16"
+    recorded = json.loads(report.to_json())
+    assert recorded["configs"][1]["dtype"] == "bfloat16"
+    meta = recorded["meta"]  # what every result file records: machine, versions, command line
+    assert meta["machine"]["cpu"] and meta["machine"]["logical_cpus"] >= 1, meta["machine"]
+    assert meta["versions"]["torch"] == torch.__version__ and meta["versions"]["transformers"], meta["versions"]
+    assert meta["versions"]["gemma3-vision"] and meta["command"], meta
+
+
+@pytest.mark.parametrize(("argv", "line"), [
+    (["/home/me/.venv/bin/gemma3-vision", "bench", "--json", "a b.json"], "gemma3-vision bench --json 'a b.json'"),
+    (["/src/gemma3_vision/__main__.py", "bench", "--layers", "2"], "python -m gemma3_vision bench --layers 2"),
+    (["benchmarks/load_bench.py", "--dir", "/tmp"], "python benchmarks/load_bench.py --dir /tmp"),
+])
+def test_results_record_the_command_as_a_shell_line(argv, line):
+    assert command_line(argv) == line
 
 
 def test_memory_probe_in_a_fresh_process():

@@ -236,7 +236,7 @@ def test_a_model_the_actors_cannot_load_stops_the_job_with_one_line(images, tmp_
                           "-o", str(out), "--ray"], capture_output=True, text=True, timeout=180)
     assert run.returncode == EXIT_CANNOT_RUN, run.stderr
     assert run.stdout == ""
-    # Ray's own token warning and core_worker note may come first (README: Ray); then the job's one line.
+    # Ray's own token warning and core_worker note may come first (docs/ray.md); then the job's one line.
     lines = run.stderr.splitlines()
     assert len(lines) <= 3, run.stderr
     assert lines[-1].startswith("error: a Ray worker failed, the job stopped"), lines[-1]

@@ -114,7 +114,7 @@ def test_sizes_the_projector_cannot_merge_are_refused(tiny_model):
     with pytest.raises(ConfigError, match=r"9x9 patch grid, which the projector's 2x2 merge does not divide"):
         tiny_model.encode([image], image_size=126)
     assert tiny_model.encode([image], image_size=126, project=False).shape == (1, 81, TINY_VISION.hidden_size)
-    # A remainder under one patch is cut before the merge: 125 px is a 8x8 grid, as 112 px (README: 900 px as 896).
+    # A remainder under one patch is cut before the merge: 125 px is a 8x8 grid, as 112 px (docs/pan-and-scan.md).
     assert tiny_model.tokens_per_image(125) == 16
     assert tiny_model.encode([image], image_size=125).shape == (1, 16, TINY_PROJECTOR.text_hidden_size)
     with pytest.raises(ConfigError, match="at least the patch size 14"):

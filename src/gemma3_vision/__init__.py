@@ -17,6 +17,7 @@ from .errors import (
     ModelNotFoundError,
     OptionError,
     OutputError,
+    PromptError,
     WeightsError,
 )
 from .model.config import PRESETS, ProjectorConfig, VisionConfig
@@ -27,10 +28,13 @@ _LAZY = {
     "Gemma3Vision": "api", "RandomWeightsWarning": "api", "load": "api",
     "VisionTower": "model.tower", "MultiModalProjector": "model.projector",
     "PreprocessConfig": "model.preprocessing", "preprocess": "model.preprocessing",
+    "SplicedPrompt": "language_model", "expand_prompt": "language_model", "greedy_generate": "language_model",
+    "image_prompt": "language_model", "splice_images": "language_model",
 }
 
 if TYPE_CHECKING:
     from .api import Gemma3Vision, RandomWeightsWarning, load
+    from .language_model import SplicedPrompt, expand_prompt, greedy_generate, image_prompt, splice_images
     from .model.preprocessing import PreprocessConfig, preprocess
     from .model.projector import MultiModalProjector
     from .model.tower import VisionTower
@@ -47,5 +51,6 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "PRESETS", "ConfigError", "FormatError", "Gemma3Vision", "Gemma3VisionError", "ImageError",
     "ModelNotFoundError", "MultiModalProjector", "OptionError", "OutputError", "PreprocessConfig", "ProjectorConfig",
-    "RandomWeightsWarning", "VisionConfig", "VisionTower", "WeightsError", "__version__", "load", "preprocess",
+    "PromptError", "RandomWeightsWarning", "SplicedPrompt", "VisionConfig", "VisionTower", "WeightsError",
+    "__version__", "expand_prompt", "greedy_generate", "image_prompt", "load", "preprocess", "splice_images",
 ]

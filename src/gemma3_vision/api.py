@@ -123,7 +123,7 @@ def kept_storage_dtypes(dtype: torch.dtype, device: torch.device) -> tuple[torch
 
     A float32 run on a CPU keeps bf16 and fp16 weights (every Hugging Face Gemma 3 checkpoint is bf16) and widens
     them one layer at a time as it computes: the widening is exact, so the results equal those of casting everything
-    at load, which writes 1.6 GB (README: Memory and loading). The widening did not show in the time of a CPU
+    at load, which writes 1.6 GB (docs/precision.md). The widening did not show in the time of a CPU
     forward (0.99x, within noise). A GPU forward takes milliseconds, so there it would be a larger share (not
     measured): weights are cast at load.
     """
@@ -290,7 +290,7 @@ class Gemma3Vision:
     def encode_pixels(self, pixels: torch.Tensor, *, project: bool = True) -> torch.Tensor:
         """NHWC pixels ``(B, H, W, 3)``, floating point in [-1, 1] (what ``preprocess`` returns, or a float numpy
         array) → ``(B, T, text_hidden)`` projected, or ``(B, N, hidden)`` with ``project=False``. No gradients:
-        for them, call ``self.model.vision_tower`` and ``self.model.multi_modal_projector`` (README: Python API)."""
+        for them, call ``self.model.vision_tower`` and ``self.model.multi_modal_projector`` (docs/python-api.md)."""
         if project:
             self.require_projector()
         pixels = check_pixel_tensor(pixels)
@@ -485,7 +485,7 @@ def load(model: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
     Args:
         model: a Hugging Face folder or hub id, a GGUF file (llama.cpp mmproj or Ollama blob), an Ollama model
             name, an MLX or SigLIP folder, or ``random`` / ``random:tiny`` for seeded random weights (the
-            resolution order is in ``resolve.py`` and the README).
+            resolution order is in ``resolve.py`` and docs/models.md).
         dtype: ``float32``, ``bfloat16`` or ``float16``; ``None`` picks bfloat16 where it is fast, else float32.
         device: ``cpu``, ``cuda`` or ``cuda:N``; ``None`` picks CUDA when available.
         image_size: input side in pixels, overriding the checkpoint's (e.g. 448 or 1344 for Gemma 3, whose

@@ -218,7 +218,7 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
     """Encode images into .npy embeddings under OUT, resumably.
 
     INPUTS are files, folders (recursed in sorted order, image suffixes only), quoted glob patterns
-    ('photos/**/*.jpg') or '-' for a list on standard input. Writes OUT/<relative path>.npy per image and appends
+    ('photos/**/*.jpg') or '-' for a list on standard input. Writes OUT/{relative path}.npy per image and appends
     one record per input to OUT/index.jsonl: status ok, error (with the reason) or skipped (FIFOs, devices,
     links leaving a folder: never opened).
 

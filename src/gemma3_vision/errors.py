@@ -34,3 +34,8 @@ class ImageError(Gemma3VisionError):
 
 class OutputError(Gemma3VisionError):
     """An output folder cannot be used: not creatable or writable, or held by another job."""
+
+
+class PromptError(Gemma3VisionError, ValueError):
+    """A prompt does not fit the images handed to the language model with it: its image slots differ in number or
+    length from the images' soft tokens."""

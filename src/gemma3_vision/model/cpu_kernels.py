@@ -23,7 +23,7 @@ AVX-512 and AVX512-BF16), torch 2.13, one full-size Gemma 3 layer (4096 tokens, 
   (35 MB in bf16) did. ``mlp`` runs 2048 tokens at a time in bf16, 1024 in float32. The last two gained 2-5% each, near
   this machine's noise.
 
-Full-tower figures against transformers: README, Performance.
+Full-tower figures against transformers: docs/performance.md.
 """
 
 from __future__ import annotations

@@ -61,14 +61,14 @@ def onednn_linears(device: torch.device, dtype: torch.dtype, *tensors: torch.Ten
 
 
 # Tokens per image below which torch's flash kernel beats the blocked attention, in either dtype
-# (benchmarks/cpu_attention.py; benchmarks/results_attention_zen5_cpu.json): at 256 tokens (224 px) it took 1.9 ms
+# (benchmarks/cpu_attention.py; benchmarks/results/zen5-2vcpu/attention.json): at 256 tokens (224 px) it took 1.9 ms
 # a layer against 3.1 (fp32) and 2.6 (bf16); at 576 the blocked attention was 1.2x (fp32) and 1.8x (bf16) faster.
 BLOCKED_MIN_TOKENS = 576
 
 
 def default_attention(device: torch.device, dtype: torch.dtype, tokens: int, *tensors: torch.Tensor) -> str:
     """``blocked`` where ``cpu_onednn_kernels`` holds from ``BLOCKED_MIN_TOKENS`` tokens an image (faster than the
-    flash kernel there: 3.1x in bf16 and 1.9x in fp32 at Gemma 3's 4096 tokens; README: Performance), except fp32
+    flash kernel there: 3.1x in bf16 and 1.9x in fp32 at Gemma 3's 4096 tokens; docs/performance.md), except fp32
     without AVX-512 (``cpu_kernels.AVX512``); else ``sdpa``."""
     fp32_slower = dtype == torch.float32 and not cpu_kernels.AVX512
     blocked = cpu_onednn_kernels(device, dtype, *tensors) and tokens >= BLOCKED_MIN_TOKENS and not fp32_slower
@@ -299,7 +299,7 @@ class VisionTower(nn.Module):
         # One of ATTENTION_PATHS; None: default_attention() for the device, the products' dtype and the image size.
         self.attention: str | None = None
         # scaled_dot_product_attention kernels allowed (torch picks among them in its own order); None: all.
-        # On Hopper and Blackwell torch already puts cuDNN first, the fastest at head_dim 72 (README: GPU).
+        # On Hopper and Blackwell torch already puts cuDNN first, the fastest at head_dim 72 (docs/performance.md: H200).
         self.attention_backends: Sequence[SDPBackend] | None = None
 
     def attention_kernels(self) -> contextlib.AbstractContextManager[object]:

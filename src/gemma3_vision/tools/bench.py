@@ -17,12 +17,14 @@ import importlib.util
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -87,9 +89,11 @@ class BenchReport:
     machine: dict[str, Any]
     configs: list[ConfigResult]
     memory: list[dict[str, Any]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)  # result_meta(): machine, versions, command line
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        report = asdict(self)
+        return json.dumps({"meta": report.pop("meta"), **report}, indent=2)
 
 
 def gflop_per_image(vision: VisionConfig) -> float:
@@ -102,9 +106,15 @@ def gflop_per_image(vision: VisionConfig) -> float:
 
 
 def cpu_name() -> str:
+    """The CPU's model name: /proc/cpuinfo's, else lscpu's (ARM's cpuinfo has none), else what platform knows."""
     with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
         for line in f:
             if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
+        for line in lscpu.splitlines():
+            if line.startswith("Model name:"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
@@ -130,6 +140,65 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def versions() -> dict[str, str | None]:
+    """The versions a result depends on: Python, torch, transformers, the optional engines (``None`` where not
+    installed), gemma3-vision, and the commit of the checkout it runs from (``+dirty`` with uncommitted changes)."""
+    from importlib import metadata
+
+    found: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__}
+    for dist in ("transformers", "openvino", "mlx", "gemma3-vision"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = None
+    found["gemma3-vision commit"] = _checkout_commit()
+    return found
+
+
+def _checkout_commit() -> str | None:
+    here = str(Path(__file__).resolve().parent)
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=5)
+        status = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None  # an installed copy, not a checkout
+    return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """How this process was started, as a shell line: ``gemma3-vision bench ...``, ``python -m gemma3_vision
+    bench ...`` or ``python benchmarks/load_bench.py ...``."""
+    program, *args = sys.argv if argv is None else argv
+    path = Path(program)
+    if program == "-c":
+        start = "python -c"
+    elif path.name == "__main__.py":
+        start = f"python -m {path.parent.name}"
+    elif path.suffix == ".py":
+        start = f"python {program}"
+    else:  # a console script: its name, not the venv it lives in
+        start = path.name
+    return " ".join([start, *map(shlex.quote, args)])
+
+
+def result_meta(device: torch.device) -> dict[str, Any]:
+    """What every result file records first: the machine, the versions and the command line that made it."""
+    m = machine_info(device)
+    gpu = m.get("gpu") or (torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    return {
+        "machine": {"cpu": m["cpu"], "logical_cpus": m["logical_cpus"], "cpu_capability": m["cpu_capability"],
+                    "native_bf16": m["native_bf16"], "native_fp16": m["native_fp16"], "gpu": gpu,
+                    "platform": platform.platform()},
+        "versions": versions(),
+        "command": command_line(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def _sync(device: torch.device) -> None:
@@ -560,7 +629,7 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
         grid = vision.image_size // vision.patch_size
         state["embeddings.position_embedding.weight"] = interpolate_position_embedding(
             state["embeddings.position_embedding.weight"], grid, grid)
-    report = BenchReport(machine={**machine_info(dev), "threads": n_threads}, configs=[])
+    report = BenchReport(machine={**machine_info(dev), "threads": n_threads}, configs=[], meta=result_meta(dev))
     converted = None
     if openvino:
         from ..backends import resolve_backend
