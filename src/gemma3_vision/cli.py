@@ -493,6 +493,5 @@ def bench(preset: str, dtypes: tuple[str, ...], batches: tuple[int, ...], thread
                            memory=memory, attention=attention, bf16_residual=bf16_residual, openvino=openvino,
                            progress=lambda s: click.echo(s, err=True))
     click.echo(format_report(report))
-    report.machine["command"] = " ".join(["gemma3-vision", *sys.argv[1:]])  # how to run it again
     if json_path is not None:
         json_path.write_text(report.to_json(), encoding="utf-8")
