@@ -229,6 +229,7 @@ def test_worker_threads_give_the_same_tokens(tiny_mlx):
 
 def test_choosing_the_backend(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(backends, "openvino_installed", lambda: False)  # auto's x86 choice: tests/test_openvino.py
     monkeypatch.setattr(backends, "on_apple_silicon", lambda: True)
     assert backends.resolve_backend("auto", cpu) == "mlx"
     assert backends.resolve_backend("auto", cuda) == "torch"

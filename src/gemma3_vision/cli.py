@@ -324,7 +324,8 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
 
             summary = encode_with_ray(
                 [], out_dir, model, options, address=ray_address or None, dtype=dtype, device=device,
-                image_size=image_size, max_pixels=max_pixels, overwrite=overwrite, shard_size=shards, items=items,
+                backend=backend, image_size=image_size, max_pixels=max_pixels, overwrite=overwrite,
+                shard_size=shards, items=items,
                 actors=ray_actors, on_record=on_record, on_failed_before=on_failed_before,
                 on_progress=progress.update,
                 on_start=lambda line: _say(f"{line}; writing {_layout(out_dtype, shards)}"),
@@ -343,6 +344,7 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
                 shard_size=shards, on_record=on_record, on_failed_before=on_failed_before,
                 on_progress=progress.update,
             )
+            summary.backend = encoder.backend.name
     finally:
         if stop_count is not None:
             stop_count.set()
@@ -501,17 +503,22 @@ def serve(model: str, dtype: str | None, device: str | None, backend: str, image
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @reports_errors
 def info(model: str, as_json: bool) -> None:
-    """Show what MODEL is: format, files, configs, stored dtypes, parameter counts, conventions undone.
+    """Show what MODEL is: format, files, configs, stored dtypes, parameter counts, conventions undone, and the
+    backend that encode would run it on here.
 
     MODEL is anything --model accepts (folder, GGUF file, Ollama name, Hugging Face id, random:tiny).
     Reads headers only, no tensor data.
     """
     import json
 
+    from .api import default_device
+    from .backends import resolve_backend
     from .checkpoints.info import checkpoint_info, format_info
     from .checkpoints.resolve import resolve
 
     data = checkpoint_info(resolve(model))
+    device = default_device()
+    data["backend"] = {"device": str(device), "auto": resolve_backend("auto", device)}  # what encode would run
     click.echo(json.dumps(data, indent=2) if as_json else format_info(data))
 
 
@@ -616,12 +623,15 @@ def show(image: Path, model: str, out: Path, features_layer: int | None, attenti
                    "this kernel (flash, efficient, cudnn, math; CUDA has all four).")
 @click.option("--bf16-residual", is_flag=True,
               help="Also time ours with its residual stream and LayerNorms in bf16, as transformers runs them.")
+@click.option("--openvino", is_flag=True,
+              help="Also time our OpenVINO backend (ours[openvino]) and transformers' tower converted to OpenVINO "
+                   "(openvino[transformers]); CPU, needs the openvino extra.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the report as JSON here.")
 @reports_errors
 def bench(preset: str, dtypes: tuple[str, ...], batches: tuple[int, ...], threads: int | None, device: str | None,
           layers: int | None, image_size: int | None, repeats: int, no_compile: bool, compile_mode: str,
-          no_reference: bool, memory: bool, attention: tuple[str, ...], bf16_residual: bool,
+          no_reference: bool, memory: bool, attention: tuple[str, ...], bf16_residual: bool, openvino: bool,
           json_path: Path | None) -> None:
     """Time our tower against transformers' (same random weights, one process, alternating).
 
@@ -632,7 +642,7 @@ def bench(preset: str, dtypes: tuple[str, ...], batches: tuple[int, ...], thread
     report = run_benchmark(preset=preset, dtypes=dtypes or ("float32",), batches=batches or (1,), threads=threads,
                            device=device, layers=layers, image_size=image_size, repeats=repeats,
                            compile=not no_compile, compile_mode=compile_mode, reference=not no_reference,
-                           memory=memory, attention=attention, bf16_residual=bf16_residual,
+                           memory=memory, attention=attention, bf16_residual=bf16_residual, openvino=openvino,
                            progress=lambda s: click.echo(s, err=True))
     click.echo(format_report(report))
     if json_path is not None:

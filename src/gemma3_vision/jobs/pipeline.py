@@ -62,6 +62,7 @@ class JobSummary:
     skipped: int = 0  # not regular files, links not followed, listed twice
     done_before: int = 0  # encoded by an earlier run, unchanged
     seconds: float = 0.0
+    backend: str = ""  # the engine that ran the model (backends.BACKENDS), set by the caller that loaded it
 
     @property
     def images_per_second(self) -> float:
@@ -88,7 +89,8 @@ class JobSummary:
         # Under one image a second (a full tower in fp32 on a small CPU), seconds per image read better (a rate
         # under 0.005 printed as 0.00).
         speed = f"{1 / rate:.1f} s/image" if 0 < rate < 1 else f"{rate:.2f} images/s"
-        return f"encoded {self.encoded}, {failed}, {skipped} in {self.seconds:.1f} s ({speed})"
+        on = f" on {self.backend}" if self.backend else ""
+        return f"encoded {self.encoded}, {failed}, {skipped} in {self.seconds:.1f} s ({speed}){on}"
 
 
 # How long the writer waits for the next batch before looking at the queue again (see run_job's next_result).
