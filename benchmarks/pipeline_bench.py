@@ -9,8 +9,16 @@ The two are timed in alternation after a warm-up; the ratio is median(b) / media
 It also times each stage alone on one thread (hash, decode, preprocess, encode, save), so a ratio below target
 can be read against what the stages cost.
 
+``--write-only`` times the job's writers alone instead, on outputs shaped as Gemma 3 4B's soft tokens (256, 2560):
+one ``.npy`` per image against safetensors shards, in float32 and float16, each through the job's own code
+(``OutputFolder``, ``shards.to_out_dtype``, ``NpyFiles`` / ``ShardFiles``, one index record per image), layouts
+in alternation, a fresh folder each pass. Images/s and MB/s of array bytes, against a memory copy of the same
+bytes measured in the same run (memory bandwidth: a ceiling for writing into the page cache). As in the job, each
+shard is synced to disk before its rename (one ``fsync`` per shard) and ``.npy`` files are not.
+
 Examples:
     python benchmarks/pipeline_bench.py --json benchmarks/results/MACHINE/pipeline_fp32.json
+    python benchmarks/pipeline_bench.py --write-only --images 128 --shard-size 64 --json benchmarks/results/MACHINE/pipeline_writes.json
     python benchmarks/pipeline_bench.py --model tiny --images 32 --repeats 2          # quick look
     python benchmarks/pipeline_bench.py --model gemma3:2 --batch 1                      # full width, 2 layers
 """
@@ -21,6 +29,7 @@ import argparse
 import io
 import json
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -34,13 +43,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gemma3_vision.api import Gemma3Vision, compute_dtype_for, load
+from gemma3_vision.api import Gemma3Vision, compute_dtype_for, load, make_backend
 from gemma3_vision.checkpoints.random_model import random_checkpoint
 from gemma3_vision.checkpoints.weights import expected_shapes, load_model
 from gemma3_vision.jobs.discovery import discover
 from gemma3_vision.jobs.job import EncodeOptions, check_options, encode_batch_for, job_key, make_input_for
-from gemma3_vision.jobs.output_folder import content_digest, save_npy
+from gemma3_vision.jobs.output_folder import OutputFolder, content_digest, save_npy
 from gemma3_vision.jobs.pipeline import run_job
+from gemma3_vision.jobs.shards import Encoded, NpyFiles, ShardFiles, to_out_dtype
 from gemma3_vision.model.preprocessing import decode_image, pil_to_input
 from gemma3_vision.tools.bench import machine_info, result_meta
 
@@ -86,14 +96,15 @@ def make_folder(root: Path, image_set: str, count: int) -> list[Path]:
 
 # -------------------------------------------------------------------------------------------------------- model
 
-def build_encoder(model: str, dtype: str) -> Gemma3Vision:
+def build_encoder(model: str, dtype: str, backend: str = "torch") -> Gemma3Vision:
     """``tiny``: ``random:tiny``. ``gemma3:L``: the full-width Gemma 3 tower (896 px, 4B projector) with random
     weights, truncated to its first L layers (every layer costs the same, so the depth only scales encode time).
-    Weights and compute in ``dtype`` (bfloat16 computes in fp32 on a CPU without native bf16, as ``load`` does)."""
+    Weights and compute in ``dtype`` (bfloat16 computes in fp32 on a CPU without native bf16, as ``load`` does),
+    on ``backend`` (``torch`` or ``openvino``)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "random weights" warnings: known and wanted here
         if model == "tiny":
-            return load("random:tiny", dtype=dtype, device="cpu")
+            return load("random:tiny", dtype=dtype, device="cpu", backend=backend)
         name, _, layers = model.partition(":")
         if name != "gemma3" or not layers.isdigit():
             raise SystemExit(f"--model: expected 'tiny' or 'gemma3:LAYERS', got {model!r}")
@@ -106,7 +117,8 @@ def build_encoder(model: str, dtype: str) -> Gemma3Vision:
         vision_model = load_model(checkpoint, dtype=run_dtype, device=cpu, check_finite=False)
         tower = vision_model.vision_tower  # set up as load() sets it up: bf16 computes in fp32 without native bf16
         tower.compute_dtype, tower.output_dtype = compute_dtype_for(run_dtype, cpu), run_dtype
-        return Gemma3Vision(vision_model, checkpoint, run_dtype, cpu)
+        return Gemma3Vision(vision_model, checkpoint, run_dtype, cpu,
+                            backend=make_backend(backend, vision_model, checkpoint, run_dtype, cpu))
 
 
 # ------------------------------------------------------------------------------------------------------- timing
@@ -200,6 +212,77 @@ def bench_one(encoder: Gemma3Vision, model: str, paths: list[Path], image_set: s
     }
 
 
+def write_pass(root: Path, arrays: list[np.ndarray], layout: str, out_dtype: str, shard_size: int) -> float:
+    """Seconds to write ``arrays`` (one per image) as the job does: cast, write, one index record each."""
+    out = root / f"{layout}-{out_dtype}"
+    folder = OutputFolder(out)
+    try:
+        files = NpyFiles(folder.dir, folder.save) if layout == "npy" else ShardFiles(folder.dir, folder.tmp,
+                                                                                       shard_size)
+        start = time.perf_counter()
+        for i, array in enumerate(arrays):
+            e = Encoded({"input": f"{i}.png", "path": f"/in/{i}.png"}, to_out_dtype({"": array}, out_dtype),
+                        {"job": "bench"}, output=f"{i}.png.npy")
+            for record in files.write(e):
+                folder.append(record)
+        for record in files.flush():
+            folder.append(record)
+        seconds = time.perf_counter() - start
+    finally:
+        folder.close()
+    shutil.rmtree(out)
+    return seconds
+
+
+def bench_writes(images: int, shard_size: int, repeats: int, root: Path) -> dict[str, Any]:
+    """Write throughput of each layout and output dtype, alternating, median over ``repeats`` passes."""
+    rng = np.random.default_rng(0)
+    distinct = [rng.standard_normal((256, 2560), dtype=np.float32) for _ in range(8)]  # 2.6 MB each
+    arrays = [distinct[i % len(distinct)] for i in range(images)]
+    variants = [("npy", "float32"), ("safetensors", "float32"), ("npy", "float16"), ("safetensors", "float16")]
+    seconds: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
+    write_pass(root, arrays[:4], "npy", "float32", shard_size)  # warm-up
+    write_pass(root, arrays[:4], "safetensors", "float32", shard_size)
+    copy_gbs = []
+    for _ in range(repeats):
+        for v in variants:
+            seconds[v].append(write_pass(root, arrays, *v, shard_size))
+        copy_gbs.append(memory_copy_gbs(arrays))
+    rows = []
+    for (layout, out_dtype), times in seconds.items():
+        t = statistics.median(times)
+        mb = images * arrays[0].size * (4 if out_dtype == "float32" else 2) / 1e6
+        rows.append({"layout": layout, "out_dtype": out_dtype, "images": images,
+                     "shard_size": shard_size if layout == "safetensors" else None, "seconds": times,
+                     "images_per_s": images / t, "mb_per_s": mb / t})
+    copy = statistics.median(copy_gbs)
+    for r in rows:
+        r["fraction_of_memory_copy"] = r["mb_per_s"] / 1e3 / copy
+    return {"memory_copy_gb_per_s": copy, "memory_copy_runs": copy_gbs, "writes": rows}
+
+
+def memory_copy_gbs(arrays: list[np.ndarray]) -> float:
+    """GB/s of copying the images' float32 bytes once into memory already mapped (the buffer is written once before
+    the clock starts): the memory bandwidth that any write into the page cache spends at least once per byte."""
+    n = arrays[0].size
+    dest = np.zeros(n * len(arrays), np.float32)
+    dest.fill(1.0)  # every page faulted in: the timed copy measures the copy alone
+    start = time.perf_counter()
+    for i, a in enumerate(arrays):
+        np.copyto(dest[i * n:(i + 1) * n], a.reshape(-1))
+    return dest.nbytes / (time.perf_counter() - start) / 1e9
+
+
+def format_writes(result: dict[str, Any]) -> str:
+    head = f"{'layout':<12} {'dtype':<8} {'images':>6} {'shard':>5} {'images/s':>9} {'MB/s':>8} {'of memcpy':>9}"
+    lines = [head, "-" * len(head)]
+    for r in result["writes"]:
+        lines.append(f"{r['layout']:<12} {r['out_dtype']:<8} {r['images']:>6} {r['shard_size'] or '-':>5} "
+                     f"{r['images_per_s']:>9.1f} {r['mb_per_s']:>8.0f} {100 * r['fraction_of_memory_copy']:>8.1f}%")
+    lines.append(f"memory copy: {result['memory_copy_gb_per_s']:.2f} GB/s")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (f"{'model':<10} {'px':>4} {'images':<10} {'batch':>5} {'encode img/s':>13} {'pipeline img/s':>15} "
             f"{'ratio':>6}   stages ms/img (1 thread): hash decode prep save | encode | pipeline CPU ms/img usr+sys")
@@ -226,8 +309,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, help="files per folder (default: 96 for tiny, 8 for gemma3)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--files-dir", type=Path, help="where the generated images live (default: a temporary folder)")
+    p.add_argument("--backend", choices=["torch", "openvino"], default="torch", help="the engine (load's backend)")
     p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--write-only", action="store_true", help="time the writers alone: .npy files against shards")
+    p.add_argument("--shard-size", type=int, default=64, help="--write-only: images per shard")
+    p.add_argument("--out-dir", type=Path, help="--write-only: where to write (default: a temporary folder)")
     a = p.parse_args(argv)
+    if a.write_only:
+        with tempfile.TemporaryDirectory(prefix="pipeline-bench-writes-", dir=a.out_dir) as tmp:
+            result = bench_writes(a.images or 128, a.shard_size, a.repeats, Path(tmp))
+        print(format_writes(result))
+        if a.json:
+            a.json.parent.mkdir(parents=True, exist_ok=True)
+            meta = result_meta(torch.device("cpu"))
+            meta["versions"].update(numpy=np.__version__, safetensors=_version("safetensors"))
+            a.json.write_text(json.dumps({"meta": meta, **result}, indent=1) + "\n")
+        return 0
     if a.torch_threads:
         torch.set_num_threads(a.torch_threads)
     models, batches = a.model or ["tiny", "gemma3:1"], a.batch or [1, 4]
@@ -236,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-files-") as tmp:
         root = a.files_dir or Path(tmp)
         for model in models:
-            encoder = build_encoder(model, a.dtype)
+            encoder = build_encoder(model, a.dtype, a.backend)
             count = a.images or (96 if model == "tiny" else 8)
             for image_set in image_sets:
                 paths = make_folder(root / f"n{count}", image_set, count)
@@ -247,9 +344,18 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     if a.json:
         cpu = torch.device("cpu")
-        report = {"meta": result_meta(cpu), "machine": machine_info(cpu), "results": rows}
+        report = {"meta": result_meta(cpu), "machine": machine_info(cpu), "backend": a.backend, "results": rows}
         a.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 if __name__ == "__main__":

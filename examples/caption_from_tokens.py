@@ -4,7 +4,8 @@ Step 1, once, wherever the encoder runs (a CPU box, another machine, a batch job
 
     gemma3-vision encode photos/ --model google/gemma-3-4b-it --out tokens/ --dtype float32 [--pan-and-scan]
 
-Step 2, here: load the language model alone, and ask it about each image from its ``.npy`` files::
+Step 2, here: load the language model alone, and ask it about each image from its saved tokens (``.npy`` files
+or safetensors shards, read with ``gemma3_vision.open_embeddings``)::
 
     python examples/caption_from_tokens.py google/gemma-3-4b-it tokens/ --prompt "<start_of_image>Describe this."
 
@@ -18,9 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import gemma3_vision as g3
@@ -28,24 +29,14 @@ import gemma3_vision as g3
 DEFAULT_PROMPT = "<start_of_turn>user\n<start_of_image>Describe this image.<end_of_turn>\n<start_of_turn>model\n"
 
 
-def saved_tokens(out: Path) -> dict[str, np.ndarray]:
-    """Each encoded input of an output folder → its views ``(V, T, D)``: the image, then its crops in order."""
-    records: dict[str, dict] = {}
-    for line in (out / "index.jsonl").read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        if record.get("status") == "overwrite":  # an --overwrite run voids the records before it
-            records.clear()
-        elif "input" in record:
-            records[record["input"]] = record  # the last record of an input is its state
-    tokens = {}
-    for name, record in records.items():
-        if record["status"] != "ok":
-            continue
-        crops = sorted((k for k in record.get("outputs", {}) if k.startswith("crop") and k[4:].isdigit()),
-                       key=lambda k: int(k[4:]))
-        files = [record["output"], *(record["outputs"][k] for k in crops)]
-        tokens[name] = np.stack([np.load(out / f) for f in files])  # (1 + crops, T, D)
-    return tokens
+def saved_tokens(out: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each encoded input of an output folder (``.npy`` files or shards) and its views ``(V, T, D)``: the image,
+    then its crops in order."""
+    emb = g3.open_embeddings(out)
+    for name in emb.inputs():
+        arrays = emb.arrays(name)  # {"": image, "crop1": ..., "crop2": ...}
+        crops = sorted((k for k in arrays if k.startswith("crop") and k[4:].isdigit()), key=lambda k: int(k[4:]))
+        yield name, torch.stack([arrays[""], *(arrays[k] for k in crops)]).float()  # (1 + crops, T, D)
 
 
 def load_language_model(checkpoint: str, dtype: torch.dtype):
@@ -72,7 +63,7 @@ def main() -> int:
 
     model, tokenizer = load_language_model(args.checkpoint, getattr(torch, args.dtype))
     embed = model.get_input_embeddings()
-    for name, views in saved_tokens(args.tokens).items():
+    for name, views in saved_tokens(args.tokens):
         try:
             text = g3.expand_prompt(args.prompt, [views])
             ids = tokenizer(text, return_tensors="pt")["input_ids"]

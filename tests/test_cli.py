@@ -13,10 +13,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from gemma3_vision.cli import EXIT_CANNOT_RUN, EXIT_OK, EXIT_SOME_FAILED, EXIT_TERMINATED, EXIT_USAGE, main
+from gemma3_vision.backends import resolve_backend
+from gemma3_vision.cli import (
+    EXIT_CANNOT_RUN,
+    EXIT_NOTHING_FOUND,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    main,
+)
 from gemma3_vision.jobs.output_folder import INDEX_NAME, LOCK_NAME, TMP_DIR_NAME, OutputFolder
 
 
@@ -93,6 +103,58 @@ def test_overwrite_encodes_everything_again(images, tmp_path):
     result = encode(str(images), "-o", str(out), "--overwrite")
     assert "encoded 2, failed 1, skipped 0" in result.stderr
     assert [r["status"] for r in records(out)][3:4] == ["overwrite"] and len(records(out)) == 7
+
+
+def test_a_start_line_then_plain_progress_lines_with_a_total_when_stderr_is_no_terminal(images, tmp_path,
+                                                                                       monkeypatch):
+    monkeypatch.setenv("GEMMA3_VISION_PROGRESS_SECONDS", "0")  # a line per input, not every 5 s
+    result = encode(str(images), "-o", str(tmp_path / "out"), "--dtype", "float32")
+    lines = result.stderr.splitlines()
+    backend = resolve_backend("auto", torch.device("cpu"))  # openvino where the extra is installed on x86-64
+    assert f"model random:tiny, float32 on cpu, backend {backend}; writing float32 .npy files" in lines, result.stderr
+    progress = [line for line in lines if line.startswith("progress: ")]
+    # The total is counted while the model loads, so it is known from the first line on.
+    assert progress[0].startswith("progress: 1/3 inputs (33%), ") and " left" in progress[0], progress
+    assert progress[-1].startswith("progress: 3/3 inputs (100%), "), progress
+    assert "\r" not in result.stderr and "\x1b" not in result.stderr
+
+
+def test_progress_lines_without_a_total_and_durations_read_as_a_person_would():
+    import io
+
+    from gemma3_vision.jobs.pipeline import JobSummary
+    from gemma3_vision.jobs.progress import Progress, duration
+
+    assert [duration(s) for s in (12.4, 187, 3725)] == ["12 s", "3 min 07 s", "1 h 02 min"]
+    progress = Progress(io.StringIO(), terminal=False, interval=0)
+    summary = JobSummary(encoded=3, done_before=7)
+    assert progress.line(summary, 2.0) == "progress: 10 inputs, 1.50 images/s"  # stdin: no total
+    progress.set_total(40)
+    assert progress.line(summary, 2.0) == "progress: 10/40 inputs (25%), 1.50 images/s, about 6 s left"
+    assert progress.line(JobSummary(encoded=1), 4.0) == "progress: 1/40 inputs (2%), 4.0 s/image, about 2 min 36 s left"
+
+
+@pytest.mark.parametrize("files", [[], ["a.HEIC", "b.heic", "notes.txt"]])
+def test_nothing_to_encode_exits_4_names_what_was_left_out_and_writes_nothing(tmp_path, files):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in files:
+        (folder / name).write_bytes(b"x")
+    result = encode(str(folder), "-o", str(tmp_path / "out"))
+    assert result.exit_code == EXIT_NOTHING_FOUND, result.output
+    assert result.stderr.startswith("warning: nothing to encode: no input found"), result.stderr
+    if files:
+        assert "(2 .heic, 1 .txt), left out" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists(), "no lock file, no empty index"
+
+
+def test_shard_and_dtype_options_that_do_not_fit_are_usage_errors(images, tmp_path):
+    out = str(tmp_path / "out")
+    result = encode(str(images), "-o", out, "--shard-size", "10")
+    assert result.exit_code == EXIT_USAGE and "--shard-size applies to safetensors shards" in result.stderr
+    result = encode(str(images), "-o", out, "--out-dtype", "bfloat16")
+    assert result.exit_code == EXIT_USAGE and ".npy has no bfloat16" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_inputs_from_a_list_file_and_stdin(images, tmp_path, monkeypatch):
@@ -174,11 +236,11 @@ def test_a_link_in_the_output_folder_never_leads_writes_or_removals_outside(imag
 
 
 def one_line_error(result, code: int = EXIT_CANNOT_RUN) -> str:
-    """The single ``error: ...`` line of a command that could not run, checked to be all it printed, and its exit
-    code ``code``."""
+    """The single ``error: ...`` line of a command that could not run, checked to be all it printed besides
+    encode's start line (``model ..., backend ...``), and its exit code ``code``."""
     assert result.exit_code == code, result.output
     assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("model ")]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.stderr
     return lines[0]
 
@@ -368,6 +430,55 @@ def test_sigkill_mid_job_then_rerun_encodes_every_image_exactly_once(tmp_path):
     for r in final:
         if r["status"] == "ok":
             assert np.load(out / r["output"]).shape == (16, 96)
+
+
+def test_sigkill_mid_sharded_job_loses_no_recorded_image_and_leaves_no_torn_shard(tmp_path):
+    """As above, writing safetensors shards of 7: every ok record names a complete shard holding its key, no torn
+    shard lies under shards/, and the re-run encodes each good image exactly once over both runs (images of a
+    shard whose records the kill cut off are encoded again, into a new shard)."""
+    from safetensors import safe_open
+
+    root = tmp_path / "in"
+    png(tmp_path / "seed.png", 0, size=(192, 144))
+    root.mkdir()
+    good = [f"{i:04d}.png" for i in range(120)]
+    for name in good:
+        (root / name).write_bytes((tmp_path / "seed.png").read_bytes())
+    bad = {"0050-bad.png": b"", "0100-bad.jpg": b"<html>"}
+    for name, data in bad.items():
+        (root / name).write_bytes(data)
+    out = tmp_path / "out"
+    cmd, env = encode_command(root, out)
+    cmd += ["--format", "safetensors", "--shard-size", "7"]
+    code, stderr = signal_once_three_are_done(cmd, env, out, signal.SIGKILL)
+    assert code == -signal.SIGKILL, f"the job ended before it was killed: {stderr!r}"
+
+    def check_shards() -> None:
+        for path in (out / "shards").iterdir():  # every file there is a whole shard
+            with safe_open(path, framework="np") as f:
+                assert all(f.get_tensor(k).shape == (16, 96) for k in f.keys()), path
+
+    lines = (out / INDEX_NAME).read_bytes().split(b"\n")
+    before = [json.loads(line) for line in lines[:-1]]
+    assert 3 <= sum(r["status"] == "ok" for r in before) < len(good)
+    check_shards()
+    for r in before:
+        if r["status"] == "ok":
+            with safe_open(out / r["shard"], framework="np") as f:
+                assert r["key"] in f.keys()
+
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == EXIT_SOME_FAILED, rerun.stderr
+    final = records(out)
+    ok = sorted(r["input"].rsplit("/", 1)[1] for r in final if r["status"] == "ok")
+    assert ok == good, "every good image exactly once over both runs"
+    assert sorted(r["input"].rsplit("/", 1)[1] for r in final if r["status"] == "error") == sorted(bad)
+    check_shards()
+    assert not (out / TMP_DIR_NAME).exists() and not list(out.rglob("*.npy"))
+    import gemma3_vision as g3
+
+    emb = g3.open_embeddings(out)
+    assert len(emb) == len(good) and all(t.shape == (16, 96) for _, t in emb)
 
 
 def test_sigterm_mid_job_unwinds_like_ctrl_c_and_the_rerun_finishes(tmp_path):

@@ -213,8 +213,10 @@ def test_splice_takes_the_cli_files(checkpoint, encoder):
         assert torch.equal(a.token_type_ids, other.token_type_ids)
 
 
-def test_example_captions_from_cli_tokens(checkpoint, tmp_path):
-    """examples/caption_from_tokens.py on tokens the CLI saved: the same words as transformers from the pixels."""
+@pytest.mark.parametrize("layout", [[], ["--format", "safetensors", "--shard-size", "2"]], ids=["npy", "shards"])
+def test_example_captions_from_cli_tokens(checkpoint, tmp_path, layout):
+    """examples/caption_from_tokens.py on tokens the CLI saved, as .npy files or shards: the same words as
+    transformers from the pixels."""
     folder, model, processor = checkpoint
     images = tmp_path / "images"
     images.mkdir()
@@ -222,7 +224,7 @@ def test_example_captions_from_cli_tokens(checkpoint, tmp_path):
     Image.fromarray(make_rgb(120, 90, 1)).save(images / "small.png")
     out = tmp_path / "tokens"
     encode = subprocess.run([sys.executable, "-m", "gemma3_vision", "encode", str(images), "-m", str(folder),
-                             "-o", str(out), "--dtype", "float32", "--pan-and-scan"],
+                             "-o", str(out), "--dtype", "float32", "--pan-and-scan", *layout],
                             capture_output=True, text=True, timeout=300)
     assert encode.returncode == 0, encode.stderr
     caption = subprocess.run([sys.executable, str(EXAMPLE), str(folder), str(out), "--prompt", "<start_of_image>" + TEXT,

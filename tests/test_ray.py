@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from gemma3_vision.backends import resolve_backend
 from gemma3_vision.cli import EXIT_CANNOT_RUN, EXIT_SOME_FAILED, EXIT_USAGE, main
 from gemma3_vision.errors import ConfigError, OptionError
 from gemma3_vision.jobs.output_folder import INDEX_NAME, TMP_DIR_NAME
@@ -129,6 +130,37 @@ def test_ray_job_keeps_batch_size_layers_and_pooling(ray_cluster, images, tmp_pa
     for name, path in arrays(local).items():
         a, b = np.load(path), np.load(arrays(remote)[name])
         assert a.shape == b.shape and np.allclose(a, b, rtol=0, atol=1e-5), f"{name}: max abs {np.abs(a - b).max()}"
+
+
+@pytest.mark.slow  # ~10 s: one Ray job and its resume on the cluster started above
+def test_ray_job_writes_shards_from_the_driver_as_the_local_job_does(ray_cluster, images, tmp_path):
+    """Sharded, in float16, with layers and pooling: the driver writes the shards, and every input's arrays
+    equal the local job's bit for bit (batch size 1: the same forward passes); a re-run finds everything done."""
+    import torch
+
+    import gemma3_vision as g3
+
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    options = ["-b", "1", "--format", "safetensors", "--shard-size", "2", "--out-dtype", "float16",
+               "--layers", "1", "--pool", "mean"]
+    assert encode(str(images), "-o", str(local), *options).exit_code == EXIT_SOME_FAILED
+    result = encode(str(images), "-o", str(remote), *options, "--ray")
+    assert result.exit_code == EXIT_SOME_FAILED, result.output
+    assert "encoded 4, failed 1, skipped 0 in " in result.stderr, result.stderr
+    start = [line for line in result.stderr.splitlines() if line.startswith("model random:tiny, ")]
+    backend = resolve_backend("auto", torch.device("cpu"))  # the actors' machine is this one
+    assert len(start) == 1 and f" on cpu, backend {backend}; Ray: 1 actor; writing float16 safetensors shards of 2 " \
+        "images" in start[0], result.stderr
+    assert len(list((remote / "shards").glob("*.safetensors"))) == 2 and not list(remote.rglob("*.npy"))
+    ours, theirs = g3.open_embeddings(remote), g3.open_embeddings(local)
+    assert [name for name, _ in ours] == [name for name, _ in theirs]
+    for name, _ in theirs:
+        a, b = ours.arrays(name), theirs.arrays(name)
+        assert a.keys() == b.keys() == {"", "layer1", "pooled"}
+        for k in a:
+            assert a[k].dtype == torch.float16 and torch.equal(a[k], b[k]), f"{name} {k}"
+    again = encode(str(images), "-o", str(remote), *options, "--ray")
+    assert "encoded 0, failed 1 (1 unchanged since an earlier run), skipped 4 (4 already encoded)" in again.stderr
 
 
 def test_resource_defaults():

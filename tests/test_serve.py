@@ -7,6 +7,7 @@ import asyncio
 import base64
 import copy
 import json
+import re
 import socket
 import threading
 import time
@@ -152,6 +153,10 @@ def test_cache_hits_are_marked_and_identical(client):
     second = client.post("/v1/encode", json=body)
     assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit")
     assert first.json()["data"] == second.json()["data"]
+    # Server-Timing: the computed image's wait for its batch and the batch's model time; nothing for a hit.
+    timing = dict(re.findall(r"(\w+);dur=([0-9.]+)", first.headers["server-timing"]))
+    assert set(timing) == {"queue", "compute"} and float(timing["compute"]) > 0, first.headers["server-timing"]
+    assert "server-timing" not in second.headers
     other_options = client.post("/v1/encode", json={**body, "layers": [0]})
     assert other_options.headers["x-cache"] == "miss"  # the options are part of the key
 

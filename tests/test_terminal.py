@@ -50,8 +50,20 @@ def test_encode_on_a_terminal_shows_progress_and_reports_failures(tmp_path):
     assert "Traceback" not in printed, printed
     assert code == 3, printed  # one input failed: EXIT_SOME_FAILED
     assert "encoding" in printed, printed  # the tqdm bar
+    assert "2/2" in printed, printed  # with its total
+    assert "model random:tiny, " in printed and "backend torch" in printed, printed
     assert "failed:" in printed and "broken.png" in printed, printed
     for line in printed.replace("\r", "\n").splitlines():  # each message on a line of its own, not on the bar's
         assert not ("warning:" in line and not line.startswith("warning:")), printed
         assert not ("failed:" in line and not line.startswith("failed:")), printed
     assert np.load(out / "a.png.npy").ndim == 2
+
+
+def test_nothing_to_encode_on_a_terminal_is_one_warning_and_exit_4(tmp_path):
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    (folder / "IMG_0001.HEIC").write_bytes(b"not read")
+    code, printed = run_on_terminal("encode", str(folder), "--model", "random:tiny", "--out", str(tmp_path / "out"))
+    assert code == 4, printed  # EXIT_NOTHING_FOUND
+    assert printed.startswith("warning: nothing to encode") and "(1 .heic)" in printed, printed
+    assert "encoding" not in printed and not (tmp_path / "out").exists(), printed  # no bar, nothing written

@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (
     ConfigError,
+    DamagedOutputError,
     FormatError,
     Gemma3VisionError,
     ImageError,
+    InputNotFoundError,
     ModelNotFoundError,
     OptionError,
     OutputError,
@@ -28,12 +30,14 @@ _LAZY = {
     "Gemma3Vision": "api", "RandomWeightsWarning": "api", "load": "api",
     "VisionTower": "model.tower", "MultiModalProjector": "model.projector",
     "PreprocessConfig": "model.preprocessing", "preprocess": "model.preprocessing",
+    "Embeddings": "jobs.embeddings", "open_embeddings": "jobs.embeddings",
     "SplicedPrompt": "language_model", "expand_prompt": "language_model", "greedy_generate": "language_model",
     "image_prompt": "language_model", "splice_images": "language_model",
 }
 
 if TYPE_CHECKING:
     from .api import Gemma3Vision, RandomWeightsWarning, load
+    from .jobs.embeddings import Embeddings, open_embeddings
     from .language_model import SplicedPrompt, expand_prompt, greedy_generate, image_prompt, splice_images
     from .model.preprocessing import PreprocessConfig, preprocess
     from .model.projector import MultiModalProjector
@@ -49,8 +53,9 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "PRESETS", "ConfigError", "FormatError", "Gemma3Vision", "Gemma3VisionError", "ImageError",
-    "ModelNotFoundError", "MultiModalProjector", "OptionError", "OutputError", "PreprocessConfig", "ProjectorConfig",
-    "PromptError", "RandomWeightsWarning", "SplicedPrompt", "VisionConfig", "VisionTower", "WeightsError",
-    "__version__", "expand_prompt", "greedy_generate", "image_prompt", "load", "preprocess", "splice_images",
+    "PRESETS", "ConfigError", "DamagedOutputError", "Embeddings", "FormatError", "Gemma3Vision", "Gemma3VisionError",
+    "ImageError", "InputNotFoundError", "ModelNotFoundError", "MultiModalProjector", "OptionError", "OutputError",
+    "PreprocessConfig", "ProjectorConfig", "PromptError", "RandomWeightsWarning", "SplicedPrompt", "VisionConfig",
+    "VisionTower", "WeightsError", "__version__", "expand_prompt", "greedy_generate", "image_prompt", "load",
+    "open_embeddings", "preprocess", "splice_images",
 ]

@@ -5,14 +5,17 @@ Heavy imports (torch) happen inside commands, so ``--help`` is instant.
 
 Exit codes: 0 everything done; 1 the job could not run (bad model, unwritable or locked output folder, a
 model failure mid-job); 2 usage error (also an option value the model cannot take); 3 the job ran but some inputs
-failed (each is recorded in index.jsonl); 130 interrupted (Ctrl-C; an encode job resumes when re-run); 143
+failed (each is recorded in index.jsonl); 4 nothing to encode (no input found, or folders holding no file with
+an image suffix: nothing is written); 130 interrupted (Ctrl-C; an encode job resumes when re-run); 143
 terminated (SIGTERM, handled as Ctrl-C is).
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import gc
+import itertools
 import os
 import re
 import signal
@@ -29,6 +32,8 @@ from . import __version__
 from .backends import CHOICES as BACKEND_CHOICES
 from .model.config import PRESETS
 
+DEFAULT_SHARD_SIZE = 256
+
 MODEL_HELP = ("A Hugging Face folder or hub id (org/name), a GGUF file (llama.cpp mmproj, Ollama blob), an Ollama "
               "name (gemma3:4b), an MLX or SigLIP folder, or random / random:tiny for seeded random weights.")
 
@@ -36,6 +41,7 @@ EXIT_OK = 0
 EXIT_CANNOT_RUN = 1
 EXIT_USAGE = 2
 EXIT_SOME_FAILED = 3
+EXIT_NOTHING_FOUND = 4  # no input at all: an empty folder, or only files whose suffix is not an image's
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
 
@@ -209,14 +215,24 @@ def main(debug: bool) -> None:
                    "storage every node shares.")
 @click.option("--ray-actors", type=click.IntRange(min=1), default=None,
               help="With --ray: model copies (default: one per GPU, else by the cluster's CPUs).")
+@click.option("--format", "out_format", type=click.Choice(["npy", "safetensors"]), default="npy", show_default=True,
+              help="npy: one file per array; safetensors: shards of --shard-size images under OUT/shards/.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=None,
+              help=f"Images per safetensors shard (default {DEFAULT_SHARD_SIZE}); one shard is held in memory "
+                   "until written.")
+@click.option("--out-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True,
+              help="dtype of the written arrays. float16: an image whose output exceeds ±65504 fails (recorded); "
+                   "bfloat16 needs --format safetensors.")
 @reports_errors
 def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str, ...], overwrite: bool,
            follow_symlinks: bool, no_project: bool, batch_size: int, dtype: str | None, device: str | None,
            backend: str, no_exif_transpose: bool, max_pixels: int | None, workers: int, pan_and_scan: bool,
            pan_and_scan_min_crop_size: int, pan_and_scan_max_num_crops: int, pan_and_scan_min_ratio: float,
            image_size: int | None, layers: str | None, pool: str | None, normalize: bool,
-           ray_address: str | None, ray_actors: int | None) -> None:
-    """Encode images into .npy embeddings under OUT, resumably.
+           ray_address: str | None, ray_actors: int | None, out_format: str, shard_size: int | None,
+           out_dtype: str) -> None:
+    """Encode images into .npy embeddings (or safetensors shards) under OUT, resumably.
 
     INPUTS are files, folders (recursed in sorted order, image suffixes only), quoted glob patterns
     ('photos/**/*.jpg') or '-' for a list on standard input. Writes OUT/{relative path}.npy per image and appends
@@ -225,7 +241,8 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
 
     Re-running the same command skips inputs already encoded with the same bytes, model and options, and
     inputs that failed unchanged; a killed job leaves no partial file. Exit codes: 0 all encoded, 3 some inputs
-    failed, 1 the job could not run, 2 usage error, 130 interrupted and 143 terminated (re-run to resume).
+    failed, 4 nothing to encode, 1 the job could not run, 2 usage error, 130 interrupted and 143 terminated
+    (re-run to resume). Read the outputs with gemma3_vision.open_embeddings(OUT).
 
     Example: gemma3-vision encode photos/ --model random:tiny --out embeddings/
     """
@@ -236,6 +253,7 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
     from .jobs.discovery import discover, read_list
     from .jobs.job import EncodeOptions, check_options, encode_batch_for, job_key, make_input_for
     from .jobs.pipeline import run_job
+    from .jobs.progress import Progress, count_inputs
     from .model.pan_and_scan import PanAndScanConfig
     from .model.preprocessing import DEFAULT_MAX_PIXELS
 
@@ -250,6 +268,11 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
         raise click.UsageError("--normalize applies to pooled vectors: add --pool mean")
     if ray_actors is not None and ray_address is None:
         raise click.UsageError("--ray-actors applies to Ray jobs: add --ray")
+    if shard_size is not None and out_format != "safetensors":
+        raise click.UsageError("--shard-size applies to safetensors shards: add --format safetensors")
+    if out_dtype == "bfloat16" and out_format != "safetensors":
+        raise click.UsageError("--out-dtype bfloat16 needs --format safetensors: .npy has no bfloat16")
+    shards = (shard_size or DEFAULT_SHARD_SIZE) if out_format == "safetensors" else None
     given = click.get_current_context().get_parameter_source
     tuned = [f"--{name.replace('_', '-')}" for name in ("pan_and_scan_min_crop_size", "pan_and_scan_max_num_crops",
                                                        "pan_and_scan_min_ratio")
@@ -261,7 +284,8 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
                            pan_and_scan_min_ratio) if pan_and_scan else None
     options = EncodeOptions(project=not no_project, batch_size=batch_size,
                             layers=tuple(_int_list(layers, "--layers")) if layers is not None else (), pool=pool,
-                            normalize=normalize, pan_and_scan=pas, exif_transpose=not no_exif_transpose)
+                            normalize=normalize, pan_and_scan=pas, exif_transpose=not no_exif_transpose,
+                            out_dtype=out_dtype)
     max_pixels = max_pixels if max_pixels is not None else DEFAULT_MAX_PIXELS
 
     def arguments() -> Any:
@@ -270,15 +294,25 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
         for source in lists:
             yield from read_list(source)
 
-    progress = _progress_bar()  # tested with `is None`: a tqdm bar without a total refuses bool()
+    left_out: collections.Counter[str] = collections.Counter()
+    items = discover(arguments(), follow_symlinks=follow_symlinks, left_out=left_out)
+    first = next(items, None)  # before the model loads and the folder is locked: nothing found, nothing written
+    if first is None:
+        click.echo(printable(f"warning: {nothing_found(left_out)}"), err=True)
+        sys.exit(EXIT_NOTHING_FOUND)
+    items = itertools.chain([first], items)
+
+    progress = Progress(sys.stderr)
+    if "-" not in inputs and "-" not in lists:  # standard input can be read once: no total for it
+        stop_count = count_inputs(lambda: discover(arguments(), follow_symlinks=follow_symlinks), progress.set_total)
+    else:
+        stop_count = None
 
     def on_record(record: dict[str, Any]) -> None:
         if record["status"] == "error":
             _say(f"failed: {named(record['input'], record['error'])}")
         elif record["status"] == "skipped":
             _say(f"skipped: {named(record['input'], record['reason'])}")
-        if progress is not None:
-            progress.update(1)
 
     def on_failed_before(name: str, reason: str | None) -> None:
         _say(f"failed (unchanged since an earlier run): {named(name, reason)}")
@@ -289,24 +323,32 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
             from .jobs.ray_encode import encode_with_ray
 
             summary = encode_with_ray(
-                arguments(), out_dir, model, options, address=ray_address or None, dtype=dtype, device=device,
-                image_size=image_size, max_pixels=max_pixels, overwrite=overwrite, follow_symlinks=follow_symlinks,
+                [], out_dir, model, options, address=ray_address or None, dtype=dtype, device=device,
+                backend=backend, image_size=image_size, max_pixels=max_pixels, overwrite=overwrite,
+                shard_size=shards, items=items,
                 actors=ray_actors, on_record=on_record, on_failed_before=on_failed_before,
+                on_progress=progress.update,
+                on_start=lambda line: _say(f"{line}; writing {_layout(out_dtype, shards)}"),
             )
         else:
             encoder = load(model, dtype=dtype, device=device, image_size=image_size, backend=backend)
             started()
             options = check_options(encoder, options)
+            _say(f"model {encoder.checkpoint.description}, {str(encoder.dtype).removeprefix('torch.')} on "
+                 f"{encoder.device}, backend {encoder.backend.name}; writing {_layout(out_dtype, shards)}")
             summary = run_job(
-                discover(arguments(), follow_symlinks=follow_symlinks), out_dir, encode_batch_for(encoder, options),
+                items, out_dir, encode_batch_for(encoder, options),
                 encoder.preprocess_config, make_input=make_input_for(encoder.preprocess_config, options),
                 job_key=job_key(encoder, options), batch_size=batch_size, exif_transpose=options.exif_transpose,
-                max_pixels=max_pixels, workers=workers, overwrite=overwrite, on_record=on_record,
-                on_failed_before=on_failed_before,
+                max_pixels=max_pixels, workers=workers, overwrite=overwrite, out_dtype=out_dtype,
+                shard_size=shards, on_record=on_record, on_failed_before=on_failed_before,
+                on_progress=progress.update,
             )
+            summary.backend = encoder.backend.name
     finally:
-        if progress is not None:
-            progress.close()
+        if stop_count is not None:
+            stop_count.set()
+        progress.close()
     click.echo(summary.line(), err=True)
     sys.exit(EXIT_SOME_FAILED if summary.any_failed else EXIT_OK)
 
@@ -336,13 +378,20 @@ def _pause_gc_during_start_up() -> Callable[[], None]:
     return started
 
 
-def _progress_bar() -> Any:
-    """A tqdm bar on an interactive terminal; nothing when stderr is a file or pipe."""
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
+def _layout(out_dtype: str, shard_size: int | None) -> str:
+    return f"{out_dtype} safetensors shards of {shard_size} images" if shard_size else f"{out_dtype} .npy files"
 
-    return tqdm(unit="img", desc="encoding", file=sys.stderr, dynamic_ncols=True)
+
+def nothing_found(left_out: collections.Counter[str]) -> str:
+    """Why an encode job has nothing to do, naming the suffixes its folders held instead of images."""
+    from .jobs.discovery import IMAGE_SUFFIXES
+
+    message = "nothing to encode: no input found"
+    if left_out:
+        held = ", ".join(f"{n} {suffix or '(no suffix)'}" for suffix, n in left_out.most_common())
+        message += (f"; the folders hold only files without an image suffix ({held}), left out. Image suffixes: "
+                    f"{' '.join(sorted(IMAGE_SUFFIXES))}; name a file itself to read it whatever its suffix")
+    return message + "; nothing was written"
 
 
 @main.command()
@@ -386,12 +435,19 @@ def _progress_bar() -> Any:
               help="The model's name in /v1/models and in responses. Default: the --model argument.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              callback=_ray_address,
+              help="Serve from Ray Serve replicas (pip install 'gemma3-vision[ray]'): ADDRESS is auto, "
+                   "ray://HOST:10001 or HOST:6379; alone, RAY_ADDRESS or a new local Ray instance. The model must "
+                   "load on every node.")
+@click.option("--replicas", type=click.IntRange(min=1), default=None,
+              help="With --ray: model copies, each with its own batching worker (default: one per GPU, else 1).")
 @reports_errors
 def serve(model: str, dtype: str | None, device: str | None, backend: str, image_size: int | None, host: str,
           port: int, max_batch_size: int, max_wait_ms: float, max_queue: int, max_body_mb: float,
           max_bodies_mb: float, max_images: int, timeout: float, cache_mb: float, max_pixels: int | None,
-          decode_threads: int | None, api_key: str | None,
-          served_model_name: str | None, log_level: str) -> None:
+          decode_threads: int | None, api_key: str | None, served_model_name: str | None, log_level: str,
+          ray_address: str | None, replicas: int | None) -> None:
     """Serve image embeddings over HTTP (pip install 'gemma3-vision[serve]'); docs/serving.md has the routes.
 
     POST /v1/embeddings (OpenAI), POST /v1/encode (token matrices as .npy or safetensors), GET /v1/models,
@@ -400,6 +456,8 @@ def serve(model: str, dtype: str | None, device: str | None, backend: str, image
 
     Example: gemma3-vision serve --model random:tiny --port 8000
     """
+    if replicas is not None and ray_address is None:
+        raise click.UsageError("--replicas applies to --ray: add --ray")
     # Before torch loads its OpenMP runtime: its threads then sleep between forward passes instead of spinning on
     # the cores that decode images and answer requests (docs/serving.md).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -418,9 +476,10 @@ def serve(model: str, dtype: str | None, device: str | None, backend: str, image
     from .model.preprocessing import DEFAULT_MAX_PIXELS
     from .serve import ServeSettings, run
 
-    resolved = resolve_device(device)  # bad options fail here, before the server starts listening
-    resolve_dtype(dtype, resolved)
-    resolve_backend(backend, resolved)
+    if ray_address is None:  # a Ray cluster's devices are the replicas' to check, not this machine's
+        resolved = resolve_device(device)  # bad options fail here, before the server starts listening
+        resolve_dtype(dtype, resolved)
+        resolve_backend(backend, resolved)
 
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # the header check refuses these
     settings = ServeSettings(
@@ -431,8 +490,15 @@ def serve(model: str, dtype: str | None, device: str | None, backend: str, image
         **({"decode_threads": decode_threads} if decode_threads is not None else {}),
     )
 
+    load_options: dict[str, Any] = {"dtype": dtype, "device": device, "image_size": image_size, "backend": backend}
+    if ray_address is not None:
+        from .serve.ray_serve import run_with_ray
+
+        sys.exit(run_with_ray(model, load_options, settings, replicas=replicas, address=ray_address or None,
+                              host=host, port=port, device=device))
+
     def loader() -> Any:  # runs in the model worker once the server listens: /ready is 503 until it returns
-        return load(model, dtype=dtype, device=device, image_size=image_size, backend=backend)
+        return load(model, **load_options)
 
     sys.exit(run(loader, settings, host=host, port=port, log_level=log_level))
 
@@ -442,17 +508,22 @@ def serve(model: str, dtype: str | None, device: str | None, backend: str, image
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @reports_errors
 def info(model: str, as_json: bool) -> None:
-    """Show what MODEL is: format, files, configs, stored dtypes, parameter counts, conventions undone.
+    """Show what MODEL is: format, files, configs, stored dtypes, parameter counts, conventions undone, and the
+    backend that encode would run it on here.
 
     MODEL is anything --model accepts (folder, GGUF file, Ollama name, Hugging Face id, random:tiny).
     Reads headers only, no tensor data.
     """
     import json
 
+    from .api import default_device
+    from .backends import resolve_backend
     from .checkpoints.info import checkpoint_info, format_info
     from .checkpoints.resolve import resolve
 
     data = checkpoint_info(resolve(model))
+    device = default_device()
+    data["backend"] = {"device": str(device), "auto": resolve_backend("auto", device)}  # what encode would run
     click.echo(json.dumps(data, indent=2) if as_json else format_info(data))
 
 
@@ -557,12 +628,15 @@ def show(image: Path, model: str, out: Path, features_layer: int | None, attenti
                    "this kernel (flash, efficient, cudnn, math; CUDA has all four).")
 @click.option("--bf16-residual", is_flag=True,
               help="Also time ours with its residual stream and LayerNorms in bf16, as transformers runs them.")
+@click.option("--openvino", is_flag=True,
+              help="Also time our OpenVINO backend (ours[openvino]) and transformers' tower converted to OpenVINO "
+                   "(openvino[transformers]); CPU, needs the openvino extra.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the report as JSON here.")
 @reports_errors
 def bench(preset: str, dtypes: tuple[str, ...], batches: tuple[int, ...], threads: int | None, device: str | None,
           layers: int | None, image_size: int | None, repeats: int, no_compile: bool, compile_mode: str,
-          no_reference: bool, memory: bool, attention: tuple[str, ...], bf16_residual: bool,
+          no_reference: bool, memory: bool, attention: tuple[str, ...], bf16_residual: bool, openvino: bool,
           json_path: Path | None) -> None:
     """Time our tower against transformers' (same random weights, one process, alternating).
 
@@ -573,7 +647,7 @@ def bench(preset: str, dtypes: tuple[str, ...], batches: tuple[int, ...], thread
     report = run_benchmark(preset=preset, dtypes=dtypes or ("float32",), batches=batches or (1,), threads=threads,
                            device=device, layers=layers, image_size=image_size, repeats=repeats,
                            compile=not no_compile, compile_mode=compile_mode, reference=not no_reference,
-                           memory=memory, attention=attention, bf16_residual=bf16_residual,
+                           memory=memory, attention=attention, bf16_residual=bf16_residual, openvino=openvino,
                            progress=lambda s: click.echo(s, err=True))
     click.echo(format_report(report))
     if json_path is not None:

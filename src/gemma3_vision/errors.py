@@ -36,6 +36,17 @@ class OutputError(Gemma3VisionError):
     """An output folder cannot be used: not creatable or writable, or held by another job."""
 
 
+class DamagedOutputError(OutputError):
+    """An output folder, read back, does not hold what its index says: a file missing, torn or of another shape."""
+
+
+class InputNotFoundError(Gemma3VisionError, KeyError):
+    """An output folder holds no embedding for the input asked for."""
+
+    def __str__(self) -> str:  # KeyError's would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class PromptError(Gemma3VisionError, ValueError):
     """A prompt does not fit the images handed to the language model with it: its image slots differ in number or
     length from the images' soft tokens."""

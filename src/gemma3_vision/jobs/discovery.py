@@ -9,6 +9,7 @@ so the job must not look complete.
 
 from __future__ import annotations
 
+import collections
 import errno
 import fnmatch
 import os
@@ -84,7 +85,8 @@ def _lines(f: TextIO) -> Iterator[str]:
             yield line
 
 
-def discover(arguments: Iterable[str], *, follow_symlinks: bool = False) -> Iterator[InputItem]:
+def discover(arguments: Iterable[str], *, follow_symlinks: bool = False,
+             left_out: collections.Counter[str] | None = None) -> Iterator[InputItem]:
     """Every input named by ``arguments``, lazily and in a deterministic order.
 
     - a file (or a link the user named): taken as is, whatever its suffix;
@@ -97,10 +99,11 @@ def discover(arguments: Iterable[str], *, follow_symlinks: bool = False) -> Iter
 
     FIFOs, sockets, devices and folders met where an image is expected are skipped with a reason; nothing is opened.
     A folder that cannot be listed, the argument itself or one below it, is an input with ``error`` set.
+    ``left_out`` counts the files a folder walk left out for their suffix, by suffix (``.heic``; ``""`` none).
     """
     for arg in arguments:
         if os.path.isdir(arg):
-            yield from _walk(Path(arg), _display_root(arg), follow_symlinks, pattern=None)
+            yield from _walk(Path(arg), _display_root(arg), follow_symlinks, pattern=None, left_out=left_out)
         elif is_pattern(arg):
             matched = False
             for item in _glob(arg, follow_symlinks):
@@ -176,7 +179,8 @@ def _folders_up(real: str, known: dict[str, tuple[int, int] | None]) -> frozense
     return frozenset(found)
 
 
-def _walk(root: Path, root_display: str, follow_symlinks: bool, pattern: list[str] | None) -> Iterator[InputItem]:
+def _walk(root: Path, root_display: str, follow_symlinks: bool, pattern: list[str] | None,
+          left_out: collections.Counter[str] | None = None) -> Iterator[InputItem]:
     """Depth first, names sorted. An explicit stack, so no tree is too deep; one folder's entries at a time."""
     real_root = os.path.realpath(root)
 
@@ -191,7 +195,12 @@ def _walk(root: Path, root_display: str, follow_symlinks: bool, pattern: list[st
 
     def wanted(rel_parts: list[str], name: str) -> bool:
         if pattern is None:
-            return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+            suffix = os.path.splitext(name)[1].lower()
+            if suffix in IMAGE_SUFFIXES:
+                return True
+            if left_out is not None:
+                left_out[suffix] += 1
+            return False
         return _match(rel_parts, pattern, full=True)
 
     try:

@@ -34,6 +34,7 @@ class EncodeOptions:
     normalize: bool = False  # L2-normalise the pooled vectors
     pan_and_scan: PanAndScanConfig | None = None
     exif_transpose: bool = True
+    out_dtype: str = "float32"  # what the arrays are written in: float32, float16, bfloat16 (shards only)
 
 
 def check_options(encoder: Gemma3Vision, options: EncodeOptions) -> EncodeOptions:
@@ -51,9 +52,10 @@ def check_options(encoder: Gemma3Vision, options: EncodeOptions) -> EncodeOption
     return replace(options, layers=tuple(encoder.check_layers(list(options.layers))))
 
 
-def job_key(encoder: Gemma3Vision, options: EncodeOptions) -> str:
-    """The model's identity, compute dtype, preprocessing and every output-affecting option, as one digest.
-    Reads no weights: ``encoder`` may be built on the meta device."""
+def job_key(encoder: Gemma3Vision, options: EncodeOptions, backend: str | None = None) -> str:
+    """The model's identity, compute dtype, backend, preprocessing and every output-affecting option, as one digest.
+    Reads no weights: ``encoder`` may be built on the meta device, with ``backend`` naming the one that will run
+    (default: the encoder's)."""
     extras = {"pan_and_scan": options.pan_and_scan, "layers": list(options.layers), "pool": options.pool,
               "normalize": options.normalize}
     wanted = options.pan_and_scan or options.layers or options.pool
@@ -62,9 +64,15 @@ def job_key(encoder: Gemma3Vision, options: EncodeOptions) -> str:
     # stay as before: resuming after an upgrade redoes nothing.
     compute = encoder.model.vision_tower.compute_dtype or encoder.dtype
     precision = str(encoder.dtype) if compute == encoder.dtype else f"{encoder.dtype} computed in {compute}"
+    backend = backend or encoder.backend.name
+    if backend != "torch":  # another engine rounds differently; torch's keys stay as they were
+        precision += f" on {backend}"
+    # The output dtype, not the layout: an input written as .npy and one in a shard hold the same values, so a
+    # folder resumed in the other layout redoes nothing. Only named when not float32: default keys stay as before.
+    written = [{"out_dtype": options.out_dtype}] if options.out_dtype != "float32" else []
     return fingerprint(checkpoint_identity(encoder.checkpoint), precision, options.project,
                        options.exif_transpose, encoder.preprocess_config.identity(),
-                       *([extras] if wanted else []))
+                       *([extras] if wanted else []), *written)
 
 
 def encode_batch_for(encoder: Gemma3Vision, options: EncodeOptions) -> EncodeBatch:

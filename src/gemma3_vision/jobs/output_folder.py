@@ -3,12 +3,12 @@ state read back from the index.
 
 What makes the job safe to kill and re-run:
 
-- every ``.npy`` is written under ``OUT/.gemma3-vision-tmp/`` and renamed into place, and its ``ok`` record is
-  appended only after the rename: an ``ok`` record always names a complete file. The record states the main
+- every ``.npy`` and every safetensors shard is written under ``OUT/.gemma3-vision-tmp/`` and renamed into place,
+  and its ``ok`` records are appended only after the rename: an ``ok`` record always names a complete file. The record states the main
   file's size and modification time as they were after the rename, and the input counts as done only while the
-  file still has them: a re-encode killed between its rename and its record leaves the old record naming a file
+  file (for an input in a shard, the shard) still has them: a re-encode killed between its rename and its record leaves the old record naming a file
   that is no longer the one it wrote, and that file is encoded again rather than taken as done
-  (``output_intact``; ``pipeline.finish_input`` says why the main file speaks for the extras);
+  (``output_intact``; ``shards.NpyFiles`` says why the main file speaks for the extras);
 - records are appended one ``write`` per line to an ``O_APPEND`` descriptor; a torn last line (a kill mid-write)
   is dropped on the next run before anything is appended;
 - on the next run each input is looked up in the index by its absolute path (``discovery.input_key``: records'
@@ -20,7 +20,9 @@ What makes the job safe to kill and re-run:
   reason is read back from the index (``OutputFolder.earlier_failure``); except those whose bytes were never read
   (``never_read``: a file that could not be opened), which are tried on every run;
 - an input encoded again (a new job key, or new bytes) drops the extra files of its previous ``ok`` record that the
-  new one does not list, and only once the new record is appended (``OutputFolder.append``);
+  new one does not list, and only once the new record is appended (``OutputFolder.append``); an input moved into
+  a shard drops all its ``.npy`` files, and a shard that no input's last ``ok`` record names any more is removed
+  the same way (``ResumeState.shard_users``);
 - output names are assigned so that no input's file, main or extra, can be another input's (``ResumeState.free``),
   and an input keeps its name, and its last ``ok`` record's extra files to drop, through failures since;
 - ``--overwrite`` appends an ``overwrite`` record instead of starting a new index: every record before it still
@@ -32,6 +34,7 @@ What makes the job safe to kill and re-run:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -51,6 +54,15 @@ from ..checkpoints.checkpoint import Checkpoint
 from ..errors import OutputError
 from ..model.preprocessing import without_name
 from .discovery import input_key
+
+# Shard names are checked here by the same rule as in ``shards`` (which imports this module).
+_SHARD_NAME = re.compile(r"shards/[0-9a-f]{8,40}-\d{6,}\.safetensors", re.ASCII)
+
+
+def is_shard_name(name: object) -> TypeGuard[str]:
+    """Whether an index record's ``shard`` is a name this library gives: ``shards/<hex>-<n>.safetensors``."""
+    return isinstance(name, str) and _SHARD_NAME.fullmatch(name) is not None
+
 
 INDEX_NAME = "index.jsonl"
 TMP_DIR_NAME = ".gemma3-vision-tmp"  # starts with ".": is_output_name's fast path relies on it
@@ -193,7 +205,9 @@ class ResumeState:
     had, so an input keeps its output name, and the extra files to drop, through failures. An ``overwrite``
     record (``--overwrite``) turns every input so far ``OVERWRITTEN``: naming kept, keys matching nothing, so none
     counts as done or failed before. An ``ok`` record whose output is not a name this library gives
-    (``is_output_name``) is ignored, a bad line: its input keeps what it had."""
+    (``is_output_name``) is ignored, a bad line: its input keeps what it had. An ``ok`` record of an input
+    written into a shard (``shard``, checked by ``is_shard_name``) keeps the shard's name and id in the naming
+    part, no suffixes (``location_of``; ``output_of`` is then ``""``)."""
 
     OK, ERROR, SKIPPED, OVERWRITTEN = b"o", b"e", b"s", b"w"
     OVERWRITE_RECORD = {"status": "overwrite"}
@@ -205,6 +219,10 @@ class ResumeState:
 
     def __init__(self) -> None:
         self._last: dict[bytes, bytes] = {}
+        # For each shard, how many inputs' last ``ok`` records name it (kept through --overwrite, whose records
+        # still name their files). At zero (every image in it encoded again elsewhere, or failed since) the shard
+        # is no input's any more and is removed (``stale_outputs``).
+        self.shard_users: collections.Counter[bytes] = collections.Counter()
         self.taken: set[bytes] = set()  # h(casefolded output name)
         # h(casefolded N) for each name N that a taken name could be an extra file of (``a.png.npy`` once
         # ``a.png.pooled.npy`` is taken): only inputs named like extra files add to it.
@@ -238,6 +256,12 @@ class ResumeState:
                 suffixes = [k for k, v in outputs.items()
                             if isinstance(k, str) and EXTRA_SUFFIX.fullmatch(k) and v == extra_output(output, k)]
                 value += b"".join(b"\0" + k.encode("ascii") for k in suffixes)
+        elif status == "ok" and is_shard_name(shard := record.get("shard")):
+            # Written into a shard: the shard is its file, with nothing of its own to remove when encoded again.
+            size, mtime = record.get("output_bytes"), record.get("output_mtime_ns")
+            value = (self.OK + short_hash(record.get("bytes"), record.get("mtime_ns"), record.get("job"))
+                     + short_hash(record.get("content"), record.get("job"))
+                     + short_hash(size, mtime) + shard.encode("ascii"))
         elif status == "error":
             at = self.NO_OFFSET if offset is None else offset
             keys = (short_hash(record.get("bytes"), record.get("mtime_ns"), record.get("job"))
@@ -249,7 +273,24 @@ class ResumeState:
         else:  # an unknown status, or an ok record naming a file elsewhere: never acted on
             self.bad_lines += 1
             return
+        if value.endswith(b".safetensors") or (key in self._last and self._last[key].endswith(b".safetensors")):
+            self._count_shard_users(self._last.get(key, b""), value)
         self._last[key] = value
+
+    def _count_shard_users(self, old: bytes, new: bytes) -> None:
+        before, after = self._shard_of(old), self._shard_of(new)
+        if before != after:
+            if before:
+                self.shard_users[before] -= 1
+            if after:
+                self.shard_users[after] += 1
+
+    @classmethod
+    def _shard_of(cls, value: bytes) -> bytes:
+        """The shard a value's naming part names (a shard's naming has no suffixes: it ends the value), or b""."""
+        if not value.endswith(b".safetensors"):
+            return b""
+        return cls._naming_of(value)[8:]
 
     def overwrite(self) -> None:
         """What an ``overwrite`` record means: nothing indexed so far counts as done or failed before."""
@@ -258,8 +299,11 @@ class ResumeState:
             self._last[key] = blank + self._naming_of(value)
 
     def _naming(self, key: bytes) -> bytes:
+        """The naming part an ``error`` or ``skipped`` record keeps: its input's ``.npy`` names, not its shard (a
+        shard is kept only for inputs whose last word is an ``ok`` record naming it)."""
         last = self._last.get(key)
-        return self._naming_of(last) if last else b""
+        naming = self._naming_of(last) if last else b""
+        return b"" if naming.endswith(b".safetensors") else naming
 
     def prior(self, key: str) -> bytes | None:
         """The last word of the input whose ``record_key`` (``InputItem.key``) is ``key``; None if it has none."""
@@ -294,9 +338,17 @@ class ResumeState:
         return prior[cls._CONTENT]
 
     @classmethod
-    def output_of(cls, prior: bytes) -> str:
-        """The main output name of the input's last ``ok`` record; ``""`` if it never had one."""
+    def location_of(cls, prior: bytes) -> str:
+        """The file holding the main output of the input's last ``ok`` record: its ``.npy`` or its shard; ``""``
+        if it never had one."""
         return cls._naming_of(prior)[8:].split(b"\0", 1)[0].decode("utf-8", "surrogatepass")
+
+    @classmethod
+    def output_of(cls, prior: bytes) -> str:
+        """The main ``.npy`` name of the input's last ``ok`` record; ``""`` if it never had one, or its last
+        ``ok`` record put it in a shard."""
+        location = cls.location_of(prior)
+        return "" if is_shard_name(location) else location
 
     @classmethod
     def written_of(cls, prior: bytes) -> bytes:
@@ -328,10 +380,21 @@ class ResumeState:
     def stale_outputs(self, record: dict[str, Any]) -> list[str]:
         """The extra files that ``record``'s input had by its previous ``ok`` record (the last one, whatever
         failures followed it) and has no longer: those ``record`` (a new ``ok`` record, same output name) does not
-        list. Never a name that is, or could be an extra file of, another input's output (possible only in folders
+        list; all its ``.npy`` files when ``record`` puts it in a shard; its shard when it was the last input the
+        shard held (counted in ``shard_users``, which this call updates: one call per new record, of any status). Never a name that is, or could be an extra file of, another input's output (possible only in folders
         named before ``free`` was so strict)."""
         key = record_key(record)
         prior = self.prior(key) if key is not None else None
+        if prior is not None and (shard := self._shard_of(prior)) and record.get("shard") != shard.decode():
+            # Its shard holds one image fewer that any input names; the last one out removes it.
+            self.shard_users[shard] -= 1
+            return [shard.decode("ascii")] if self.shard_users[shard] == 0 else []
+        if record.get("status") != "ok":
+            return []
+        if prior is not None and is_shard_name(record.get("shard")) and (old := self.output_of(prior)):
+            # Now in a shard: its .npy files are no input's any more. Its name stays taken (by the old record).
+            return [old] + [name for suffix in self.extras_of(prior)
+                            if self._only_of(name := extra_output(old, suffix), old)]
         output = record.get("output")
         if not isinstance(output, str) or prior is None or self.output_of(prior) != output:
             return []
@@ -430,15 +493,16 @@ class OutputFolder:
             raise
 
     def append(self, record: dict[str, Any]) -> None:
-        """One record, one ``write`` call; ASCII JSON, so undecodable file names survive as escapes. Then, for an
-        ``ok`` record, removes the extra files of the input's previous record that this one does not list.
+        """One record, one ``write`` call; ASCII JSON, so undecodable file names survive as escapes. Then removes
+        what the input's previous ``ok`` record named and this one makes stale (``ResumeState.stale_outputs``): the
+        extra files it does not list, and a shard no input names any more.
 
         Removing only now is the safe order: until the new record is appended, the old one is the input's last
         word and every file it names exists; a kill before the removals can only leave files that no current
         record names (orphans, never removed later), never a current record naming a missing file.
         """
         os.write(self._index, (json.dumps(record) + "\n").encode("ascii"))
-        if record.get("status") == "ok":
+        if record.get("status") in ("ok", "error", "skipped"):
             for name in self.state.stale_outputs(record):
                 with contextlib.suppress(FileNotFoundError):  # removed by hand already
                     os.unlink(inside(self.dir, name))

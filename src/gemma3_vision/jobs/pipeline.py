@@ -1,8 +1,10 @@
-"""The batch job behind ``gemma3-vision encode``: inputs → ``.npy`` files and an ``index.jsonl``.
+"""The batch job behind ``gemma3-vision encode``: inputs → ``.npy`` files or safetensors shards, and an
+``index.jsonl``.
 
 Three stages overlap so the model never waits: a thread pool opens, hashes, decodes and preprocesses ahead of the
 model (Pillow and hashlib release the GIL), the calling thread runs the model one batch at a time, and a writer
-thread saves arrays and appends index records. A bad input becomes an ``error`` record; the job carries on.
+thread saves arrays (``shards.py``) and appends index records. A bad input becomes an ``error`` record; the job
+carries on.
 
 What makes it safe to kill and re-run is in ``output_folder.py``.
 
@@ -13,7 +15,6 @@ the resume state is one small bytes value per indexed input.
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import os
 import queue
@@ -43,13 +44,12 @@ from .output_folder import (
     OutputFolder,
     ResumeState,
     content_digest,
-    extra_output,
     fingerprint,
     in_tmp_dir,
-    inside,
     output_intact,
     short_hash,
 )
+from .shards import Encoded, NpyFiles, OutOfRange, ShardFiles, check_out_dtype, to_out_dtype
 
 # ---------------------------------------------------------------------------------------------------------- job
 
@@ -62,6 +62,7 @@ class JobSummary:
     skipped: int = 0  # not regular files, links not followed, listed twice
     done_before: int = 0  # encoded by an earlier run, unchanged
     seconds: float = 0.0
+    backend: str = ""  # the engine that ran the model (backends.BACKENDS), set by the caller that loaded it
 
     @property
     def images_per_second(self) -> float:
@@ -88,7 +89,8 @@ class JobSummary:
         # Under one image a second (a full tower in fp32 on a small CPU), seconds per image read better (a rate
         # under 0.005 printed as 0.00).
         speed = f"{1 / rate:.1f} s/image" if 0 < rate < 1 else f"{rate:.2f} images/s"
-        return f"encoded {self.encoded}, {failed}, {skipped} in {self.seconds:.1f} s ({speed})"
+        on = f" on {self.backend}" if self.backend else ""
+        return f"encoded {self.encoded}, {failed}, {skipped} in {self.seconds:.1f} s ({speed}){on}"
 
 
 # How long the writer waits for the next batch before looking at the queue again (see run_job's next_result).
@@ -126,8 +128,11 @@ def run_job(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     workers: int = 2,
     overwrite: bool = False,
+    out_dtype: str = "float32",
+    shard_size: int | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
     on_failed_before: Callable[[str, str | None], None] | None = None,
+    on_progress: Callable[[JobSummary], None] | None = None,
 ) -> JobSummary:
     """Encode every item, writing ``out_dir/<item.rel>.npy`` and one ``index.jsonl`` record per input.
 
@@ -139,12 +144,26 @@ def run_job(
     it. Per-input failures are recorded and the job goes on; a failure of ``encode_batch`` itself stops the job
     (the model is broken, not the input), keeping everything recorded so far. ``on_record`` sees every appended
     record; ``on_failed_before(input, reason)`` every input that failed in an earlier run and is unchanged, so not
-    tried or recorded again (``reason``: its ``error`` record's, None if that cannot be read back).
+    tried or recorded again (``reason``: its ``error`` record's, None if that cannot be read back);
+    ``on_progress`` the summary after each input.
+
+    ``out_dtype`` (float32, float16, bfloat16) is what the arrays are written in; it must be in ``job_key``.
+    ``shard_size``: write safetensors shards of that many images (``shards.ShardFiles``) instead of ``.npy``
+    files; an image's record is appended once its shard is in place, and the last shard, however full, when the
+    job ends or is interrupted.
 
     Raises:
+        OptionError: bfloat16 without shards, or a shard size under 1.
         OutputError: the output folder cannot be used (not writable, or another job holds it).
     """
+    check_out_dtype(out_dtype, shard_size is not None)
     folder = OutputFolder(out_dir, overwrite=overwrite)
+    try:
+        files: NpyFiles | ShardFiles = (NpyFiles(folder.dir, folder.save) if shard_size is None
+                                        else ShardFiles(folder.dir, folder.tmp, shard_size))
+    except BaseException:
+        folder.close()
+        raise
     error_key = error_key_for(job_key, max_pixels, exif_transpose)
     summary = JobSummary()
     results: queue.Queue[tuple[list[_Prepared], dict[str, np.ndarray] | None] | None] = queue.Queue(maxsize=4)
@@ -176,12 +195,16 @@ def run_job(
             while (entry := next_result()) is not None:
                 batch, outputs = entry
                 for p, rows in split_outputs(batch, outputs):
-                    rec = finish_input(p, rows, folder.dir, folder.save, job_key, error_key)
-                    if rec is not None:
+                    done = finish_input(p, rows, job_key, error_key, out_dtype)
+                    for rec in files.write(done) if isinstance(done, Encoded) else [done] if done else []:
                         record(rec)
-                    elif p.kind == "failed_before" and on_failed_before:
+                    if p.kind == "failed_before" and on_failed_before:
                         report_failed_before(folder, p.item, on_failed_before)
                     summary.count(p.kind)
+                    if on_progress:
+                        on_progress(summary)
+            for rec in files.flush():  # the last shard, also after Ctrl-C or SIGTERM: its images are encoded
+                record(rec)
         except BaseException as e:  # surfaced to the caller after the model loop stops
             writer_error.append(e)
             while next_result() is not None:  # drain so the producer never blocks on a full queue
@@ -300,36 +323,25 @@ def split_outputs(batch: list[_Prepared], outputs: dict[str, np.ndarray] | None,
         yield p, rows
 
 
-def finish_input(p: _Prepared, rows: dict[str, np.ndarray] | None, out_dir: Path,
-                 save: Callable[[str, np.ndarray, bytes], None], job_key: str, error_key: str,
-                 ) -> dict[str, Any] | None:
-    """Save an encoded input's arrays into ``out_dir`` (``rows``: each ``(V, ...)``, its views; ``save(rel,
-    array, unlike)`` as ``OutputFolder.save``) and return the index record of any input, or None for inputs that
-    get no new record (done or failed before, duplicates).
+def finish_input(p: _Prepared, rows: dict[str, np.ndarray] | None, job_key: str, error_key: str,
+                 out_dtype: str = "float32") -> Encoded | dict[str, Any] | None:
+    """What to write for one input: an encoded input's arrays in ``out_dtype`` with its record's fields
+    (``rows``: each ``(V, ...)``, its views), handed to ``NpyFiles`` or ``ShardFiles``; the record of an input
+    that failed or was skipped; None for inputs that get no new record (done or failed before, duplicates).
 
-    The main file is the input's commit point, the only file whose identity the record states and resume checks:
-    the extra files are renamed into place before it, and the main file a previous record named is removed before
-    the first of them. So while a main file that matches a record exists, the extra files that record lists are
-    the ones written with it; a kill anywhere in between leaves no main file, or one the old record does not
-    match, and the input is encoded again.
+    An output ``out_dtype`` cannot hold (float16 beyond ±65504: ``shards.to_out_dtype``) makes the input fail:
+    ``p.kind`` becomes ``error``, and its record says why.
     """
     named_input = {"input": p.item.display, "path": p.item.key}  # every record's first fields
     if p.kind == "encode":
         assert rows is not None
-        named = _name_views(rows)
-        files = {name: extra_output(p.output, name) if name else p.output for name in named}
-        if len(files) > 1:
-            with contextlib.suppress(FileNotFoundError):  # a first encoding: nothing to replace
-                os.unlink(inside(out_dir, p.output))
-        for name, array in named.items():
-            if name:
-                save(files[name], array, b"")
-        save(p.output, named[""], p.replaces)
-        st = os.stat(out_dir / p.output)
-        extra = {"outputs": {k: v for k, v in files.items() if k}} if len(files) > 1 else {}
-        return {**named_input, "status": "ok", "output": p.output, "shape": list(named[""].shape),
-                "output_bytes": st.st_size, "output_mtime_ns": st.st_mtime_ns,
-                **extra, **(p.extra or {}), **(p.facts or {}), "job": job_key}
+        try:
+            arrays = to_out_dtype(_name_views(rows), out_dtype)
+        except OutOfRange as e:
+            p.kind, p.reason = "error", f"{p.item.display}: {e}"
+        else:
+            return Encoded(named_input, arrays, {**(p.extra or {}), **(p.facts or {}), "job": job_key},
+                           output=p.output, replaces=p.replaces)
     if p.kind == "error":
         return {**named_input, "status": "error", "error": p.reason, **(p.facts or {}), "job": error_key}
     if p.kind == "skip":
@@ -350,7 +362,7 @@ def _prepare(item: InputItem, output: str, out_dir: Path, prior: bytes, to_input
     # What an unchanged input would be, and the key its record must carry.
     verdict, key = {ResumeState.OK: ("done", job_key), ResumeState.ERROR: ("failed_before", error_key)}.get(
         prior[:1], ("", ""))
-    if verdict == "done" and not output_intact(out_dir / output, prior):
+    if verdict == "done" and not output_intact(out_dir / ResumeState.location_of(prior), prior):
         verdict = ""  # its output was deleted, or replaced by a re-encode whose record a kill cut off
     try:
         st = os.stat(item.path)

@@ -7,14 +7,19 @@ The same job as ``pipeline.run_job``, built from the same steps, so it writes th
 - CPU tasks (``num_cpus=1`` each) run ``prepare_input``: the resume decision (stat, then content hash), the
   decode and the preprocessing. They never load the model;
 - actors, one model each (one GPU each when the cluster has GPUs), encode ``batch_size`` rows at a time and write
-  the ``.npy`` files through ``finish_input``: saved under ``OUT/.gemma3-vision-tmp/`` with a unique name, renamed
-  into place, and only then reported back;
+  the ``.npy`` files through ``shards.NpyFiles``: saved under ``OUT/.gemma3-vision-tmp/`` with a unique name,
+  renamed into place, and only then reported back;
+- with ``shard_size`` (safetensors shards), the actors cast the arrays to the output dtype and send them back, and
+  the driver writes the shards (``shards.ShardFiles``): a shard gathers the images of many actor batches, and only
+  the driver sees them all in order;
 - the driver is the only writer of ``index.jsonl``: it appends each returned record in input order (Ray Data's
   ``preserve_order``), so an ``ok`` record always names a complete file, and a killed job resumes like a local one.
 
 Why the actors write the arrays rather than the driver: a Gemma 3 output is 2.6 MB an image (10 MB with
 ``--no-project``), so a cluster encoding hundreds of images a second would funnel GB/s through one process; the
-actors write in parallel, and only small records travel back. The price: the output folder (and the inputs) must
+actors write in parallel, and only small records travel back. Shards give that up for fewer, larger files: every
+output passes through the driver, whose write rate (``benchmarks/pipeline_bench.py --write-only``) then bounds
+the job. The price of actors writing: the output folder (and the inputs) must
 be on storage every node sees at the same path (NFS, a shared mount), as must the model unless it is a hub id or a
 ``random`` model.
 """
@@ -50,6 +55,7 @@ from ..api import (
     parse_device,
     resolve_dtype,
 )
+from ..backends import resolve_backend
 from ..checkpoints.checkpoint import Checkpoint
 from ..checkpoints.resolve import resolve
 from ..checkpoints.weights import empty_model
@@ -71,6 +77,7 @@ from .pipeline import (
     report_failed_before,
     split_outputs,
 )
+from .shards import Encoded, NpyFiles, ShardFiles, check_out_dtype
 
 _RUNTIME_BYTES = 512 << 20  # Python, torch and one batch's activations on top of the weights, roughly
 _CONNECT_TIMEOUT_S = 5.0  # a reachable head answers a TCP connection in milliseconds, even across regions
@@ -127,15 +134,20 @@ def encode_with_ray(
     address: str | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | None = None,
+    backend: str | None = "auto",
     image_size: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     overwrite: bool = False,
     follow_symlinks: bool = False,
+    shard_size: int | None = None,
+    items: Iterable[InputItem] | None = None,
     actors: int | None = None,
     cpus_per_actor: float | None = None,
     rows_per_task: int = 32,
     on_record: Callable[[dict[str, Any]], None] | None = None,
     on_failed_before: Callable[[str, str | None], None] | None = None,
+    on_progress: Callable[[JobSummary], None] | None = None,
+    on_start: Callable[[str], None] | None = None,
 ) -> JobSummary:
     """Encode files, folders and glob patterns on a Ray cluster into ``out_dir``, as ``gemma3-vision encode``.
 
@@ -146,16 +158,21 @@ def encode_with_ray(
         inputs: files, folders or glob patterns, as the CLI takes them; discovered on the driver.
         out_dir: the output folder; on a multi-node cluster, shared storage at the same path on every node.
         model: anything ``load`` takes; every actor loads it, so a path must exist on every node.
-        options: what to compute (projection, batch size, layers, pooling, Pan & Scan).
+        options: what to compute (projection, batch size, layers, pooling, Pan & Scan, output dtype).
         address: the cluster to join (``auto``, ``ray://HOST:10001``, ``HOST:6379``); None joins the one in
             ``RAY_ADDRESS`` or starts a local one. Ignored when ``ray.init`` was already called.
         dtype: compute dtype; None picks bfloat16 on GPU actors, and on CPU actors what ``load`` picks for this
             machine's CPU (pass it explicitly on a cluster of other CPUs).
         device: ``cpu`` to keep a GPU cluster's actors on CPUs; None uses GPUs when the cluster has them.
+        shard_size: write safetensors shards of that many images, from the driver; None: ``.npy`` files.
+        items: the inputs already discovered (``discovery.discover``), in place of discovering ``inputs``.
+        backend: the engine the actors run (``load``'s ``backend``), resolved here for the actors' device.
         actors, cpus_per_actor: model copies and their CPUs; see ``plan_resources`` for the defaults.
         rows_per_task: inputs per decoding task (and per Ray block).
         on_record: sees every record the driver appends.
         on_failed_before: sees every unchanged input that failed before, as in ``pipeline.run_job``.
+        on_progress: sees the summary after each input.
+        on_start: told, once the cluster is joined, what runs: model, dtype, device, backend and actors.
 
     Returns:
         The job's ``JobSummary``.
@@ -167,17 +184,19 @@ def encode_with_ray(
     """
     if device is not None:
         parse_device(device)  # whether the nodes have it is plan_resources' question
+    options = options or EncodeOptions()
+    check_out_dtype(options.out_dtype, shard_size is not None)
     try:
         import ray
         import ray.data
     except ImportError:
         raise ConfigError("--ray needs Ray: pip install 'gemma3-vision[ray]'") from None
-    options = options or EncodeOptions()
     if not ray.is_initialized():
         _join_cluster(ray, address)
     resources = plan_resources(ray.cluster_resources(), device, actors, cpus_per_actor)
     actor_device = "cuda" if resources.gpus_per_actor else "cpu"
     run_dtype = resolve_dtype(dtype, torch.device(actor_device))
+    backend = resolve_backend(backend, torch.device(actor_device))  # the actors are taken to be like this machine
 
     # The model as the actors will see it, built on the meta device: options and the job key without the weights.
     checkpoint = resolve(model)
@@ -189,25 +208,38 @@ def encode_with_ray(
         warnings.warn(f"{checkpoint.description} has seeded RANDOM weights: its embeddings mean nothing",
                       RandomWeightsWarning, stacklevel=2)
     options = check_options(shapes, options)
-    key = job_key(shapes, options)
+    if on_start:
+        on_start(f"model {checkpoint.description}, {str(run_dtype).removeprefix('torch.')} on {actor_device}, "
+                 f"backend {backend}; Ray: {resources.actors} "
+                 f"actor{'s' * (resources.actors > 1)}")
+    key = job_key(shapes, options, backend=backend)
     error_key = error_key_for(key, max_pixels, options.exif_transpose)
     to_input: MakeInput = make_input_for(shapes.preprocess_config, options) or _PlainInput(shapes)
     weight_bytes = actor_weight_bytes(checkpoint, run_dtype, torch.device(actor_device))
 
     out = Path(out_dir).absolute()  # workers have other working folders
-    summary = JobSummary()
+    summary = JobSummary(backend=backend)
     start = time.perf_counter()
     folder = OutputFolder(out, overwrite=overwrite)
     context = ray.data.DataContext.get_current()
     preserve_order = context.execution_options.preserve_order
+
+    def append(record: dict[str, Any]) -> None:
+        folder.append(record)
+        if on_record:
+            on_record(record)
+
     with contextlib.ExitStack() as stack:
         stack.callback(folder.close)
+        shards = ShardFiles(out, folder.tmp, shard_size) if shard_size is not None else None
+        if shards is not None:  # the last shard, however full, also after a failure or Ctrl-C: it is encoded
+            stack.callback(_flush, shards, append)
         stack.callback(setattr, context.execution_options, "preserve_order", preserve_order)
         stack.enter_context(_quiet_ray_data(context))
         # One small row per input, named on the driver as run_job names them.
         tasks = [{"task": _task_text(item, output, folder.state.prior(item.key) or b"")}
-                 for item, output in _name_outputs(discover(inputs, follow_symlinks=follow_symlinks),
-                                                   folder.state)]
+                 for item, output in _name_outputs(
+                     discover(inputs, follow_symlinks=follow_symlinks) if items is None else items, folder.state)]
         if tasks:
             context.execution_options.preserve_order = True  # records in input order, as the local job
             ds: ray.data.Dataset = ray.data.from_items(
@@ -222,27 +254,35 @@ def encode_with_ray(
                 compute=ray.data.ActorPoolStrategy(size=resources.actors),
                 num_cpus=resources.cpus_per_actor, num_gpus=resources.gpus_per_actor,
                 memory=weight_bytes + _RUNTIME_BYTES,  # a floor, so Ray packs no more copies than a node holds
-                fn_constructor_kwargs={"model": model, "dtype": run_dtype, "device": actor_device,
+                fn_constructor_kwargs={"model": model, "dtype": run_dtype, "device": actor_device, "backend": backend,
                                        "image_size": image_size, "options": options, "out_dir": out,
-                                       "job_key": key, "error_key": error_key},
+                                       "job_key": key, "error_key": error_key, "sharded": shards is not None},
             )
             rows = iter(tasks)  # in step with the results, which come in input order
             try:
                 for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                    for text, kind in zip(batch["record"], batch["kind"], strict=True):
+                    for text, kind, encoded in zip(batch["record"], batch["kind"], batch["encoded"], strict=True):
                         task = next(rows)
                         if text:
-                            record = json.loads(text)
-                            folder.append(record)
-                            if on_record:
-                                on_record(record)
+                            append(json.loads(text))
+                        elif isinstance(encoded, Encoded):  # a column of only Nones may come back as NaNs
+                            assert shards is not None
+                            for record in shards.write(encoded):
+                                append(record)
                         elif kind == "failed_before" and on_failed_before:
                             report_failed_before(folder, _task(task["task"])[0], on_failed_before)
                         summary.count(str(kind))
+                        if on_progress:
+                            on_progress(summary)
             except ray.exceptions.RayError as e:
                 raise _worker_failure(e) from e
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _flush(shards: ShardFiles, append: Callable[[dict[str, Any]], None]) -> None:
+    for record in shards.flush():
+        append(record)
 
 
 def check_reachable(address: str | None, timeout: float = _CONNECT_TIMEOUT_S) -> bool:
@@ -395,10 +435,12 @@ def _decode(batch: dict[str, np.ndarray], *, out_dir: Path, to_input: MakeInput,
 class _Encoder:
     """A Ray actor holding one model: encodes a batch's inputs and writes their files into the shared folder."""
 
-    def __init__(self, model: str, dtype: torch.dtype, device: str, image_size: int | None,
-                 options: EncodeOptions, out_dir: Path, job_key: str, error_key: str):
+    def __init__(self, model: str, dtype: torch.dtype, device: str, backend: str, image_size: int | None,
+                 options: EncodeOptions, out_dir: Path, job_key: str, error_key: str, sharded: bool = False):
         self.out_dir = out_dir
         self.job_key, self.error_key = job_key, error_key
+        self.out_dtype, self.sharded = options.out_dtype, sharded
+        self.files = NpyFiles(out_dir, self.save)
         # A model this actor cannot load fails its first batch instead of the constructor: Ray restarts an actor
         # whose constructor raised, without end, and its raylet prints each failure's traceback on the driver's
         # stdout (about 100 lines), whatever log_to_driver says. A failed batch stops the job with the error.
@@ -406,7 +448,7 @@ class _Encoder:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RandomWeightsWarning)  # the driver has said so once
-                encoder = load(model, dtype=dtype, device=device, image_size=image_size)
+                encoder = load(model, dtype=dtype, device=device, image_size=image_size, backend=backend)
         except Exception as e:  # any of them, raised again by __call__
             self.load_error = e.with_traceback(None)  # its frames would keep partly loaded weights alive
             return
@@ -421,8 +463,16 @@ class _Encoder:
             raise self.load_error
         prepared: list[_Prepared] = list(batch["prepared"])
         outputs = encode_prepared(self.encode_batch, prepared)
-        records = []
+        records: list[str] = []
+        encoded: list[Encoded | None] = []  # sharded: the arrays, for the driver to write
         for p, rows in split_outputs(prepared, outputs):
-            record = finish_input(p, rows, self.out_dir, self.save, self.job_key, self.error_key)
-            records.append(json.dumps(record) if record is not None else "")
-        return {"record": np.array(records, dtype=object), "kind": np.array([p.kind for p in prepared])}
+            done = finish_input(p, rows, self.job_key, self.error_key, self.out_dtype)
+            if isinstance(done, Encoded) and self.sharded:
+                records.append("")
+                encoded.append(done)
+                continue
+            written = self.files.write(done) if isinstance(done, Encoded) else [done] if done else []
+            records.append(json.dumps(written[0]) if written else "")
+            encoded.append(None)
+        return {"record": np.array(records, dtype=object), "kind": np.array([p.kind for p in prepared]),
+                "encoded": _objects(encoded)}

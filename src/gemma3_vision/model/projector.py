@@ -16,6 +16,19 @@ from ..errors import ConfigError
 from .config import ProjectorConfig, VisionConfig
 
 
+def pool_grid_side(num_patches: int, kernel_size: int) -> int:
+    """The side of the square patch grid the projector's ``kernel_size``-square pool takes.
+
+    Raises:
+        ConfigError: the patches do not make a square grid that the pool divides.
+    """
+    side = math.isqrt(num_patches)
+    if side * side != num_patches or side % kernel_size:
+        raise ConfigError(f"projector needs a square patch grid divisible by its {kernel_size}x{kernel_size} "
+                          f"pool, got {num_patches} patches")
+    return side
+
+
 class GemmaRMSNorm(nn.Module):
     """``x * rsqrt(mean(x²) + eps) * (1 + w)``, computed in fp32 and cast back to the input dtype."""
 
@@ -57,12 +70,7 @@ class MultiModalProjector(nn.Module):
         """``(B, N, D)`` → ``(B, T, text_hidden)``, in the compute dtype."""
         x = x.to(self.compute_dtype or x.dtype)
         B, N, D = x.shape
-        side = math.isqrt(N)
-        if side * side != N or side % self.kernel_size:
-            raise ConfigError(
-                f"projector needs a square patch grid divisible by its {self.kernel_size}x{self.kernel_size} "
-                f"pool, got {N} patches"
-            )
+        side = pool_grid_side(N, self.kernel_size)
         grid = x.transpose(1, 2).reshape(B, D, side, side)  # (B, D, side, side)
         pooled = F.avg_pool2d(grid, self.kernel_size)  # (B, D, side/k, side/k)
         tokens = pooled.flatten(2).transpose(1, 2)  # (B, T, D), row-major over the token grid

@@ -31,7 +31,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..api import Gemma3Vision, ImageEncoding
-from .batcher import Batcher
+from .batcher import Batcher, Timing
 from .codec import (
     SAFETENSORS_TYPE,
     EmbeddingsRequest,
@@ -149,10 +149,11 @@ def create_app(encoder: Gemma3Vision | Callable[[], Gemma3Vision], settings: Ser
         if req.dimensions is not None and req.dimensions != width:
             raise InvalidRequest(f"dimensions: this model gives {width}-dimensional embeddings, found a request "
                                  f"for {req.dimensions} (leave it out)")
-        encodings, hits = await encode_watching(request, images, digests, ImageOptions(), deadline)
+        encodings, hits, timing = await encode_watching(request, images, digests, ImageOptions(), deadline)
         tokens = len(encodings) * encoder.tokens_per_image()
         out = await service.run(embeddings_json, settings.model_name, encodings, req.encoding_format, tokens)
-        return Response(out, media_type="application/json", headers=cache_headers(hits, len(encodings)))
+        return Response(out, media_type="application/json",
+                        headers=cache_headers(hits, len(encodings)) | server_timing(timing))
 
     @app.post("/v1/encode", openapi_extra=_body_schema(EncodeRequest, multipart=True))
     async def encode(request: Request) -> Response:
@@ -181,11 +182,11 @@ def create_app(encoder: Gemma3Vision | Callable[[], Gemma3Vision], settings: Ser
             options = image_options(req)
         except ValueError as e:  # OptionError from PanAndScanConfig
             raise InvalidRequest(str(e)) from None
-        encodings, hits = await encode_watching(request, images, digests, options, deadline)
+        encodings, hits, timing = await encode_watching(request, images, digests, options, deadline)
         tokens = sum(len(e.views) for e in encodings) * service.encoder.tokens_per_image(project=options.project)
         out = await service.run(encode_body, settings.model_name, encodings, req, safetensors, tokens)
         return Response(out, media_type=SAFETENSORS_TYPE if safetensors else "application/json",
-                        headers=cache_headers(hits, len(encodings)))
+                        headers=cache_headers(hits, len(encodings)) | server_timing(timing))
 
     async def read_multipart(request: Request, body: bytes) -> tuple[EncodeRequest, list[bytes]]:
         """A multipart body's file parts (the images, in order) and its other fields (the options)."""
@@ -217,7 +218,7 @@ def create_app(encoder: Gemma3Vision | Callable[[], Gemma3Vision], settings: Ser
         return req, images
 
     async def encode_watching(request: Request, images: list[bytes], digests: list[str], options: ImageOptions,
-                              deadline: float) -> tuple[list[ImageEncoding], int]:
+                              deadline: float) -> tuple[list[ImageEncoding], int, Timing | None]:
         """``service.encode``, dropping the request if its client disconnects meanwhile."""
         gone = asyncio.Event()
         watcher = asyncio.create_task(watch_disconnect(request.receive, gone))
@@ -275,6 +276,15 @@ def cache_headers(hits: int, images: int) -> dict[str, str]:
     """``X-Cache: hit`` when every image came from the cache, ``miss`` when none did, else ``partial``."""
     state = "hit" if hits == images else "miss" if hits == 0 else "partial"
     return {"X-Cache": state, "X-Cache-Hits": f"{hits}/{images}"}
+
+
+def server_timing(timing: Timing | None) -> dict[str, str]:
+    """``Server-Timing`` (the W3C header), in ms: ``queue``, the longest any of the request's computed images waited
+    for its batch to start, and ``compute``, the longest model time of their batches. None when every image came
+    from the cache."""
+    if timing is None:
+        return {}
+    return {"Server-Timing": f"queue;dur={1e3 * timing.queue_s:.2f}, compute;dur={1e3 * timing.compute_s:.2f}"}
 
 
 async def read_body(request: Request, limit: int, deadline: float) -> bytes:

@@ -7,7 +7,7 @@
 - ``reserve(n)`` admits ``n`` images or raises ``Overloaded``: at most ``max_queue`` images wait between admission
   and the model (decoding, or queued for it). ``release(n)`` gives back what was admitted but will not be submitted.
 - ``submit(views, key)`` queues one image's views, float32 NHWC ``(V, S, S, 3)``, and returns a
-  ``concurrent.futures.Future`` of its ``ViewEncoding`` list. Cancelling that future before the worker takes it
+  ``concurrent.futures.Future`` of its ``ViewEncoding`` list and its ``Timing``. Cancelling that future before the worker takes it
   drops the image (its client went away): it is never computed. The image's reservation ends when it is taken.
 - ``close()`` lets the worker finish what is queued, then stops it.
 
@@ -63,11 +63,22 @@ class ComputeKey:
     layers: tuple[int, ...] = ()
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Where one image's time went in the worker: waiting for its batch to start, and the batch's model time."""
+
+    queue_s: float
+    compute_s: float
+
+
+Computed = tuple[list[ViewEncoding], Timing]  # what a submitted image's future gives
+
+
 @dataclass
 class _Work:
     views: np.ndarray  # (V, S, S, 3) float32
     key: ComputeKey
-    future: concurrent.futures.Future[list[ViewEncoding]]
+    future: concurrent.futures.Future[Computed]
     queued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -121,9 +132,10 @@ class Batcher:
             self._admitted -= n
             self._gauge()
 
-    def submit(self, views: np.ndarray, key: ComputeKey) -> concurrent.futures.Future[list[ViewEncoding]]:
-        """Queue one admitted image's views ``(V, S, S, 3)``; the future gives one ``ViewEncoding`` per view."""
-        future: concurrent.futures.Future[list[ViewEncoding]] = concurrent.futures.Future()
+    def submit(self, views: np.ndarray, key: ComputeKey) -> concurrent.futures.Future[Computed]:
+        """Queue one admitted image's views ``(V, S, S, 3)``; the future gives one ``ViewEncoding`` per view, and
+        the image's ``Timing``."""
+        future: concurrent.futures.Future[Computed] = concurrent.futures.Future()
         with self._cond:
             self._check_alive()
             self._queue.append(_Work(views, key, future))
@@ -229,7 +241,7 @@ class Batcher:
         elapsed = time.perf_counter() - started
         start = 0
         for work in batch:
-            work.future.set_result(views[start:start + len(work.views)])
+            work.future.set_result((views[start:start + len(work.views)], Timing(started - work.queued_at, elapsed)))
             start += len(work.views)
         self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * elapsed / len(batch)
         if self.metrics is not None:

@@ -22,7 +22,7 @@ from ..api import Gemma3Vision, ImageEncoding
 from ..errors import ImageError, OptionError
 from ..jobs.job import EncodeOptions, check_options, job_key
 from ..model.pan_and_scan import Box
-from .batcher import Batcher, ComputeKey, WorkerDied
+from .batcher import Batcher, ComputeKey, Timing, WorkerDied
 from .batcher import Overloaded as QueueFull
 from .cache import ResultCache
 from .codec import ImageOptions
@@ -49,6 +49,7 @@ class _InFlight:
 
     future: asyncio.Future[ImageEncoding]
     waiters: int = 0
+    timing: Timing | None = None  # set with the result
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -109,8 +110,9 @@ class EncodeService:
         return key
 
     async def encode(self, images: list[bytes], digests: list[str], options: ImageOptions, *, deadline: float,
-                     gone: asyncio.Event) -> tuple[list[ImageEncoding], int]:
-        """Each image's encoding, from the cache, from an identical image in flight, or computed.
+                     gone: asyncio.Event) -> tuple[list[ImageEncoding], int, Timing | None]:
+        """Each image's encoding, from the cache, from an identical image in flight, or computed; how many came
+        from the cache; and the longest queue wait and batch time among the computed images (None when none was).
 
         Raises:
             InvalidRequest, InvalidImage: bad options, or an image that cannot be decoded (the first one).
@@ -159,7 +161,9 @@ class EncodeService:
                 elif entry.future.done() and not entry.future.cancelled():
                     entry.future.exception()  # seen: a second bad image of a refused request is not logged
         encodings = [r if r is not None else done[k] for r, k in zip(results, keys, strict=True)]
-        return encodings, hits
+        timings = [entry.timing for entry in entries.values() if entry.timing is not None]
+        timing = Timing(max(t.queue_s for t in timings), max(t.compute_s for t in timings)) if timings else None
+        return encodings, hits, timing
 
     async def _wait(self, entries: dict[str, _InFlight], index: dict[str, int], deadline: float,
                     gone: asyncio.Event) -> dict[str, ImageEncoding]:
@@ -205,7 +209,8 @@ class EncodeService:
             size, views, boxes = await self.run(self._prepare, encoder, data, options)
             future = self.batcher.submit(views, ComputeKey(options.project, options.layers))
             submitted = True
-            computed = await asyncio.wrap_future(future)
+            computed, timing = await asyncio.wrap_future(future)
+            entry.timing = timing
             encoding = ImageEncoding(size, [replace(v, box=b) for v, b in zip(computed, boxes, strict=True)])
             self.cache.put(key, encoding)
             self.metrics.cache_bytes.set(self.cache.bytes)
