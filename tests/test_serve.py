@@ -417,7 +417,7 @@ def test_batched_results_own_their_storage(encoder):
         views = np.random.default_rng(0).random((2, 1, size, size, 3), dtype=np.float32)  # 2 images of 1 view
         batcher.reserve(2)
         futures = [batcher.submit(v, ComputeKey(project=True, layers=(1,))) for v in views]
-        results = [f.result(timeout=60) for f in futures]
+        results = [f.result(timeout=60)[0] for f in futures]  # each (views, timing)
     finally:
         batcher.close(60)
     assert metrics.registry.get_sample_value("gemma3_vision_batch_size_sum") == 2, "not one batch of two"
