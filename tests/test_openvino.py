@@ -7,6 +7,7 @@ width, seconds to build); features (Pan & Scan, sizes, layers, batches) on rando
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import subprocess
@@ -250,3 +251,16 @@ def test_bench_times_our_openvino_backend_beside_ours():
     assert ov.max_abs_diff is not None and ov.max_abs_diff <= TOL["fp32_max_abs"], (
         f"ours[openvino] vs ours: max abs diff {ov.max_abs_diff:.3g} > {TOL['fp32_max_abs']}")
     assert report.machine["openvino"] and ov.peak_fraction > 0
+
+
+def test_bench_command_backend_openvino_adds_the_openvino_runner(tmp_path):
+    from click.testing import CliRunner
+
+    from gemma3_vision.cli import main
+
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", "--preset", "tiny", "--repeats", "1", "--no-compile", "--no-reference",
+                                       "--device", "cpu", "--backend", "openvino", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    [config] = json.loads(out.read_text())["configs"]
+    assert {r["name"] for r in config["runners"]} == {"ours", "ours[openvino]"}, config["runners"]

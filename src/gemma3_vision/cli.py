@@ -631,13 +631,16 @@ def show(image: Path, model: str, out: Path, features_layer: int | None, attenti
 @click.option("--openvino", is_flag=True,
               help="Also time our OpenVINO backend (ours[openvino]) and transformers' tower converted to OpenVINO "
                    "(openvino[transformers]); CPU, needs the openvino extra.")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["torch", "openvino"]),
+              help="Repeatable: the backends ours runs on. torch is always timed (runner ours, the reference); "
+                   "openvino is --openvino. MLX has its own script, benchmarks/mlx_bench.py.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the report as JSON here.")
 @reports_errors
 def bench(preset: str, dtypes: tuple[str, ...], batches: tuple[int, ...], threads: int | None, device: str | None,
           layers: int | None, image_size: int | None, repeats: int, no_compile: bool, compile_mode: str,
           no_reference: bool, memory: bool, attention: tuple[str, ...], bf16_residual: bool, openvino: bool,
-          json_path: Path | None) -> None:
+          backends: tuple[str, ...], json_path: Path | None) -> None:
     """Time our tower against transformers' (same random weights, one process, alternating).
 
     Example: gemma3-vision bench --dtype float32 --dtype bfloat16 --layers 2 --json bench.json
@@ -647,8 +650,8 @@ def bench(preset: str, dtypes: tuple[str, ...], batches: tuple[int, ...], thread
     report = run_benchmark(preset=preset, dtypes=dtypes or ("float32",), batches=batches or (1,), threads=threads,
                            device=device, layers=layers, image_size=image_size, repeats=repeats,
                            compile=not no_compile, compile_mode=compile_mode, reference=not no_reference,
-                           memory=memory, attention=attention, bf16_residual=bf16_residual, openvino=openvino,
-                           progress=lambda s: click.echo(s, err=True))
+                           memory=memory, attention=attention, bf16_residual=bf16_residual,
+                           openvino=openvino or "openvino" in backends, progress=lambda s: click.echo(s, err=True))
     click.echo(format_report(report))
     if json_path is not None:
         json_path.write_text(report.to_json(), encoding="utf-8")
