@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gemma3_vision.api import Gemma3Vision, compute_dtype_for, load
+from gemma3_vision.api import Gemma3Vision, compute_dtype_for, load, make_backend
 from gemma3_vision.checkpoints.random_model import random_checkpoint
 from gemma3_vision.checkpoints.weights import expected_shapes, load_model
 from gemma3_vision.jobs.discovery import discover
@@ -96,14 +96,15 @@ def make_folder(root: Path, image_set: str, count: int) -> list[Path]:
 
 # -------------------------------------------------------------------------------------------------------- model
 
-def build_encoder(model: str, dtype: str) -> Gemma3Vision:
+def build_encoder(model: str, dtype: str, backend: str = "torch") -> Gemma3Vision:
     """``tiny``: ``random:tiny``. ``gemma3:L``: the full-width Gemma 3 tower (896 px, 4B projector) with random
     weights, truncated to its first L layers (every layer costs the same, so the depth only scales encode time).
-    Weights and compute in ``dtype`` (bfloat16 computes in fp32 on a CPU without native bf16, as ``load`` does)."""
+    Weights and compute in ``dtype`` (bfloat16 computes in fp32 on a CPU without native bf16, as ``load`` does),
+    on ``backend`` (``torch`` or ``openvino``)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "random weights" warnings: known and wanted here
         if model == "tiny":
-            return load("random:tiny", dtype=dtype, device="cpu")
+            return load("random:tiny", dtype=dtype, device="cpu", backend=backend)
         name, _, layers = model.partition(":")
         if name != "gemma3" or not layers.isdigit():
             raise SystemExit(f"--model: expected 'tiny' or 'gemma3:LAYERS', got {model!r}")
@@ -116,7 +117,8 @@ def build_encoder(model: str, dtype: str) -> Gemma3Vision:
         vision_model = load_model(checkpoint, dtype=run_dtype, device=cpu, check_finite=False)
         tower = vision_model.vision_tower  # set up as load() sets it up: bf16 computes in fp32 without native bf16
         tower.compute_dtype, tower.output_dtype = compute_dtype_for(run_dtype, cpu), run_dtype
-        return Gemma3Vision(vision_model, checkpoint, run_dtype, cpu)
+        return Gemma3Vision(vision_model, checkpoint, run_dtype, cpu,
+                            backend=make_backend(backend, vision_model, checkpoint, run_dtype, cpu))
 
 
 # ------------------------------------------------------------------------------------------------------- timing
@@ -307,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, help="files per folder (default: 96 for tiny, 8 for gemma3)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--files-dir", type=Path, help="where the generated images live (default: a temporary folder)")
+    p.add_argument("--backend", choices=["torch", "openvino"], default="torch", help="the engine (load's backend)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--write-only", action="store_true", help="time the writers alone: .npy files against shards")
     p.add_argument("--shard-size", type=int, default=64, help="--write-only: images per shard")
@@ -330,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-files-") as tmp:
         root = a.files_dir or Path(tmp)
         for model in models:
-            encoder = build_encoder(model, a.dtype)
+            encoder = build_encoder(model, a.dtype, a.backend)
             count = a.images or (96 if model == "tiny" else 8)
             for image_set in image_sets:
                 paths = make_folder(root / f"n{count}", image_set, count)
@@ -341,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     if a.json:
         cpu = torch.device("cpu")
-        report = {"meta": result_meta(cpu), "machine": machine_info(cpu), "results": rows}
+        report = {"meta": result_meta(cpu), "machine": machine_info(cpu), "backend": a.backend, "results": rows}
         a.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0
 

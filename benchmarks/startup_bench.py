@@ -68,13 +68,14 @@ def import_torch_s() -> float:
     return float(out) - t0
 
 
-def launch(image: Path, model: str, dtype: str | None, full: bool, src: Path | None = None) -> dict[str, Any]:
+def launch(image: Path, model: str, dtype: str | None, full: bool, src: Path | None = None,
+           backend: str = "torch") -> dict[str, Any]:
     """One fresh process: ``{mark: [start_s, end_s]}`` since launch, its wall time, and which optional heavy
     modules (gguf, huggingface_hub, ...) it had imported by the first forward."""
     with tempfile.TemporaryDirectory(prefix="g3-startup-") as tmp:
         marks_path = Path(tmp) / "marks.json"
         cli = ["encode", str(image), "--model", model, "--out", str(Path(tmp) / "out"),
-               *(["--dtype", dtype] if dtype else [])]
+               *(["--dtype", dtype] if dtype else []), "--backend", backend]
         cmd = [sys.executable, str(PROBE), str(marks_path), *(["--full"] if full else []), "--", *cli]
         t0 = time.monotonic()
         proc = subprocess.run(cmd, env=child_env(src, G3_STARTUP_T0=repr(t0)), capture_output=True, text=True)
@@ -146,6 +147,9 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=1, help="Untimed launches of each kind first (page cache, .pyc).")
     p.add_argument("--image", type=Path, default=None, help="Default: a generated 2000x1500 JPEG.")
     p.add_argument("--full", action="store_true", help="Let the encode finish (not needed for start-up).")
+    p.add_argument("--backend", default="torch",
+                   help="encode --backend: torch (default), whose first VisionTower.forward is the mark; the OpenVINO "
+                        "backend's start-up is measured in docs/openvino.md")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
 
@@ -158,14 +162,14 @@ def main() -> int:
         for _ in range(a.warmup):
             import_torch_s()
             for src, dtype in configs:
-                launch(image, a.model, dtype, a.full, src)
+                launch(image, a.model, dtype, a.full, src, a.backend)
         # Rounds, each launching every configuration once: a busy spell on a shared machine hits all of them.
         floors: list[float] = []
         runs: dict[tuple[Path | None, str | None], list[dict[str, Any]]] = {c: [] for c in configs}
         for _ in range(a.repeats):
             floors.append(import_torch_s())
             for src, dtype in configs:
-                runs[src, dtype].append(launch(image, a.model, dtype, a.full, src))
+                runs[src, dtype].append(launch(image, a.model, dtype, a.full, src, a.backend))
 
     floor = statistics.median(floors)
     report: dict[str, Any] = {

@@ -86,6 +86,19 @@ def random_state(preset: str) -> dict[str, torch.Tensor]:
         return {k: v.float().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def openvino_cache_in_tmp(tmp_path_factory):
+    """The OpenVINO backend's model cache (backends/openvino_cache.py) in the session's temporary folder, not the
+    user's ~/.cache: ``auto`` picks that backend on x86-64 wherever the extra is installed, as in CI."""
+    saved = os.environ.get("GEMMA3_VISION_CACHE")
+    os.environ["GEMMA3_VISION_CACHE"] = str(tmp_path_factory.mktemp("gemma3-vision-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("GEMMA3_VISION_CACHE", None)
+    else:
+        os.environ["GEMMA3_VISION_CACHE"] = saved
+
+
 @pytest.fixture(scope="session")
 def tiny_state() -> dict[str, torch.Tensor]:
     return random_state("tiny")
@@ -93,9 +106,10 @@ def tiny_state() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="session")
 def tiny_model():
+    """random:tiny in fp32 on the torch backend, whose modules tests instrument (``auto`` may pick OpenVINO)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", g3.RandomWeightsWarning)
-        return g3.load("random:tiny", dtype="float32", device="cpu")
+        return g3.load("random:tiny", dtype="float32", device="cpu", backend="torch")
 
 
 def make_rgb(h: int, w: int, seed: int = 0) -> np.ndarray:

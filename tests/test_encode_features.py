@@ -3,6 +3,7 @@ index records, equal to the Python API's arrays; the API's ``encode`` on edge in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -17,7 +18,6 @@ from conftest import TOL, make_rgb, states_alive_at_the_last_norm
 from gemma3_vision import ImageError, RandomWeightsWarning
 from gemma3_vision.cli import main
 from gemma3_vision.model.pan_and_scan import crop_boxes
-from gemma3_vision.model.tower import VisionTower
 
 
 @pytest.fixture
@@ -156,15 +156,22 @@ def test_encode_layers_keeps_only_the_states_asked_for(tiny_model):
 
 
 def forward_sizes(monkeypatch) -> list[int]:
-    """The batch of every call of the tower's forward from now on (the list fills as the tower runs)."""
+    """The batch of every call of a backend's tower from now on (the list fills as the tower runs), whichever
+    backend ``auto`` picks."""
+    from gemma3_vision.backends.torch import TorchBackend
+
     sizes: list[int] = []
-    forward = VisionTower.forward
+    backends: list[type] = [TorchBackend]
+    with contextlib.suppress(ImportError):  # the openvino extra (x86-64)
+        from gemma3_vision.backends.openvino import OpenVINOBackend
 
-    def counting(self, pixels, **kwargs):  # noqa: ANN001, ANN202
-        sizes.append(pixels.shape[0])
-        return forward(self, pixels, **kwargs)
+        backends.append(OpenVINOBackend)
+    for backend in backends:
+        def counting(self, pixels, layers=(), tower=backend.tower):  # noqa: ANN001, ANN202
+            sizes.append(pixels.shape[0])
+            return tower(self, pixels, layers)
 
-    monkeypatch.setattr(VisionTower, "forward", counting)
+        monkeypatch.setattr(backend, "tower", counting)
     return sizes
 
 

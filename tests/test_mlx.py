@@ -229,6 +229,7 @@ def test_worker_threads_give_the_same_tokens(tiny_mlx):
 
 def test_choosing_the_backend(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(backends, "openvino_installed", lambda: False)  # auto's x86 choice: tests/test_openvino.py
     monkeypatch.setattr(backends, "on_apple_silicon", lambda: True)
     assert backends.resolve_backend("auto", cpu) == "mlx"
     assert backends.resolve_backend("auto", cuda) == "torch"
@@ -255,3 +256,48 @@ def test_encode_command_with_mlx(tmp_path, tiny_model):
     assert result.exit_code == 0, result.output
     saved = torch.from_numpy(np.load(out / "a.png.npy"))
     assert_close(saved, tiny_model.encode([str(tmp_path / "a.png")])[0], "CLI --backend mlx vs torch")
+
+
+def test_serve_command_with_mlx_answers_as_encode_and_exits_0_on_sigterm(tmp_path, tiny_mlx):
+    # The service's worker thread runs the model: MLX on a stream of that thread. A real `gemma3-vision serve`
+    # process, so that what SIGTERM does to MLX at exit is part of what is tested.
+    import base64
+    import json
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    Image.fromarray(make_rgb(60, 80, seed=3)).save(tmp_path / "a.png")
+    data = (tmp_path / "a.png").read_bytes()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "gemma3_vision", "serve", "--model", "random:tiny", "--backend",
+                               "mlx", "--dtype", "float32", "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/ready", timeout=2).status == 200:
+                    break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "the server never became ready"
+                time.sleep(0.2)
+        models = json.load(urllib.request.urlopen(f"{url}/v1/models", timeout=10))
+        assert models["data"][0]["backend"] == "mlx", models
+        body = json.dumps({"model": "random:tiny", "input": base64.b64encode(data).decode()}).encode()
+        request = urllib.request.Request(f"{url}/v1/embeddings", data=body,
+                                         headers={"Content-Type": "application/json"})
+        served = torch.tensor(json.load(urllib.request.urlopen(request, timeout=60))["data"][0]["embedding"])
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=60)
+    expected = tiny_mlx.encode([str(tmp_path / "a.png")])[0].float().mean(dim=0)
+    d = max_abs(served, expected)
+    assert d == 0.0, f"serve --backend mlx vs encode on mlx: max abs diff {d:.3g} (expected bit-identical)"
+    assert server.returncode == 0, f"exit {server.returncode}: {err[-2000:]}"

@@ -204,6 +204,7 @@ def test_the_summary_gives_a_slow_rate_as_seconds_per_image():
     assert slow.line() == "encoded 3, failed 0, skipped 0 in 620.6 s (206.9 s/image)"
     nothing = JobSummary(skipped=2, seconds=1.0)  # no rate: over no image it would read "0.00 images/s"
     assert nothing.line() == "encoded 0, failed 0, skipped 2 in 1.0 s"
+    assert JobSummary(skipped=2, seconds=1.0, backend="torch").line() == "encoded 0, failed 0, skipped 2 in 1.0 s on torch"
 
 
 def test_every_input_gets_one_record_and_the_job_goes_on(monkeypatch, tree, tmp_path):

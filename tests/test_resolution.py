@@ -97,7 +97,7 @@ def test_encode_and_load_take_an_image_size(tiny_model):
     assert at_224.shape == (2, 64, TINY_PROJECTOR.text_hidden_size)  # (16 // 2)² tokens
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
-        loaded = load("random:tiny", dtype="float32", device="cpu", image_size=224)
+        loaded = load("random:tiny", dtype="float32", device="cpu", image_size=224, backend="torch")  # as tiny_model
     assert loaded.preprocess_config.image_size == 224
     d = max_abs(loaded.encode(images), at_224)
     assert d == 0.0, f"load(image_size=224) vs encode(image_size=224): max abs diff {d:.3g} (tolerance 0)"

@@ -8,7 +8,9 @@ import base64
 import copy
 import json
 import re
+import socket
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +58,8 @@ def test_health_ready_models_and_metrics(client, encoder):
     assert client.get("/ready").json() == {"status": "ready"}
     (model,) = client.get("/v1/models").json()["data"]
     assert model["id"] == "random:tiny" and model["source"] == "random:tiny"
-    assert (model["dtype"], model["device"], model["backend"]) == (str(encoder.dtype)[6:], "cpu", "torch")
+    assert (model["dtype"], model["device"], model["backend"]) == (str(encoder.dtype)[6:], "cpu",
+                                                                    encoder.backend.name)
     assert model["dimensions"] == encoder.projector_config.text_hidden_size
     assert model["tokens_per_image"] == encoder.tokens_per_image()
     client.post("/v1/embeddings", json={"input": b64(png(20, 30, seed=90))})
@@ -239,6 +242,8 @@ def test_api_key(encoder):
                 assert response.headers["www-authenticate"] == "Bearer"
         ok = {"Authorization": "Bearer s3cret"}
         assert client.get("/ready", headers=ok).status_code == 200
+        assert client.get("/ready", headers={"Authorization": "bearer s3cret"}).status_code == 200  # any case
+        assert client.get("/ready", headers={"Authorization": "Basic s3cret"}).status_code == 401
         assert client.post("/v1/embeddings", json=body, headers=ok).status_code == 200
 
 
@@ -285,6 +290,10 @@ def test_full_queue_gets_429_and_deadline_504(encoder):
         assert queued.status_code == 504
         with httpx.Client(base_url=running.url, timeout=30) as client:
             wait_ready(client)
+            for _ in range(3000):  # the gated batch finishes (a first OpenVINO forward compiles), then the
+                if running.service.batcher.queue_depth == 0:  # abandoned images leave the queue
+                    break
+                time.sleep(0.01)
             assert client.post("/v1/embeddings", json={"input": b64(png(9, 9, seed=5))}).status_code == 200
 
 
@@ -397,3 +406,81 @@ def test_base64_embedding_bytes_are_float32_little_endian(client, encoder):
     response = client.post("/v1/embeddings", json={"input": b64(image), "encoding_format": "base64"})
     vector = np.frombuffer(base64.b64decode(response.json()["data"][0]["embedding"]), "<f4")
     assert np.array_equal(vector, pool_rows(encoder.encode([image]))[0].numpy())
+
+
+def test_batched_results_own_their_storage(encoder):
+    """An image's tensors from a batch of two hold only that image's rows: the cache, which counts an entry's own
+    bytes, would otherwise keep each whole batch alive."""
+    from gemma3_vision.serve import Batcher, ComputeKey
+    from gemma3_vision.serve.metrics import Metrics
+
+    metrics = Metrics()
+    batcher = Batcher(encoder, max_batch_size=2, max_wait_ms=5000, metrics=metrics)
+    batcher.start()
+    try:
+        size = encoder.image_size
+        views = np.random.default_rng(0).random((2, 1, size, size, 3), dtype=np.float32)  # 2 images of 1 view
+        batcher.reserve(2)
+        futures = [batcher.submit(v, ComputeKey(project=True, layers=(1,))) for v in views]
+        results = [f.result(timeout=60)[0] for f in futures]  # each (views, timing)
+    finally:
+        batcher.close(60)
+    assert metrics.registry.get_sample_value("gemma3_vision_batch_size_sum") == 2, "not one batch of two"
+    for (view,) in results:
+        for name, t in (("embeddings", view.embeddings), *((f"layer{i}", h) for i, h in view.layers.items())):
+            held = t.untyped_storage().nbytes()
+            assert held == t.nbytes, f"{name} holds {held} bytes of storage for {t.nbytes} bytes of its own"
+
+
+def test_more_new_images_than_the_queue_holds_is_413_not_429(encoder):
+    """Retrying cannot help a request that needs more queue slots than there are: 413, not 429 + Retry-After."""
+    settings = ServeSettings(model_name="random:tiny", max_queue=2, max_images=4)
+    with serving(encoder, settings) as running, httpx.Client(base_url=running.url, timeout=30) as client:
+        wait_ready(client)
+        images = [b64(png(9, 9, seed=40 + i)) for i in range(3)]
+        response = client.post("/v1/embeddings", json={"input": images})
+        assert response.status_code == 413, response.text
+        assert error_of(response)["type"] == "payload_too_large"
+        assert client.post("/v1/embeddings", json={"input": images[:2]}).status_code == 200
+
+
+def test_remembered_option_keys_stay_bounded(client, server, monkeypatch):
+    """Each request may choose new options (a Pan & Scan ratio is any number): what is kept per option set stays
+    bounded."""
+    from gemma3_vision.serve import service as service_module
+
+    monkeypatch.setattr(service_module, "JOB_KEYS_KEPT", 2)
+    for i in range(4):
+        response = client.post("/v1/encode", json={"images": [b64(png(9, 9))], "pan_and_scan": True,
+                                                   "pan_and_scan_min_ratio": 1.5 + i})
+        assert response.status_code == 200, response.text
+    assert len(server.service._job_keys) <= 2
+
+
+def test_bodies_held_at_once_are_bounded(encoder):
+    """Many uploads at once cannot grow memory without bound: while one client's body all but fills the budget (it
+    sends slowly), another request is refused with 429; once the first client leaves, its bytes are given back."""
+    settings = ServeSettings(model_name="random:tiny", max_body_mb=1, max_bodies_mb=1, timeout=30)
+    with serving(encoder, settings) as running, httpx.Client(base_url=running.url, timeout=30) as client:
+        wait_ready(client)
+        port = int(running.url.rsplit(":", 1)[1])
+        image = {"input": b64(png(9, 9, seed=50))}
+        slow = socket.create_connection(("127.0.0.1", port))
+        try:
+            slow.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % (1024 * 1024) + b" " * (1024 * 1024 - 64))
+            for _ in range(500):  # until the server holds the slow body
+                if running.service.body_bytes >= 1024 * 1024 - 64:
+                    break
+                time.sleep(0.01)
+            refused = client.post("/v1/embeddings", json=image)
+            assert refused.status_code == 429, refused.text
+            assert error_of(refused)["type"] == "overloaded" and refused.headers["retry-after"] == "1"
+        finally:
+            slow.close()
+        for _ in range(500):  # the slow client left: its bytes are given back
+            if running.service.body_bytes == 0:
+                break
+            time.sleep(0.01)
+        assert running.service.body_bytes == 0
+        assert client.post("/v1/embeddings", json=image).status_code == 200

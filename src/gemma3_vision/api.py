@@ -221,17 +221,16 @@ class Gemma3Vision:
         """For pickle and copy (a DataLoader's spawned workers, torch.multiprocessing): the weights travel in
         ``model``, each in a storage of its own (``compact``), the checkpoint without its file readers
         (``Checkpoint.detached``)."""
-        state = {**self.__dict__, "model": compact(self.model), "checkpoint": self.checkpoint.detached()}
-        if self.backend.name == "torch":
-            state["backend"] = None  # made again from the compact model, which it would otherwise pickle twice
-        return state
+        # The backend travels by name and is made again from the compact model, which it would otherwise pickle
+        # twice (and an OpenVINO compiled model cannot be pickled: the copy reads it from the disk cache).
+        return {**self.__dict__, "model": compact(self.model), "checkpoint": self.checkpoint.detached(),
+                "backend": self.backend.name}
 
     def __setstate__(self, state: dict[str, object]) -> None:
-        from .backends.torch import TorchBackend
-
         self.__dict__.update(state)
-        if self.backend is None:
-            self.backend = TorchBackend(self.model, self.device)
+        name = state["backend"]
+        assert isinstance(name, str)
+        self.backend = make_backend(name, self.model, self.checkpoint, self.dtype, self.device)
 
     @property
     def vision_config(self):  # noqa: ANN201 - VisionConfig
@@ -492,15 +491,16 @@ def load(model: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
         image_size: input side in pixels, overriding the checkpoint's (e.g. 448 or 1344 for Gemma 3, whose
             position table is 64×64: it is interpolated bicubically, as transformers does).
         backend: the engine that runs the tower and projector (``backends/``): ``auto`` (default) picks the
-            fastest exact one present for the device (``mlx`` on Apple silicon with mlx installed, else
-            ``torch``); ``torch`` is the reference path; ``mlx`` runs on MLX's device and needs ``device="cpu"``
-            or none (docs/mlx.md).
+            fastest exact one present for the device (``openvino`` on an x86-64 CPU with the ``openvino`` extra,
+            ``mlx`` on Apple silicon with mlx installed, else ``torch``); ``torch`` is the reference path and the
+            only one on a GPU; ``mlx`` runs on MLX's device and needs ``device="cpu"`` or none (docs/mlx.md).
 
     Returns:
         A ``Gemma3Vision`` whose ``encode(images)`` returns embeddings.
 
     Raises:
-        ConfigError: a bad dtype, device or image size; a device this machine does not have.
+        ConfigError: a bad dtype, device or image size; a device this machine does not have; a backend that is
+            not installed or does not run on the device.
         ModelNotFoundError, WeightsError: the model cannot be found, or its files cannot be read as one.
     """
     if device is None and backend == "mlx":
@@ -524,9 +524,23 @@ def load(model: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
     tower.compute_dtype, tower.output_dtype = compute_dtype_for(run_dtype, device), run_dtype
     if vision_model.multi_modal_projector is not None:
         vision_model.multi_modal_projector.compute_dtype = tower.compute_dtype
-    engine: Backend | None = None  # None: the torch backend
-    if backend == "mlx":
+    return Gemma3Vision(vision_model, checkpoint, run_dtype, device, image_size=image_size,
+                        backend=make_backend(backend, vision_model, checkpoint, run_dtype, device))
+
+
+def make_backend(name: str, model: VisionModel, checkpoint: Checkpoint, dtype: torch.dtype,
+                 device: torch.device) -> Backend:
+    """The backend called ``name`` (one ``resolve_backend`` returned) for loaded weights."""
+    if name == "openvino":
+        from .backends.openvino import OpenVINOBackend
+        from .jobs.output_folder import checkpoint_identity
+
+        return OpenVINOBackend(model.vision_tower, model.multi_modal_projector, dtype=dtype,
+                               compute_dtype=compute_dtype_for(dtype, device), identity=checkpoint_identity(checkpoint))
+    if name == "mlx":
         from .backends.mlx import MLXBackend
 
-        engine = MLXBackend(vision_model, run_dtype)
-    return Gemma3Vision(vision_model, checkpoint, run_dtype, device, image_size=image_size, backend=engine)
+        return MLXBackend(model, dtype)
+    from .backends.torch import TorchBackend
+
+    return TorchBackend(model, device)

@@ -324,7 +324,8 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
 
             summary = encode_with_ray(
                 [], out_dir, model, options, address=ray_address or None, dtype=dtype, device=device,
-                image_size=image_size, max_pixels=max_pixels, overwrite=overwrite, shard_size=shards, items=items,
+                backend=backend, image_size=image_size, max_pixels=max_pixels, overwrite=overwrite,
+                shard_size=shards, items=items,
                 actors=ray_actors, on_record=on_record, on_failed_before=on_failed_before,
                 on_progress=progress.update,
                 on_start=lambda line: _say(f"{line}; writing {_layout(out_dtype, shards)}"),
@@ -343,6 +344,7 @@ def encode(inputs: tuple[str, ...], model: str, out_dir: Path, lists: tuple[str,
                 shard_size=shards, on_record=on_record, on_failed_before=on_failed_before,
                 on_progress=progress.update,
             )
+            summary.backend = encoder.backend.name
     finally:
         if stop_count is not None:
             stop_count.set()
@@ -412,6 +414,9 @@ def nothing_found(left_out: collections.Counter[str]) -> str:
               help="Images admitted and not yet computed; beyond it, 429 with Retry-After.")
 @click.option("--max-body-mb", default=32.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Largest request body; beyond it, 413.")
+@click.option("--max-bodies-mb", default=256.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Request bodies held at once, all requests together (at least one --max-body-mb); beyond "
+                   "it, 429.")
 @click.option("--max-images", default=32, show_default=True, type=click.IntRange(min=1),
               help="Most images in one request; beyond it, 413.")
 @click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
@@ -439,9 +444,10 @@ def nothing_found(left_out: collections.Counter[str]) -> str:
               help="With --ray: model copies, each with its own batching worker (default: one per GPU, else 1).")
 @reports_errors
 def serve(model: str, dtype: str | None, device: str | None, backend: str, image_size: int | None, host: str,
-          port: int, max_batch_size: int, max_wait_ms: float, max_queue: int, max_body_mb: float, max_images: int,
-          timeout: float, cache_mb: float, max_pixels: int | None, decode_threads: int | None, api_key: str | None,
-          served_model_name: str | None, log_level: str, ray_address: str | None, replicas: int | None) -> None:
+          port: int, max_batch_size: int, max_wait_ms: float, max_queue: int, max_body_mb: float,
+          max_bodies_mb: float, max_images: int, timeout: float, cache_mb: float, max_pixels: int | None,
+          decode_threads: int | None, api_key: str | None, served_model_name: str | None, log_level: str,
+          ray_address: str | None, replicas: int | None) -> None:
     """Serve image embeddings over HTTP (pip install 'gemma3-vision[serve]'); docs/serving.md has the routes.
 
     POST /v1/embeddings (OpenAI), POST /v1/encode (token matrices as .npy or safetensors), GET /v1/models,
@@ -478,7 +484,8 @@ def serve(model: str, dtype: str | None, device: str | None, backend: str, image
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # the header check refuses these
     settings = ServeSettings(
         model_name=served_model_name or model, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-        max_queue=max_queue, max_body_mb=max_body_mb, max_images=max_images, timeout=timeout, cache_mb=cache_mb,
+        max_queue=max_queue, max_body_mb=max_body_mb, max_bodies_mb=max_bodies_mb, max_images=max_images,
+        timeout=timeout, cache_mb=cache_mb,
         api_key=api_key or None, max_pixels=max_pixels if max_pixels is not None else DEFAULT_MAX_PIXELS,
         **({"decode_threads": decode_threads} if decode_threads is not None else {}),
     )
@@ -501,17 +508,22 @@ def serve(model: str, dtype: str | None, device: str | None, backend: str, image
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @reports_errors
 def info(model: str, as_json: bool) -> None:
-    """Show what MODEL is: format, files, configs, stored dtypes, parameter counts, conventions undone.
+    """Show what MODEL is: format, files, configs, stored dtypes, parameter counts, conventions undone, and the
+    backend that encode would run it on here.
 
     MODEL is anything --model accepts (folder, GGUF file, Ollama name, Hugging Face id, random:tiny).
     Reads headers only, no tensor data.
     """
     import json
 
+    from .api import default_device
+    from .backends import resolve_backend
     from .checkpoints.info import checkpoint_info, format_info
     from .checkpoints.resolve import resolve
 
     data = checkpoint_info(resolve(model))
+    device = default_device()
+    data["backend"] = {"device": str(device), "auto": resolve_backend("auto", device)}  # what encode would run
     click.echo(json.dumps(data, indent=2) if as_json else format_info(data))
 
 
@@ -616,13 +628,19 @@ def show(image: Path, model: str, out: Path, features_layer: int | None, attenti
                    "this kernel (flash, efficient, cudnn, math; CUDA has all four).")
 @click.option("--bf16-residual", is_flag=True,
               help="Also time ours with its residual stream and LayerNorms in bf16, as transformers runs them.")
+@click.option("--openvino", is_flag=True,
+              help="Also time our OpenVINO backend (ours[openvino]) and transformers' tower converted to OpenVINO "
+                   "(openvino[transformers]); CPU, needs the openvino extra.")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["torch", "openvino"]),
+              help="Repeatable: the backends ours runs on. torch is always timed (runner ours, the reference); "
+                   "openvino is --openvino. MLX has its own script, benchmarks/mlx_bench.py.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the report as JSON here.")
 @reports_errors
 def bench(preset: str, dtypes: tuple[str, ...], batches: tuple[int, ...], threads: int | None, device: str | None,
           layers: int | None, image_size: int | None, repeats: int, no_compile: bool, compile_mode: str,
-          no_reference: bool, memory: bool, attention: tuple[str, ...], bf16_residual: bool,
-          json_path: Path | None) -> None:
+          no_reference: bool, memory: bool, attention: tuple[str, ...], bf16_residual: bool, openvino: bool,
+          backends: tuple[str, ...], json_path: Path | None) -> None:
     """Time our tower against transformers' (same random weights, one process, alternating).
 
     Example: gemma3-vision bench --dtype float32 --dtype bfloat16 --layers 2 --json bench.json
@@ -633,7 +651,7 @@ def bench(preset: str, dtypes: tuple[str, ...], batches: tuple[int, ...], thread
                            device=device, layers=layers, image_size=image_size, repeats=repeats,
                            compile=not no_compile, compile_mode=compile_mode, reference=not no_reference,
                            memory=memory, attention=attention, bf16_residual=bf16_residual,
-                           progress=lambda s: click.echo(s, err=True))
+                           openvino=openvino or "openvino" in backends, progress=lambda s: click.echo(s, err=True))
     click.echo(format_report(report))
     if json_path is not None:
         json_path.write_text(report.to_json(), encoding="utf-8")

@@ -13,8 +13,8 @@ rows. Three things must match what transformers does with pixels for the languag
   logits differ. ``SplicedPrompt.kwargs()`` carries them.
 
 transformers' ``generate()`` refuses ``inputs_embeds`` for Gemma 3 (5.25; 5.0 took them), so ``greedy_generate``
-runs the decoding loop over forward calls with the model's KV cache. Nothing here imports transformers: the caller passes the model, its
-embedding layer and its token ids (the defaults are Gemma 3's).
+runs the decoding loop over forward calls with the model's KV cache. Nothing here imports transformers: the caller
+passes the model, its embedding layer and its token ids (the defaults are Gemma 3's).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ every caller sees the same types whichever engine computed them.
 
 - ``torch``: the reference path, on CPUs and CUDA (``backends/torch.py``).
 - ``mlx``: MLX, on Apple silicon's GPU, or MLX's CPU build elsewhere (``backends/mlx.py``; the ``mlx`` extra).
+- ``openvino``: OpenVINO's CPU plugin, on x86-64 CPUs, with the ``openvino`` extra (``backends/openvino.py``).
 
 ``resolve_backend`` turns the ``backend=`` argument of ``load()`` (``--backend`` on the command line) into one
 of these names; ``auto`` picks the fastest exact backend present for the device.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import platform
 import sys
 from collections.abc import Sequence
@@ -25,7 +27,10 @@ from ..errors import OptionError
 if TYPE_CHECKING:  # the command line reads CHOICES without paying for torch's import
     import torch
 
-BACKENDS = ("torch", "mlx")
+BACKENDS = ("torch", "openvino", "mlx")
+INSTALL_OPENVINO = 'pip install "gemma3-vision[openvino]"'
+# CPUs where auto picks OpenVINO: its CPU plugin's kernels beat ours there (docs/openvino.md); elsewhere (ARM) torch
+X86_64 = ("x86_64", "amd64")
 CHOICES = ("auto", *BACKENDS)
 
 
@@ -44,18 +49,34 @@ class Backend(Protocol):
         ...
 
 
+def openvino_installed() -> bool:
+    """Whether ``openvino`` can be imported (looked up, not imported: that takes a second)."""
+    return importlib.util.find_spec("openvino") is not None
+
+
 def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The backend to run on ``device``: ``None`` and ``auto`` pick the fastest exact one present.
+    """The backend to run on ``device``: ``None`` and ``auto`` pick the fastest exact one present: OpenVINO on an
+    x86-64 CPU where it is installed, torch elsewhere (CUDA, ARM, or without the extra).
 
     Raises:
-        OptionError: a name not in ``CHOICES``.
+        OptionError: a name not in ``CHOICES``; ``openvino`` without the extra installed, or for a CUDA device.
     """
+    on_x86_cpu = device.type == "cpu" and platform.machine().lower() in X86_64
     if backend is None or backend == "auto":
-        return "mlx" if mlx_preferred(device) else "torch"
+        if mlx_preferred(device):
+            return "mlx"
+        return "openvino" if on_x86_cpu and openvino_installed() else "torch"
     if backend not in BACKENDS:
         raise OptionError(f"backend must be one of {', '.join(CHOICES)}, got {backend!r}")
     if backend == "mlx":
         check_mlx(device)
+    if backend == "openvino":
+        if device.type != "cpu":
+            raise OptionError(f"backend 'openvino' runs on the CPU, got device {str(device)!r}: use --device cpu, "
+                              "or backend torch for a GPU")
+        if not openvino_installed():
+            raise OptionError(f"backend 'openvino' needs the openvino package, which is not installed: "
+                              f"{INSTALL_OPENVINO}")
     return backend
 
 

@@ -52,6 +52,8 @@ def format_info(info: dict[str, Any]) -> str:
         f"parameters:   {params['total']:,} (tower {params['vision_tower']:,}, projector {params['projector']:,})",
         "conventions:  " + ("; ".join(info["conventions_undone"]) or "none"),
     ]
+    if "backend" in info:
+        lines.append(f"backend:      {info['backend']['auto']} (auto, on {info['backend']['device']})")
     if info["unexpected_tensors"]:
         lines.append(f"unexpected:   {len(info['unexpected_tensors'])} tensors: "
                      + ", ".join(info["unexpected_tensors"][:10]))

@@ -52,10 +52,10 @@ def check_options(encoder: Gemma3Vision, options: EncodeOptions) -> EncodeOption
     return replace(options, layers=tuple(encoder.check_layers(list(options.layers))))
 
 
-def job_key(encoder: Gemma3Vision, options: EncodeOptions) -> str:
-    """The model's identity, compute dtype, preprocessing, output dtype and every output-affecting option, as one
-    digest.
-    Reads no weights: ``encoder`` may be built on the meta device."""
+def job_key(encoder: Gemma3Vision, options: EncodeOptions, backend: str | None = None) -> str:
+    """The model's identity, compute dtype, backend, preprocessing and every output-affecting option, as one digest.
+    Reads no weights: ``encoder`` may be built on the meta device, with ``backend`` naming the one that will run
+    (default: the encoder's)."""
     extras = {"pan_and_scan": options.pan_and_scan, "layers": list(options.layers), "pool": options.pool,
               "normalize": options.normalize}
     wanted = options.pan_and_scan or options.layers or options.pool
@@ -64,6 +64,9 @@ def job_key(encoder: Gemma3Vision, options: EncodeOptions) -> str:
     # stay as before: resuming after an upgrade redoes nothing.
     compute = encoder.model.vision_tower.compute_dtype or encoder.dtype
     precision = str(encoder.dtype) if compute == encoder.dtype else f"{encoder.dtype} computed in {compute}"
+    backend = backend or encoder.backend.name
+    if backend != "torch":  # another engine rounds differently; torch's keys stay as they were
+        precision += f" on {backend}"
     # The output dtype, not the layout: an input written as .npy and one in a shard hold the same values, so a
     # folder resumed in the other layout redoes nothing. Only named when not float32: default keys stay as before.
     written = [{"out_dtype": options.out_dtype}] if options.out_dtype != "float32" else []

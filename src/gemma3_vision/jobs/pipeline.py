@@ -62,6 +62,7 @@ class JobSummary:
     skipped: int = 0  # not regular files, links not followed, listed twice
     done_before: int = 0  # encoded by an earlier run, unchanged
     seconds: float = 0.0
+    backend: str = ""  # the engine that ran the model (backends.BACKENDS), set by the caller that loaded it
 
     @property
     def images_per_second(self) -> float:
@@ -84,14 +85,15 @@ class JobSummary:
         skipped = f"skipped {self.skipped + self.done_before}"
         if self.done_before:
             skipped += f" ({self.done_before} already encoded)"
+        on = f" on {self.backend}" if self.backend else ""
         done = f"encoded {self.encoded}, {failed}, {skipped} in {self.seconds:.1f} s"
         if not self.encoded:
-            return done  # a rate over no image says nothing
+            return done + on  # a rate over no image says nothing
         rate = self.images_per_second
         # Under one image a second (a full tower in fp32 on a small CPU), seconds per image read better (a rate
         # under 0.005 would print as 0.00).
         speed = f"{1 / rate:.1f} s/image" if 0 < rate < 1 else f"{rate:.2f} images/s"
-        return f"{done} ({speed})"
+        return f"{done} ({speed}){on}"
 
 
 # How long the writer waits for the next batch before looking at the queue again (see run_job's next_result).

@@ -134,6 +134,7 @@ def encode_with_ray(
     address: str | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | None = None,
+    backend: str | None = "auto",
     image_size: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     overwrite: bool = False,
@@ -165,6 +166,7 @@ def encode_with_ray(
         device: ``cpu`` to keep a GPU cluster's actors on CPUs; None uses GPUs when the cluster has them.
         shard_size: write safetensors shards of that many images, from the driver; None: ``.npy`` files.
         items: the inputs already discovered (``discovery.discover``), in place of discovering ``inputs``.
+        backend: the engine the actors run (``load``'s ``backend``), resolved here for the actors' device.
         actors, cpus_per_actor: model copies and their CPUs; see ``plan_resources`` for the defaults.
         rows_per_task: inputs per decoding task (and per Ray block).
         on_record: sees every record the driver appends.
@@ -194,6 +196,7 @@ def encode_with_ray(
     resources = plan_resources(ray.cluster_resources(), device, actors, cpus_per_actor)
     actor_device = "cuda" if resources.gpus_per_actor else "cpu"
     run_dtype = resolve_dtype(dtype, torch.device(actor_device))
+    backend = resolve_backend(backend, torch.device(actor_device))  # the actors are taken to be like this machine
 
     # The model as the actors will see it, built on the meta device: options and the job key without the weights.
     checkpoint = resolve(model)
@@ -207,15 +210,15 @@ def encode_with_ray(
     options = check_options(shapes, options)
     if on_start:
         on_start(f"model {checkpoint.description}, {str(run_dtype).removeprefix('torch.')} on {actor_device}, "
-                 f"backend {resolve_backend(None, torch.device(actor_device))}; Ray: {resources.actors} "
+                 f"backend {backend}; Ray: {resources.actors} "
                  f"actor{'s' * (resources.actors > 1)}")
-    key = job_key(shapes, options)
+    key = job_key(shapes, options, backend=backend)
     error_key = error_key_for(key, max_pixels, options.exif_transpose)
     to_input: MakeInput = make_input_for(shapes.preprocess_config, options) or _PlainInput(shapes)
     weight_bytes = actor_weight_bytes(checkpoint, run_dtype, torch.device(actor_device))
 
     out = Path(out_dir).absolute()  # workers have other working folders
-    summary = JobSummary()
+    summary = JobSummary(backend=backend)
     start = time.perf_counter()
     folder = OutputFolder(out, overwrite=overwrite)
     context = ray.data.DataContext.get_current()
@@ -251,7 +254,7 @@ def encode_with_ray(
                 compute=ray.data.ActorPoolStrategy(size=resources.actors),
                 num_cpus=resources.cpus_per_actor, num_gpus=resources.gpus_per_actor,
                 memory=weight_bytes + _RUNTIME_BYTES,  # a floor, so Ray packs no more copies than a node holds
-                fn_constructor_kwargs={"model": model, "dtype": run_dtype, "device": actor_device,
+                fn_constructor_kwargs={"model": model, "dtype": run_dtype, "device": actor_device, "backend": backend,
                                        "image_size": image_size, "options": options, "out_dir": out,
                                        "job_key": key, "error_key": error_key, "sharded": shards is not None},
             )
@@ -432,7 +435,7 @@ def _decode(batch: dict[str, np.ndarray], *, out_dir: Path, to_input: MakeInput,
 class _Encoder:
     """A Ray actor holding one model: encodes a batch's inputs and writes their files into the shared folder."""
 
-    def __init__(self, model: str, dtype: torch.dtype, device: str, image_size: int | None,
+    def __init__(self, model: str, dtype: torch.dtype, device: str, backend: str, image_size: int | None,
                  options: EncodeOptions, out_dir: Path, job_key: str, error_key: str, sharded: bool = False):
         self.out_dir = out_dir
         self.job_key, self.error_key = job_key, error_key
@@ -445,7 +448,7 @@ class _Encoder:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RandomWeightsWarning)  # the driver has said so once
-                encoder = load(model, dtype=dtype, device=device, image_size=image_size)
+                encoder = load(model, dtype=dtype, device=device, image_size=image_size, backend=backend)
         except Exception as e:  # any of them, raised again by __call__
             self.load_error = e.with_traceback(None)  # its frames would keep partly loaded weights alive
             return

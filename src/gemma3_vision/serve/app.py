@@ -261,6 +261,7 @@ def create_app(encoder: Gemma3Vision | Callable[[], Gemma3Vision], settings: Ser
         return Response(metrics.exposition(), media_type=METRICS_TYPE)
 
     started = int(time.time())
+    app.add_middleware(BodyBudget, service=service)  # type: ignore[arg-type]  # inside auth: keyless bodies go unread
     if settings.api_key:
         app.add_middleware(BearerAuth, key=settings.api_key, metrics=metrics)  # type: ignore[arg-type]
     app.add_middleware(RequestMetrics, metrics=metrics)  # type: ignore[arg-type]  # outermost: counts 401s too
@@ -370,7 +371,7 @@ class BearerAuth:
 
     def __init__(self, app: ASGIApp, key: str, metrics: Metrics):
         self.app = app
-        self.expected = f"Bearer {key}".encode()
+        self.expected = key.encode()
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -378,7 +379,9 @@ class BearerAuth:
             await self.app(scope, receive, send)
             return
         given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
-        if hmac.compare_digest(given, self.expected):
+        scheme, _, token = given.partition(b" ")
+        # The scheme is case-insensitive (RFC 9110, 11.1); the key is compared in constant time.
+        if hmac.compare_digest(token.strip(), self.expected) and scheme.lower() == b"bearer":
             await self.app(scope, receive, send)
             return
         self.metrics.rejections.labels("unauthorized").inc()
@@ -386,3 +389,38 @@ class BearerAuth:
                                "this server needs an API key: send Authorization: Bearer <key>")
         await error_response(problem)(scope, receive, send)
 
+
+class BodyBudget:
+    """Pure ASGI middleware: the request bodies held at once, all requests together, stay within
+    ``--max-bodies-mb``. Each request's bytes count from their arrival until its answer (they are parsed, then
+    decoded, meanwhile); a chunk past the budget refuses its request with 429, so many concurrent uploads, slow
+    ones included, cannot grow memory without bound."""
+
+    def __init__(self, app: ASGIApp, service: EncodeService):
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        held = 0
+        service = self.service
+
+        async def counted() -> Message:
+            nonlocal held
+            message = await receive()
+            size = len(message.get("body", b""))
+            if size:
+                limit = service.settings.max_bodies_bytes
+                if service.body_bytes + size > limit:
+                    raise Overloaded(f"the server holds {service.body_bytes:,} bytes of request bodies, at most "
+                                     f"{limit:,} (--max-bodies-mb); this chunk adds {size:,}", 1)
+                service.body_bytes += size
+                held += size
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        finally:
+            service.body_bytes -= held

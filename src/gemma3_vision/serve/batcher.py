@@ -253,8 +253,8 @@ class Batcher:
         for i in range(0, len(pixels), self.max_batch_size):  # more than one chunk only for one many-view image
             for view in self.encoder.encode_views(pixels[i:i + self.max_batch_size], project=key.project,
                                                   layers=key.layers):
-                views.append(ViewEncoding(view.box, view.embeddings.cpu(),
-                                          {j: h.cpu() for j, h in view.layers.items()}))
+                views.append(ViewEncoding(view.box, own_cpu(view.embeddings),
+                                          {j: own_cpu(h) for j, h in view.layers.items()}))
 
     def _die(self, error: BaseException) -> None:
         with self._cond:
@@ -267,3 +267,10 @@ class Batcher:
                 work.future.set_exception(WorkerDied(message))
         if self.on_fatal is not None:
             self.on_fatal(error)
+
+
+def own_cpu(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the CPU in storage of its own: a view's row of a batch tensor would otherwise keep the whole batch
+    alive in the cache, which counts only the row's bytes."""
+    t = t.cpu()
+    return t if t.untyped_storage().nbytes() == t.nbytes else t.clone()

@@ -27,10 +27,19 @@ from .batcher import Overloaded as QueueFull
 from .cache import ResultCache
 from .codec import ImageOptions
 from .metrics import Metrics
-from .problems import ClientGone, DeadlineExceeded, InvalidImage, InvalidRequest, Overloaded, Unavailable
+from .problems import (
+    ClientGone,
+    DeadlineExceeded,
+    InvalidImage,
+    InvalidRequest,
+    Overloaded,
+    PayloadTooLarge,
+    Unavailable,
+)
 from .settings import ServeSettings
 
 T = TypeVar("T")
+JOB_KEYS_KEPT = 256  # option sets whose job key is remembered (computing one hashes the model's identity)
 log = logging.getLogger("gemma3_vision.serve")
 
 
@@ -54,6 +63,7 @@ class EncodeService:
         self.cache = ResultCache(settings.cache_bytes)
         self.pool = concurrent.futures.ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self.draining = False
+        self.body_bytes = 0  # request bodies held, all requests together (``app.BodyBudget``)
         self._in_flight: dict[str, _InFlight] = {}
         self._job_keys: dict[ImageOptions, str] = {}
 
@@ -94,6 +104,8 @@ class EncodeService:
             checked = check_options(encoder, EncodeOptions(project=options.project, layers=options.layers,
                                                            pan_and_scan=options.pan_and_scan,
                                                            exif_transpose=options.exif_transpose))
+            if len(self._job_keys) >= JOB_KEYS_KEPT:  # clients choose the options: keep a bounded few
+                self._job_keys.clear()
             key = self._job_keys[options] = job_key(encoder, checked)
         return key
 
@@ -104,7 +116,8 @@ class EncodeService:
 
         Raises:
             InvalidRequest, InvalidImage: bad options, or an image that cannot be decoded (the first one).
-            Overloaded: the queue has no room for this request's new images.
+            Overloaded: the queue has no room for this request's new images now. PayloadTooLarge: it never will
+                (more new images than --max-queue).
             DeadlineExceeded: ``deadline`` (``loop.time()``) passed first. ClientGone: ``gone`` was set first.
             Unavailable: draining, or the worker died.
         """
@@ -122,6 +135,9 @@ class EncodeService:
                 wanted.setdefault(key, i)
         new = [key for key in wanted if key not in self._in_flight]
         self.metrics.coalesced.inc(len(wanted) - len(new))
+        if len(new) > self.batcher.max_queue:  # no retry can make room: the request itself is too large
+            raise PayloadTooLarge(f"expected at most {self.batcher.max_queue} images to compute per request (the "
+                                  f"queue's size, --max-queue), found {len(new)}")
         if new:
             try:
                 self.batcher.reserve(len(new))

@@ -13,6 +13,7 @@ the spot, peak memory, and how far each output is from ours.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -132,6 +133,10 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         info["transformers"] = transformers.__version__
     except ImportError:
         info["transformers"] = None
+    if importlib.util.find_spec("openvino") is not None:
+        import openvino
+
+        info["openvino"] = openvino.get_version()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -322,6 +327,54 @@ def build_transformers(vision: VisionConfig, state: dict[str, torch.Tensor], dty
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)  # type: ignore[call-arg]  # transformers wraps .to()
 
 
+def convert_transformers_to_openvino(vision: VisionConfig, state: dict[str, torch.Tensor]) -> Any:
+    """transformers' fp32 tower converted by ``ov.convert_model`` (TorchScript tracing), batch left dynamic: the
+    OpenVINO model a user would make from transformers, an engine independent of our graph builder. Slow (minutes
+    and ~9 GB of RAM for the full Gemma 3 tower); its time and peak RSS are reported."""
+    import openvino as ov
+
+    built = build_transformers(vision, state, torch.float32, torch.device("cpu"))
+    assert built is not None  # the caller checked that transformers is installed
+    model: torch.nn.Module = built
+
+    class LastHiddenState(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            return self.model(pixel_values=pixel_values).last_hidden_state
+
+    S = vision.image_size
+    example = torch.zeros(1, vision.num_channels, S, S)
+    with torch.no_grad():
+        return ov.convert_model(LastHiddenState().eval(), example_input=example,
+                                input=[(-1, vision.num_channels, S, S)])
+
+
+def openvino_runners(vision: VisionConfig, ours: VisionTower, converted: Any, torch_dtype: torch.dtype,
+                     pixels: torch.Tensor, pixels_nchw: torch.Tensor, threads: int) -> dict[str, Callable[[], Any]]:
+    """``ours[openvino]`` (our backend, its graph built from our tower, no disk cache) and, given the converted
+    transformers model, ``openvino[transformers]`` compiled with the same properties (precision, threads)."""
+    import openvino as ov
+
+    from ..backends.openvino import OpenVINOBackend, compile_config
+
+    compute = ours.compute_dtype or torch_dtype
+    backend = OpenVINOBackend(ours, None, dtype=torch_dtype, compute_dtype=compute, threads=threads)
+    runners: dict[str, Callable[[], Any]] = {"ours[openvino]": lambda: backend.tower(pixels)[0]}
+    if converted is not None:
+        compiled: list[Any] = []  # compiled on the first call, so the warm-up times it as compile time
+
+        def theirs() -> torch.Tensor:
+            if not compiled:
+                compiled.append(ov.Core().compile_model(converted, "CPU", compile_config(compute, threads)))
+            return torch.from_numpy(compiled[0](pixels_nchw.float().numpy())[0].copy())
+
+        runners["openvino[transformers]"] = theirs
+    return runners
+
+
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -370,12 +423,15 @@ def _time_runners(runners: dict[str, Callable[[], torch.Tensor]], repeats: int, 
 def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype: str, batch: int, threads: int,
                  device: torch.device, repeats: int, compile: bool, reference: bool, full_layers: int,
                  compile_mode: str = "default",
-                 attention: Sequence[str] = (), bf16_residual: bool = False,
+                 attention: Sequence[str] = (), bf16_residual: bool = False, openvino: bool = False,
+                 openvino_reference: Any = None,
                  progress: Callable[[str], None] = lambda s: None) -> ConfigResult:
     """Time ours (and transformers) in one configuration.
 
     ``attention`` adds a runner of ours per named ``ATTENTION_VARIANTS`` entry (``ours[blocked]``, ``ours[cudnn]``);
     ``bf16_residual`` adds ours with its residual stream and LayerNorms in bf16, as transformers runs them.
+    ``openvino`` adds ``ours[openvino]`` and, given ``openvino_reference`` (``convert_transformers_to_openvino``),
+    ``openvino[transformers]``.
     """
     torch_dtype = _DTYPES[dtype]
     torch.set_num_threads(threads)
@@ -391,6 +447,9 @@ def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype:
         runners[f"ours[{name}]"] = _variant(ours, pixels, **ATTENTION_VARIANTS[name])
     if bf16_residual:
         runners["ours[bf16 residual]"] = _variant(ours, pixels, residual_dtype=torch.bfloat16)
+    if openvino:
+        runners.update(openvino_runners(vision, ours, openvino_reference, torch_dtype, pixels, pixels_nchw,
+                                        threads))
     if compile:
         ours_c = _compiled(ours, compile_mode)
         runners["ours+compile"] = lambda: ours_c(pixels)
@@ -435,14 +494,16 @@ def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype:
         tflops = gflop / median / 1e3
         result.runners.append(RunnerResult(
             name=name, seconds_per_image=ts, median_s=median, min_s=min(ts), max_s=max(ts),
-            compile_s=compile_s if "compile" in name else None, tflops=tflops, peak_fraction=tflops / peak,
+            compile_s=compile_s if "compile" in name or "openvino" in name else None, tflops=tflops, peak_fraction=tflops / peak,
             peak_memory_mb=peaks[name], max_abs_diff=diff, cosine=cos,
         ))
     medians = {r.name: r.median_s for r in result.runners}
-    for name in ("transformers", "transformers+compile"):
+    for name in ("transformers", "transformers+compile", "openvino[transformers]"):
         if name in medians:
             for mine in (m for m in medians if m.startswith("ours")):
                 result.ratios[f"{mine} vs {name}"] = medians[name] / medians[mine]
+    if "ours[openvino]" in medians:
+        result.ratios["ours[openvino] vs ours"] = medians["ours"] / medians["ours[openvino]"]
     return result
 
 
@@ -513,7 +574,7 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
                   image_size: int | None = None, repeats: int = 3, compile: bool = True, reference: bool = True,
                   compile_mode: str = "default",
                   memory: bool = False, attention: Sequence[str] = (),
-                  bf16_residual: bool = False, progress: Callable[[str], None] = lambda s: None) -> BenchReport:
+                  bf16_residual: bool = False, openvino: bool = False, progress: Callable[[str], None] = lambda s: None) -> BenchReport:
     """Benchmark ours against transformers for every (dtype, batch).
 
     Args:
@@ -532,6 +593,9 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
         attention: ``ATTENTION_VARIANTS`` to time ours with, one runner each: our two attention paths (``sdpa``,
             ``blocked``) or SDPA allowed one kernel (``flash``, ``efficient``, ``cudnn``, ``math``).
         bf16_residual: also time ours with a bf16 residual stream (what our float32 one costs).
+        openvino: also time our OpenVINO backend (``ours[openvino]``) and, with ``reference``, transformers'
+            tower converted by ``ov.convert_model`` (``openvino[transformers]``; its conversion time and peak RSS
+            go in the report's machine section). CPU only; needs the ``openvino`` extra.
 
     The process-wide settings the runs change, torch's thread count and inductor's freezing, are restored on return.
 
@@ -568,6 +632,19 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
         state["embeddings.position_embedding.weight"] = interpolate_position_embedding(
             state["embeddings.position_embedding.weight"], grid, grid)
     report = BenchReport(machine={**machine_info(dev), "threads": n_threads}, configs=[], meta=result_meta(dev))
+    converted = None
+    if openvino:
+        from ..backends import resolve_backend
+
+        resolve_backend("openvino", dev)  # the extra installed, a CPU: else a clear error now
+        if reference and importlib.util.find_spec("transformers") is not None:
+            progress("converting transformers' tower with ov.convert_model (minutes for the full tower)")
+            memory_probe = _PeakMemory(dev)
+            memory_probe.reset()
+            t = time.perf_counter()
+            converted = convert_transformers_to_openvino(vision, state)
+            report.machine["openvino_convert_s"] = time.perf_counter() - t
+            report.machine["openvino_convert_peak_rss_mb"] = memory_probe.peak_mb()
     with _torch_settings_restored(compile):
         for d in dtypes:
             for b in batches:
@@ -576,7 +653,8 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
                                                    compile_mode=compile_mode,
                                                    full_layers=PRESETS[preset][0].num_hidden_layers,
                                                    attention=attention,
-                                                   bf16_residual=bf16_residual,
+                                                   bf16_residual=bf16_residual, openvino=openvino,
+                                                   openvino_reference=converted,
                                                    progress=progress))
     if memory and dev.type == "cpu":
         for d in dtypes:
@@ -595,7 +673,11 @@ def format_report(report: BenchReport) -> str:
     m = report.machine
     lines = [f"machine: {m['cpu']} ({m['logical_cpus']} logical CPUs, {m['cpu_capability']}, native bf16: "
              f"{m['native_bf16']}){', GPU ' + m['gpu'] if m.get('gpu') else ''}; torch {m['torch']}, "
-             f"transformers {m.get('transformers')}"]
+             f"transformers {m.get('transformers')}"
+             + (f", OpenVINO {m['openvino']}" if m.get("openvino") else "")]
+    if m.get("openvino_convert_s") is not None:
+        lines.append(f"openvino[transformers]: ov.convert_model took {m['openvino_convert_s']:.1f} s, peak RSS "
+                     f"{m['openvino_convert_peak_rss_mb']:.0f} MB")
     for c in report.configs:
         depth = f"{c.layers} layers" + ("" if c.layers == c.full_layers else
                                         f" (TRUNCATED: the full tower has {c.full_layers})")
@@ -644,6 +726,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="repeatable: also time ours with this attention path (sdpa, blocked) or SDPA kernel alone")
     p.add_argument("--bf16-residual", action="store_true",
                    help="also time ours with its residual stream and LayerNorms in bf16, as transformers runs them")
+    p.add_argument("--openvino", action="store_true",
+                   help="also time our OpenVINO backend and OpenVINO converted from transformers (CPU)")
     p.add_argument("--json", help="write the report here")
     a = p.parse_args(argv)
     report = run_benchmark(preset=a.preset, dtypes=a.dtype or ["float32"], batches=a.batch or [1],
@@ -651,7 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            repeats=a.repeats, compile=not a.no_compile, reference=not a.no_reference,
                            compile_mode=a.compile_mode,
                            memory=a.memory, attention=a.attention,
-                           bf16_residual=a.bf16_residual,
+                           bf16_residual=a.bf16_residual, openvino=a.openvino,
                            progress=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_report(report))
     if a.json:
