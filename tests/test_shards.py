@@ -173,7 +173,7 @@ def test_the_job_key_holds_the_output_dtype_and_default_keys_are_unchanged():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        encoder = g3.load("random:tiny", dtype="float32", device="cpu")
+        encoder = g3.load("random:tiny", dtype="float32", device="cpu", backend="torch")
     assert job_key(encoder, EncodeOptions()) == "846cc669238797d7"  # as tests/test_preprocess.py pins it
     keys = {dtype: job_key(encoder, EncodeOptions(out_dtype=dtype)) for dtype in ("float32", "float16", "bfloat16")}
     assert len(set(keys.values())) == 3

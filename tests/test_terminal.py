@@ -11,9 +11,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import make_rgb
+from gemma3_vision.backends import resolve_backend
 
 pty = pytest.importorskip("pty", reason="pseudo-terminals need a POSIX system")
 fcntl = pytest.importorskip("fcntl", reason="pseudo-terminals need a POSIX system")
@@ -51,7 +53,8 @@ def test_encode_on_a_terminal_shows_progress_and_reports_failures(tmp_path):
     assert code == 3, printed  # one input failed: EXIT_SOME_FAILED
     assert "encoding" in printed, printed  # the tqdm bar
     assert "2/2" in printed, printed  # with its total
-    assert "model random:tiny, " in printed and "backend torch" in printed, printed
+    assert "model random:tiny, " in printed and f"backend {resolve_backend('auto', torch.device('cpu'))}" in printed, \
+        printed
     assert "failed:" in printed and "broken.png" in printed, printed
     for line in printed.replace("\r", "\n").splitlines():  # each message on a line of its own, not on the bar's
         assert not ("warning:" in line and not line.startswith("warning:")), printed
