@@ -484,3 +484,34 @@ def test_bodies_held_at_once_are_bounded(encoder):
             time.sleep(0.01)
         assert running.service.body_bytes == 0
         assert client.post("/v1/embeddings", json=image).status_code == 200
+
+
+@pytest.mark.parametrize("fmt", ["npy", "safetensors"])
+def test_a_response_over_max_response_mb_is_413_before_compute(client, encoder, fmt):
+    """The limit is the response's tensor bytes (each base64 .npy in JSON), measured here from a real response: a
+    limit of exactly that answers 200, one byte less a 413 that names the size, the limit and what to change, and
+    computes nothing."""
+    request = {"images": [b64(png(20, 30, seed=70)), b64(png(30, 20, seed=71))], "layers": [0, 1, 1],
+               "pool": "mean", "dtype": "float16", "format": fmt}
+    answer = client.post("/v1/encode", json=request)
+    assert answer.status_code == 200, answer.text
+    if fmt == "npy":  # JSON with a base64 .npy per tensor
+        size = sum(len(t["npy"]) for image in answer.json()["data"] for t in image["tensors"].values())
+    else:
+        from safetensors.torch import load
+
+        size = sum(t.numel() * t.element_size() for t in load(answer.content).values())
+    fresh = {**request, "images": [b64(png(20, 30, seed=72)), b64(png(30, 20, seed=73))]}  # never computed
+    for limit, status in ((size - 1, 413), (size, 200)):
+        settings = ServeSettings(model_name="random:tiny", max_response_mb=limit / 2**20)
+        with serving(encoder, settings) as running, httpx.Client(base_url=running.url, timeout=30) as limited:
+            wait_ready(limited)
+            response = limited.post("/v1/encode", json=fresh)
+            assert response.status_code == status, response.text
+            if status == 413:
+                error = error_of(response)
+                assert error["type"] == "payload_too_large"
+                assert f"{size - 1:,} bytes (--max-response-mb)" in error["message"], error
+                assert f"found {size:,} bytes" in error["message"], error
+                assert "fewer images or layers" in error["message"], error
+                assert "gemma3_vision_images_encoded_total 0.0" in limited.get("/metrics").text

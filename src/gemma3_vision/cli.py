@@ -419,6 +419,9 @@ def nothing_found(left_out: collections.Counter[str]) -> str:
                    "it, 429.")
 @click.option("--max-images", default=32, show_default=True, type=click.IntRange(min=1),
               help="Most images in one request; beyond it, 413.")
+@click.option("--max-response-mb", default=512.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Largest /v1/encode response (its tensors, base64 counted in JSON); beyond it, 413 before any "
+                   "compute.")
 @click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Seconds from a request's arrival to its answer: 504 after it (408 if its body is still "
                    "arriving).")
@@ -445,9 +448,9 @@ def nothing_found(left_out: collections.Counter[str]) -> str:
 @reports_errors
 def serve(model: str, dtype: str | None, device: str | None, backend: str, image_size: int | None, host: str,
           port: int, max_batch_size: int, max_wait_ms: float, max_queue: int, max_body_mb: float,
-          max_bodies_mb: float, max_images: int, timeout: float, cache_mb: float, max_pixels: int | None,
-          decode_threads: int | None, api_key: str | None, served_model_name: str | None, log_level: str,
-          ray_address: str | None, replicas: int | None) -> None:
+          max_bodies_mb: float, max_images: int, max_response_mb: float, timeout: float, cache_mb: float,
+          max_pixels: int | None, decode_threads: int | None, api_key: str | None, served_model_name: str | None,
+          log_level: str, ray_address: str | None, replicas: int | None) -> None:
     """Serve image embeddings over HTTP (pip install 'gemma3-vision[serve]'); docs/serving.md has the routes.
 
     POST /v1/embeddings (OpenAI), POST /v1/encode (token matrices as .npy or safetensors), GET /v1/models,
@@ -485,7 +488,7 @@ def serve(model: str, dtype: str | None, device: str | None, backend: str, image
     settings = ServeSettings(
         model_name=served_model_name or model, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
         max_queue=max_queue, max_body_mb=max_body_mb, max_bodies_mb=max_bodies_mb, max_images=max_images,
-        timeout=timeout, cache_mb=cache_mb,
+        max_response_mb=max_response_mb, timeout=timeout, cache_mb=cache_mb,
         api_key=api_key or None, max_pixels=max_pixels if max_pixels is not None else DEFAULT_MAX_PIXELS,
         **({"decode_threads": decode_threads} if decode_threads is not None else {}),
     )

@@ -44,6 +44,7 @@ from .codec import (
     image_options,
     parse_embeddings,
     parse_encode,
+    response_bound,
     validation_message,
     wants_safetensors,
 )
@@ -182,11 +183,24 @@ def create_app(encoder: Gemma3Vision | Callable[[], Gemma3Vision], settings: Ser
             options = image_options(req)
         except ValueError as e:  # OptionError from PanAndScanConfig
             raise InvalidRequest(str(e)) from None
+        check_response_size(req, len(images), safetensors, options)
         encodings, hits, timing = await encode_watching(request, images, digests, options, deadline)
         tokens = sum(len(e.views) for e in encodings) * service.encoder.tokens_per_image(project=options.project)
         out = await service.run(encode_body, settings.model_name, encodings, req, safetensors, tokens)
         return Response(out, media_type=SAFETENSORS_TYPE if safetensors else "application/json",
                         headers=cache_headers(hits, len(encodings)) | server_timing(timing))
+
+    def check_response_size(req: EncodeRequest, n_images: int, safetensors: bool, options: ImageOptions) -> None:
+        """A 413 before any decoding or compute for a response that would pass --max-response-mb."""
+        service.check(options)  # a layer beyond the model's depth is a 400 first
+        size = response_bound(service.encoder, req, n_images, safetensors)
+        if size > settings.max_response_bytes:
+            sent = "base64 .npy in JSON" if not safetensors else "safetensors"
+            crops = f", each with up to {req.pan_and_scan_max_num_crops} Pan & Scan crops" if req.pan_and_scan else ""
+            raise PayloadTooLarge(
+                f"expected a response of at most {settings.max_response_bytes:,} bytes (--max-response-mb), found "
+                f"{size:,} bytes of tensors ({sent}) for {n_images} image(s){crops}: ask for fewer images or layers, "
+                "a smaller dtype (float16), or safetensors instead of JSON, or raise --max-response-mb")
 
     async def read_multipart(request: Request, body: bytes) -> tuple[EncodeRequest, list[bytes]]:
         """A multipart body's file parts (the images, in order) and its other fields (the options)."""

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..api import ImageEncoding, pool_rows
+from ..api import Gemma3Vision, ImageEncoding, pool_rows
 from ..model.pan_and_scan import PanAndScanConfig
 from .problems import InvalidRequest, PayloadTooLarge
 
@@ -183,6 +183,28 @@ def output_tensors(encoding: ImageEncoding, *, pool: str | None, normalize: bool
             out[f"{prefix}pooled"] = pooled[i]
     target = OUTPUT_DTYPES[dtype]
     return {name: t.to(target).contiguous() for name, t in out.items()}
+
+
+NPY_HEADER_BYTES = 128  # np.save's header for these shapes: magic, version and a dict padded to 64-byte alignment
+
+
+def response_bound(encoder: Gemma3Vision, req: EncodeRequest, n_images: int, safetensors: bool) -> int:
+    """Bytes of the tensors ``/v1/encode`` would send for ``n_images`` images, known before decoding them: exact
+    without Pan & Scan, an upper bound with it (every image counted with ``pan_and_scan_max_num_crops`` crops).
+    JSON counts each tensor's base64 ``.npy`` (4/3 of its bytes); the envelope and metadata are left out."""
+    views = n_images * (1 + req.pan_and_scan_max_num_crops if req.pan_and_scan else 1)
+    itemsize = OUTPUT_DTYPES[req.dtype].itemsize
+    patches, hidden = encoder.tokens_per_image(project=False), encoder.vision_config.hidden_size
+    width = encoder.projector_config.text_hidden_size if req.project else hidden
+    shapes = [encoder.tokens_per_image(project=req.project) * width]  # elements per view: embeddings, layers, pooled
+    shapes += [patches * hidden] * len(set(req.layers))
+    shapes += [width] if req.pool else []
+
+    def sent(elements: int) -> int:
+        raw = elements * itemsize
+        return raw if safetensors else 4 * -(-(raw + NPY_HEADER_BYTES) // 3)
+
+    return views * sum(sent(n) for n in shapes)
 
 
 def npy_bytes(tensor: torch.Tensor) -> bytes:

@@ -21,6 +21,7 @@ class ServeSettings:
     max_body_mb: float = 32.0  # request body; beyond it, 413
     max_bodies_mb: float = 256.0  # request bodies held at once, all requests together (at least one body); then 429
     max_images: int = 32  # images per request; beyond it, 413
+    max_response_mb: float = 512.0  # largest /v1/encode response, bounded before any compute; beyond it, 413
     timeout: float = 120.0  # seconds from a request's arrival to its answer; then 504 (408 while its body arrives)
     cache_mb: float = 256.0  # result cache; 0 turns it off
     api_key: str | None = None  # when set, every route but /health needs "Authorization: Bearer <key>"
@@ -34,6 +35,10 @@ class ServeSettings:
     @property
     def max_bodies_bytes(self) -> int:
         return int(max(self.max_bodies_mb, self.max_body_mb) * 1024 * 1024)
+
+    @property
+    def max_response_bytes(self) -> int:
+        return int(self.max_response_mb * 1024 * 1024)
 
     @property
     def cache_bytes(self) -> int:
