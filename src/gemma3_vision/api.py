@@ -536,7 +536,8 @@ def make_backend(name: str, model: VisionModel, checkpoint: Checkpoint, dtype: t
         from .jobs.output_folder import checkpoint_identity
 
         return OpenVINOBackend(model.vision_tower, model.multi_modal_projector, dtype=dtype,
-                               compute_dtype=compute_dtype_for(dtype, device), identity=checkpoint_identity(checkpoint))
+                               compute_dtype=compute_dtype_for(dtype, device),
+                               identity=checkpoint_identity(checkpoint))
     if name == "mlx":
         from .backends.mlx import MLXBackend
 

@@ -55,11 +55,12 @@ def openvino_installed() -> bool:
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The backend to run on ``device``: ``None`` and ``auto`` pick the fastest exact one present: OpenVINO on an
-    x86-64 CPU where it is installed, torch elsewhere (CUDA, ARM, or without the extra).
+    """The backend to run on ``device``: ``None`` and ``auto`` pick the fastest exact one present: MLX on Apple
+    silicon where mlx imports, OpenVINO on an x86-64 CPU where it is installed, torch elsewhere (CUDA, other ARM
+    CPUs, or without the extras).
 
     Raises:
-        OptionError: a name not in ``CHOICES``; ``openvino`` without the extra installed, or for a CUDA device.
+        OptionError: a name not in ``CHOICES``; ``openvino`` or ``mlx`` not installed, or asked for a CUDA device.
     """
     on_x86_cpu = device.type == "cpu" and platform.machine().lower() in X86_64
     if backend is None or backend == "auto":
