@@ -15,7 +15,7 @@ The worker waits for a first image, then gathers more for at most ``max_wait_ms`
 ``max_batch_size`` views (an image with more views than that runs alone, in chunks). Images in one batch share the
 compute options (``ComputeKey``: project, layers); others wait for a batch of their own, in arrival order. On a
 CPU an image's result does not depend on its batch (the tower runs a CPU batch image by image and the projector
-each image alone: README, Python API), so a batched result equals ``Gemma3Vision.encode`` of the image alone.
+each image alone: docs/python-api.md), so a batched result equals ``Gemma3Vision.encode`` of the image alone.
 
 If the model raises, the worker is dead: every waiting future fails with ``WorkerDied``, ``ready`` turns false,
 and ``on_fatal(error)`` is called (the server then exits non-zero). A dead worker never leaves a request waiting.
