@@ -65,16 +65,31 @@ class OpenVINOBackend:
         self.__dict__.update(state)
         self.core = ov.Core()
 
-    def cache_key(self, height: int, width: int, layers: tuple[int, ...]) -> dict[str, Any]:
+    def compile_config(self, height: int, width: int) -> dict[str, Any]:
+        """The plugin properties for this input size: ``compile_config``'s, and no fused attention kernel where an
+        image has as many tokens as the tower has heads."""
+        config = compile_config(self.compute_dtype, self.threads)
+        c = self.vision_tower.config
+        if (height // c.patch_size) * (width // c.patch_size) == c.num_attention_heads:
+            # OpenVINO 2026.4's CPU plugin computes attention wrongly in bf16 through its fused ("snippets") kernel
+            # when an image has as many tokens as the tower has heads (16 tokens, 56 px, for Gemma 3: cosine 0.95 to
+            # fp32). Without snippets it is right; on inputs that small the speed does not matter.
+            config["SNIPPETS_MODE"] = "DISABLE"
+        return config
+
+    def cache_key(self, height: int, width: int, layers: tuple[int, ...], config: dict[str, Any]) -> dict[str, Any]:
+        """What the cached IR and compiled blob depend on. The properties are in it because OpenVINO's own blob cache
+        does not key on all of them (a blob compiled with snippets was loaded for a model compiled without)."""
+        properties = {k: str(v) for k, v in sorted(config.items()) if k != "INFERENCE_NUM_THREADS"}
         return {"weights": self.identity, "dtype": str(self.dtype), "compute": _PRECISION[self.compute_dtype],
                 "size": [height, width], "layers": list(layers), "openvino": ov.get_version(),
-                "graph": openvino_graph.GRAPH_VERSION}
+                "graph": openvino_graph.GRAPH_VERSION, "properties": properties}
 
     def request(self, height: int, width: int, layers: tuple[int, ...]) -> Any:
         """The infer request of the model for this input size and these hidden layers, built on first use."""
         key = (height, width, layers)
         if key not in self.compiled:
-            config = compile_config(self.compute_dtype, self.threads)
+            config = self.compile_config(height, width)
             tower = self.vision_tower
             if self.identity is None:
                 compiled = self.core.compile_model(openvino_graph.tower_model(tower, height, width, layers), "CPU",
@@ -85,7 +100,7 @@ class OpenVINOBackend:
                     ov.save_model(model, xml, compress_to_fp16=False)  # fp16 compression would round the weights
 
                 entry, self.last_cache_hit = openvino_cache.cached_ir(
-                    self.cache_key(height, width, layers), write, root=self.cache_dir)
+                    self.cache_key(height, width, layers, config), write, root=self.cache_dir)
                 config["CACHE_DIR"] = os.fspath(entry / openvino_cache.COMPILED)
                 compiled = self.core.compile_model(os.fspath(entry / openvino_cache.XML), "CPU", config)
             self.compiled[key] = compiled.create_infer_request()
