@@ -81,6 +81,35 @@ def test_cli_attention_choices_are_the_bench_variants():
     assert list(option.type.choices) == list(ATTENTION_VARIANTS)
 
 
+def test_cli_runner_choices_are_the_bench_runners():
+    from gemma3_vision.cli import main
+    from gemma3_vision.tools.bench import RUNNERS
+
+    option = next(p for p in main.commands["bench"].params if p.name == "runners")
+    assert sorted(option.type.choices) == sorted(RUNNERS)
+
+
+def test_runners_times_only_those_named_and_diffs_against_ours():
+    """``runners=`` leaves ``ours`` untimed but still its reference: transformers' difference is reported."""
+    report = run_benchmark(preset="tiny", dtypes=["float32"], repeats=1, compile=False, runners=["transformers"],
+                           device="cpu")
+    [config] = report.configs
+    [only] = config.runners
+    assert only.name == "transformers" and len(only.seconds_per_image) == 1
+    assert only.max_abs_diff is not None and only.max_abs_diff <= TOL["fp32_max_abs"], (
+        f"transformers vs ours: max abs diff {only.max_abs_diff:.3g} > {TOL['fp32_max_abs']}")
+    assert config.ratios == {}  # no timed ours to set it against
+
+
+def test_runners_unknown_or_not_built_is_an_option_error():
+    from gemma3_vision.errors import OptionError
+
+    with pytest.raises(OptionError, match="runner must be one of"):
+        run_benchmark(preset="tiny", runners=["theirs"], device="cpu")
+    with pytest.raises(OptionError, match=r"ours\[openvino\] is not built.*--openvino"):
+        run_benchmark(preset="tiny", compile=False, runners=["ours[openvino]"], device="cpu")
+
+
 def test_the_benchmark_restores_the_threads_and_freezing_it_sets(monkeypatch):
     # run_benchmark sets torch's (process-wide) thread count and inductor's freezing; a test or notebook that runs
     # it must find both as they were. torch.compile is stubbed out: what is checked is the setting, not compilation.

@@ -637,13 +637,19 @@ def show(image: Path, model: str, out: Path, features_layer: int | None, attenti
 @click.option("--backend", "backends", multiple=True, type=click.Choice(["torch", "openvino"]),
               help="Repeatable: the backends ours runs on. torch is always timed (runner ours, the reference); "
                    "openvino is --openvino. MLX has its own script, benchmarks/mlx_bench.py.")
+@click.option("--runner", "runners", multiple=True,
+              type=click.Choice(["ours", "ours+compile", "transformers", "transformers+compile", "ours[openvino]",
+                                 "openvino[transformers]", "ours[bf16 residual]", "ours[sdpa]", "ours[blocked]",
+                                 "ours[flash]", "ours[efficient]", "ours[cudnn]", "ours[math]"]),
+              help="Repeatable: time only these runners. ours still runs once, untimed, as the reference every "
+                   "difference is taken from.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the report as JSON here.")
 @reports_errors
 def bench(preset: str, dtypes: tuple[str, ...], batches: tuple[int, ...], threads: int | None, device: str | None,
           layers: int | None, image_size: int | None, repeats: int, no_compile: bool, compile_mode: str,
           no_reference: bool, memory: bool, attention: tuple[str, ...], bf16_residual: bool, openvino: bool,
-          backends: tuple[str, ...], json_path: Path | None) -> None:
+          backends: tuple[str, ...], runners: tuple[str, ...], json_path: Path | None) -> None:
     """Time our tower against transformers' (same random weights, one process, alternating).
 
     Example: gemma3-vision bench --dtype float32 --dtype bfloat16 --layers 2 --json bench.json
@@ -654,7 +660,8 @@ def bench(preset: str, dtypes: tuple[str, ...], batches: tuple[int, ...], thread
                            device=device, layers=layers, image_size=image_size, repeats=repeats,
                            compile=not no_compile, compile_mode=compile_mode, reference=not no_reference,
                            memory=memory, attention=attention, bf16_residual=bf16_residual,
-                           openvino=openvino or "openvino" in backends, progress=lambda s: click.echo(s, err=True))
+                           openvino=openvino or "openvino" in backends, runners=runners,
+                           progress=lambda s: click.echo(s, err=True))
     click.echo(format_report(report))
     if json_path is not None:
         json_path.write_text(report.to_json(), encoding="utf-8")

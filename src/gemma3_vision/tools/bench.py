@@ -48,6 +48,10 @@ ATTENTION_VARIANTS: dict[str, dict[str, Any]] = {
     **{name: {"attention": "sdpa", "attention_backends": (kernel,)} for name, kernel in SDPA_KERNELS.items()},
 }
 
+# Every runner a run can have; ``runners=`` picks among them (``ours`` still runs once, untimed, as the reference).
+RUNNERS = ("ours", "ours+compile", "transformers", "transformers+compile", "ours[openvino]", "openvino[transformers]",
+           "ours[bf16 residual]", *(f"ours[{name}]" for name in ATTENTION_VARIANTS))
+
 
 @dataclass
 class RunnerResult:
@@ -424,14 +428,15 @@ def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype:
                  device: torch.device, repeats: int, compile: bool, reference: bool, full_layers: int,
                  compile_mode: str = "default",
                  attention: Sequence[str] = (), bf16_residual: bool = False, openvino: bool = False,
-                 openvino_reference: Any = None,
+                 openvino_reference: Any = None, only: Sequence[str] = (),
                  progress: Callable[[str], None] = lambda s: None) -> ConfigResult:
     """Time ours (and transformers) in one configuration.
 
     ``attention`` adds a runner of ours per named ``ATTENTION_VARIANTS`` entry (``ours[blocked]``, ``ours[cudnn]``);
     ``bf16_residual`` adds ours with its residual stream and LayerNorms in bf16, as transformers runs them.
     ``openvino`` adds ``ours[openvino]`` and, given ``openvino_reference`` (``convert_transformers_to_openvino``),
-    ``openvino[transformers]``.
+    ``openvino[transformers]``. ``only`` names the runners to time (default: all); ours runs once regardless, untimed
+    when not named, as the reference every difference is taken from.
     """
     torch_dtype = _DTYPES[dtype]
     torch.set_num_threads(threads)
@@ -476,9 +481,18 @@ def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype:
 
     peak = max(fc1_peak(torch_dtype), fc1_peak(torch.float32) if torch_dtype != torch.float32 else 0.0,
                gemm_tflops(torch_dtype, device, 8192, 8192, 8192) if device.type == "cuda" else 0.0)
+    reference_run = runners["ours"]
+    if only:
+        missing = [name for name in only if name not in runners]
+        if missing:
+            raise OptionError(f"runner {', '.join(missing)} is not built in this run (it has {', '.join(runners)}): "
+                              "add the option that builds it (--openvino, --attention, --bf16-residual, compile)")
+        runners = {name: run for name, run in runners.items() if name in only}
     progress(f"{dtype} batch {batch}: warm-up and {repeats} alternating runs of {', '.join(runners)}")
     with torch.inference_mode():
         times, first, peaks, outputs = _time_runners(runners, repeats, batch, device)
+        if "ours" not in outputs:
+            outputs["ours"] = reference_run().float().cpu()  # untimed: the reference for the differences
 
     gflop = gflop_per_image(vision)
     result = ConfigResult(dtype=dtype, compute_dtype=str(compute).replace("torch.", ""), batch=batch, threads=threads,
@@ -502,7 +516,7 @@ def bench_config(vision: VisionConfig, state: dict[str, torch.Tensor], *, dtype:
         if name in medians:
             for mine in (m for m in medians if m.startswith("ours")):
                 result.ratios[f"{mine} vs {name}"] = medians[name] / medians[mine]
-    if "ours[openvino]" in medians:
+    if "ours[openvino]" in medians and "ours" in medians:
         result.ratios["ours[openvino] vs ours"] = medians["ours"] / medians["ours[openvino]"]
     return result
 
@@ -574,7 +588,8 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
                   image_size: int | None = None, repeats: int = 3, compile: bool = True, reference: bool = True,
                   compile_mode: str = "default",
                   memory: bool = False, attention: Sequence[str] = (),
-                  bf16_residual: bool = False, openvino: bool = False, progress: Callable[[str], None] = lambda s: None) -> BenchReport:
+                  bf16_residual: bool = False, openvino: bool = False, runners: Sequence[str] = (),
+                  progress: Callable[[str], None] = lambda s: None) -> BenchReport:
     """Benchmark ours against transformers for every (dtype, batch).
 
     Args:
@@ -596,6 +611,8 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
         openvino: also time our OpenVINO backend (``ours[openvino]``) and, with ``reference``, transformers'
             tower converted by ``ov.convert_model`` (``openvino[transformers]``; its conversion time and peak RSS
             go in the report's machine section). CPU only; needs the ``openvino`` extra.
+        runners: time only these (names from ``RUNNERS``; default: every runner the options build). ``ours`` runs
+            once regardless, untimed unless named, as the reference every difference is taken from.
 
     The process-wide settings the runs change, torch's thread count and inductor's freezing, are restored on return.
 
@@ -613,6 +630,9 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
     for name in attention:
         if name not in ATTENTION_VARIANTS:
             raise OptionError(f"attention must be one of {', '.join(ATTENTION_VARIANTS)}, got {name!r}")
+    for name in runners:
+        if name not in RUNNERS:
+            raise OptionError(f"runner must be one of {', '.join(RUNNERS)}, got {name!r}")
     vision = PRESETS[preset][0]
     if layers is not None:
         if isinstance(layers, bool) or not 1 <= layers <= vision.num_hidden_layers:
@@ -654,7 +674,7 @@ def run_benchmark(*, preset: str = "gemma3-4b", dtypes: Sequence[str] = ("float3
                                                    full_layers=PRESETS[preset][0].num_hidden_layers,
                                                    attention=attention,
                                                    bf16_residual=bf16_residual, openvino=openvino,
-                                                   openvino_reference=converted,
+                                                   openvino_reference=converted, only=runners,
                                                    progress=progress))
     if memory and dev.type == "cpu":
         for d in dtypes:
@@ -728,6 +748,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="also time ours with its residual stream and LayerNorms in bf16, as transformers runs them")
     p.add_argument("--openvino", action="store_true",
                    help="also time our OpenVINO backend and OpenVINO converted from transformers (CPU)")
+    p.add_argument("--runner", action="append", choices=list(RUNNERS), default=[],
+                   help="repeatable: time only these runners (ours still runs once, untimed, as the reference)")
     p.add_argument("--json", help="write the report here")
     a = p.parse_args(argv)
     report = run_benchmark(preset=a.preset, dtypes=a.dtype or ["float32"], batches=a.batch or [1],
@@ -735,7 +757,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            repeats=a.repeats, compile=not a.no_compile, reference=not a.no_reference,
                            compile_mode=a.compile_mode,
                            memory=a.memory, attention=a.attention,
-                           bf16_residual=a.bf16_residual, openvino=a.openvino,
+                           bf16_residual=a.bf16_residual, openvino=a.openvino, runners=a.runner,
                            progress=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_report(report))
     if a.json:
