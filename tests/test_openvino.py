@@ -271,3 +271,31 @@ def test_bench_command_backend_openvino_adds_the_openvino_runner(tmp_path):
     assert result.exit_code == 0, result.output
     [config] = json.loads(out.read_text())["configs"]
     assert {r["name"] for r in config["runners"]} == {"ours", "ours[openvino]"}, config["runners"]
+
+
+def test_profile_script_splits_a_layer_into_products_attention_and_the_rest(tmp_path):
+    """benchmarks/openvino_profile.py on one full-width layer: every group timed, fractions of peak consistent."""
+    out = tmp_path / "profile.json"
+    script = Path(__file__).parent.parent / "benchmarks" / "openvino_profile.py"
+    done = subprocess.run([sys.executable, str(script), "--layers", "1", "--dtype", "float32", "--repeats", "1",
+                           "--transformers", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["models"]) == {"ours[openvino]", "openvino[transformers]"}
+    for name, model in result["models"].items():
+        assert set(model["ms_per_layer"]) == {"products", "attention", "other"}, (name, model["ms_per_layer"])
+        assert all(ms > 0 for ms in model["ms_per_layer"].values()), (name, model["ms_per_layer"])
+        assert 0 < model["tower_peak_fraction"] and 0 < model["attention_peak_fraction"], model
+        if model["products_peak_fraction"] <= 1:  # the bound takes the products at the peak: it lies above the run
+            assert model["tower_peak_fraction"] <= model["ceiling_peak_fraction"], model
+
+
+def test_startup_script_builds_once_then_reads_the_cache(tmp_path):
+    """benchmarks/openvino_startup.py on random:tiny: the first process builds, the next reads the cache."""
+    out = tmp_path / "startup.json"
+    script = Path(__file__).parent.parent / "benchmarks" / "openvino_startup.py"
+    done = subprocess.run([sys.executable, str(script), "--model", "random:tiny", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert (runs["first"]["cache_hit"], runs["next"]["cache_hit"]) == (False, True), runs
