@@ -2,7 +2,7 @@
 
 The model is built from the loaded torch weights (``openvino_graph``), whatever format they came from, once per
 image size and set of hidden layers asked for, and cached on disk with its compiled blob (``openvino_cache``): a
-second process reads the blob (1.7 s for the full tower, docs/openvino.md). Precision: an fp32 run computes in f32
+second process reads the blob (0.85 s for the full tower, docs/openvino.md). Precision: an fp32 run computes in f32
 (``INFERENCE_PRECISION_HINT``); a bf16 run in bf16 where the CPU has AVX512-BF16 or AMX, else in f32, as the torch
 backend decides (``api.compute_dtype_for``).
 

@@ -1,7 +1,7 @@
 """The vision tower as an OpenVINO graph, built op by op from the config with the loaded weights as constants.
 
 Built directly with OpenVINO's opset API rather than traced: ``ov.convert_model`` of the full tower takes minutes
-and ~9 GB of RAM (it traces TorchScript), while this builds it in about a second from the weights already in memory.
+and 12-15 GB of RAM (it traces TorchScript), while this builds it in seconds from the weights already in memory.
 The graph follows ``model/tower.py`` op for op:
 
     pixels (1, S, S, 3) NHWC → patchify + matmul (the stride-P conv) + positions (interpolated for S at build time)

@@ -334,7 +334,7 @@ def build_transformers(vision: VisionConfig, state: dict[str, torch.Tensor], dty
 def convert_transformers_to_openvino(vision: VisionConfig, state: dict[str, torch.Tensor]) -> Any:
     """transformers' fp32 tower converted by ``ov.convert_model`` (TorchScript tracing), batch left dynamic: the
     OpenVINO model a user would make from transformers, an engine independent of our graph builder. Slow (minutes
-    and ~9 GB of RAM for the full Gemma 3 tower); its time and peak RSS are reported."""
+    and 12-15 GB of RAM for the full Gemma 3 tower); its time and peak RSS are reported."""
     import openvino as ov
 
     built = build_transformers(vision, state, torch.float32, torch.device("cpu"))
