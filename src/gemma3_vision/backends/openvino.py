@@ -65,7 +65,7 @@ class OpenVINOBackend:
         self.__dict__.update(state)
         self.core = ov.Core()
 
-    def compile_config(self, height: int, width: int) -> dict[str, Any]:
+    def plugin_properties(self, height: int, width: int) -> dict[str, Any]:
         """The plugin properties for this input size: ``compile_config``'s, and no fused attention kernel where an
         image has as many tokens as the tower has heads."""
         config = compile_config(self.compute_dtype, self.threads)
@@ -89,7 +89,7 @@ class OpenVINOBackend:
         """The infer request of the model for this input size and these hidden layers, built on first use."""
         key = (height, width, layers)
         if key not in self.compiled:
-            config = self.compile_config(height, width)
+            config = self.plugin_properties(height, width)
             tower = self.vision_tower
             if self.identity is None:
                 compiled = self.core.compile_model(openvino_graph.tower_model(tower, height, width, layers), "CPU",
