@@ -207,15 +207,13 @@ class Gemma3Vision:
 
     def __init__(self, model: VisionModel, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device,
                  image_size: int | None = None, backend: Backend | None = None):
-        from .backends.torch import TorchBackend
-
         self.model = model  # the torch modules: the weights every backend starts from
         self.checkpoint = checkpoint
         self.dtype = dtype
         self.device = device
         self.image_size = image_size if image_size is not None else checkpoint.preprocess.image_size
         self.check_image_size(self.image_size, project=False)
-        self.backend: Backend = backend if backend is not None else TorchBackend(model, device)
+        self.backend: Backend = backend if backend is not None else make_backend("torch", model, checkpoint, dtype, device)
 
     def __getstate__(self) -> dict[str, object]:
         """For pickle and copy (a DataLoader's spawned workers, torch.multiprocessing): the weights travel in

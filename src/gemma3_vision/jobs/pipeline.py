@@ -89,11 +89,13 @@ class JobSummary:
         done = f"encoded {self.encoded}, {failed}, {skipped} in {self.seconds:.1f} s"
         if not self.encoded:
             return done + on  # a rate over no image says nothing
-        rate = self.images_per_second
-        # Under one image a second (a full tower in fp32 on a small CPU), seconds per image read better (a rate
-        # under 0.005 would print as 0.00).
-        speed = f"{1 / rate:.1f} s/image" if 0 < rate < 1 else f"{rate:.2f} images/s"
-        return f"{done} ({speed}){on}"
+        return f"{done} ({speed_text(self.images_per_second)}){on}"
+
+
+def speed_text(rate: float) -> str:
+    """An encoding rate for the console. Under one image a second (a full tower in fp32 on a small CPU), seconds per
+    image read better (a rate under 0.005 would print as 0.00)."""
+    return f"{1 / rate:.1f} s/image" if 0 < rate < 1 else f"{rate:.2f} images/s"
 
 
 # How long the writer waits for the next batch before looking at the queue again (see run_job's next_result).

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
-from .pipeline import JobSummary
+from .pipeline import JobSummary, speed_text
 
 DEFAULT_INTERVAL_S = 5.0
 INTERVAL_VARIABLE = "GEMMA3_VISION_PROGRESS_SECONDS"
@@ -82,7 +82,7 @@ class Progress:
         """``progress: DONE/TOTAL inputs (P%), R images/s, about T left`` (no total yet: ``DONE inputs``)."""
         done = processed(summary)
         rate = summary.encoded / elapsed if elapsed > 0 else 0.0
-        speed = f"{1 / rate:.1f} s/image" if 0 < rate < 1 else f"{rate:.2f} images/s"
+        speed = speed_text(rate)
         if self.total is None:
             return f"progress: {done} inputs, {speed}"
         text = f"progress: {done}/{self.total} inputs ({100 * done / max(self.total, 1):.0f}%), {speed}"

@@ -381,10 +381,15 @@ def _worker_failure(e: Exception) -> Gemma3VisionError:
     """A failed actor or task as one line. Ray keeps only the text of a worker's exception (e.g. a ``WeightsError``
     from weights that hold NaN), and Ray Data chains its own after it, so the line is the last line of the first
     traceback in that text: the root cause's ``type: message``."""
-    root = str(e).split("The above exception was the direct cause of the following exception:")[0]
-    lines = [line.strip() for line in root.splitlines() if line.strip()]
     return Gemma3VisionError(f"a Ray worker failed, the job stopped (records so far are kept): "
-                             f"{lines[-1] if lines else type(e).__name__}")
+                             f"{root_cause(str(e)) or type(e).__name__}")
+
+
+def root_cause(text: str) -> str | None:
+    """The root cause in a Ray error's text: the last non-blank line of its first traceback (None if blank)."""
+    root = text.split("The above exception was the direct cause of the following exception:")[0]
+    lines = [line.strip() for line in root.splitlines() if line.strip()]
+    return lines[-1] if lines else None
 
 
 class _PlainInput:

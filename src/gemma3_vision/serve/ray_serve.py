@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, OptionError
-from ..jobs.ray_encode import _join_cluster
+from ..jobs.ray_encode import _join_cluster, root_cause
+from .server import SHUTDOWN_MARGIN_S
 from .settings import ServeSettings
 
 APP_NAME = "gemma3-vision"
@@ -143,7 +144,7 @@ def run_with_ray(model: str, load_options: dict[str, Any], settings: ServeSettin
         service = serve_with_ray(functools.partial(build_app, model, load_options, settings), replicas=replicas,
                                  address=address, host=host, port=port, device=device,
                                  max_ongoing_requests=settings.max_queue + settings.max_batch_size,
-                                 graceful_shutdown_s=settings.timeout + 1)
+                                 graceful_shutdown_s=settings.timeout + SHUTDOWN_MARGIN_S)
         print(f"serving {model} on {service.url} from {service.replicas} Ray Serve replicas "
               f"({service.resources.cpus:g} CPU, {service.resources.gpus:g} GPU each)", file=sys.stderr, flush=True)
         while True:
@@ -200,7 +201,7 @@ def serve_with_ray(build_app: Callable[[], Any], *, replicas: int | None = None,
         try:
             serve.run(deployment.bind(build_app), name=APP_NAME, route_prefix="/")
         except RuntimeError as e:  # a replica failed to start (its model did not load): Ray's text, last line first
-            raise ConfigError(f"the Ray Serve replicas did not start: {_last_line(str(e))}") from None
+            raise ConfigError(f"the Ray Serve replicas did not start: {root_cause(str(e)) or 'unknown error'}") from None
     except BaseException:  # the replicas could not start, or a stop was asked for meanwhile
         with contextlib.suppress(Exception):
             serve.delete(APP_NAME)
@@ -212,10 +213,3 @@ def serve_with_ray(build_app: Callable[[], Any], *, replicas: int | None = None,
 
 def _ray_address_set() -> bool:
     return bool(os.environ.get("RAY_ADDRESS"))
-
-
-def _last_line(text: str) -> str:
-    """The root cause in a Ray error's text: the last line of its first traceback."""
-    root = text.split("The above exception was the direct cause of the following exception:")[0]
-    lines = [line.strip() for line in root.splitlines() if line.strip()]
-    return lines[-1] if lines else "unknown error"
